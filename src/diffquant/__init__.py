@@ -1,0 +1,55 @@
+"""diffquant: load, run, save and reload diffusion pipelines with quantized components.
+
+The public names follow diffusers, so switching is a change of import:
+
+    >>> import torch
+    >>> from diffquant import FluxPipeline, TorchAoConfig                      # doctest: +SKIP
+    >>> from diffquant.quantizers import PipelineQuantizationConfig            # doctest: +SKIP
+    >>> pipe = FluxPipeline.from_pretrained(                                   # doctest: +SKIP
+    ...     quantization_config=PipelineQuantizationConfig(
+    ...         quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
+    ...         components_to_quantize=["transformer"]))
+
+Names are imported on first use, so ``import diffquant`` stays cheap and a backend's optional
+library is only needed when that backend is used.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ConfigMixin": "configuration", "register_to_config": "configuration",
+    "ModelMixin": "modeling",
+    "DiffusionPipeline": "pipeline",
+    "FluxPipeline": "pipelines.flux",
+    "FluxTransformer2DModel": "models.transformer_flux",
+    "AutoencoderKL": "models.autoencoder_kl",
+    "FlowMatchEulerDiscreteScheduler": "schedulers.flow_match_euler",
+    "QuantizationConfigMixin": "quantizers.config", "QuantizationMethod": "quantizers.config",
+    "PipelineQuantizationConfig": "quantizers.pipeline_config",
+    "DiffusersAutoQuantizer": "quantizers.auto",
+    "TorchAoConfig": "quantizers.torchao",
+    "BitsAndBytesConfig": "quantizers.bitsandbytes",
+    "QuantoConfig": "quantizers.quanto",
+    "GGUFQuantizationConfig": "quantizers.gguf",
+    "NVIDIAModelOptConfig": "quantizers.modelopt",
+    "DiffquantError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
+    "QuantizationError": "errors", "BackendUnavailableError": "errors",
+    "default_pipeline_path": "assets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffquant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

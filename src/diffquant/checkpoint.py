@@ -1,0 +1,346 @@
+"""Every byte on disk: streaming safetensors reads, shard planning, index files, atomic commits.
+
+Reading never holds a whole checkpoint: ``Checkpoint.tensor(key)`` reads one tensor into a
+fresh, aligned buffer (quanto's CPU kernels crash on unaligned memory, and a fresh buffer
+means no mapping of the file outlives the load). The safetensors header is validated before
+any byte of data is trusted: offsets in bounds, sizes matching dtype x shape, no overlaps.
+
+Example:
+    >>> ckpt = Checkpoint.open("model_dir")                     # doctest: +SKIP
+    >>> w = ckpt.tensor("proj_out.weight")                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32,
+    "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """One .safetensors file, header validated, tensors read one at a time on request."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: cannot open safetensors file ({err.strerror})") from err
+        try:
+            self._read_header()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _fail(self, what: str):
+        raise CheckpointError(f"{self.path}: {what}; the file is truncated or corrupt, "
+                              "re-download or re-save it")
+
+    def _read_header(self) -> None:
+        size = os.fstat(self._fh.fileno()).st_size
+        head = self._fh.read(8)
+        if len(head) < 8:
+            self._fail(f"only {size} bytes, expected at least an 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            self._fail(f"header length {n} does not fit in a file of {size} bytes")
+        try:
+            header = json.loads(self._fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            self._fail(f"header is not valid JSON ({err})")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_len = size - self._data_start
+        self._entries = {}
+        spans = []
+        for key, info in header.items():
+            dtype, shape, begin, end = self._check_entry(key, info, data_len)
+            self._entries[key] = (dtype, tuple(shape), begin, end)
+            spans.append((begin, end, key))
+        spans.sort()
+        for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                self._fail(f"tensors {k0!r} and {k1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
+
+    def _check_entry(self, key, info, data_len):
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            self._fail(f"entry {key!r} lacks dtype, shape or data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            self._fail(f"entry {key!r} has unknown dtype {info['dtype']!r}; "
+                       f"expected one of {sorted(SAFETENSORS_DTYPES)}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            self._fail(f"entry {key!r} has invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets)):
+            self._fail(f"entry {key!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            self._fail(f"entry {key!r} points at bytes {begin}-{end} but the data is {data_len} bytes")
+        expected = math.prod(shape) * _element_size(dtype)
+        if end - begin != expected:
+            self._fail(f"entry {key!r} holds {end - begin} bytes but {info['dtype']} x {shape} "
+                       f"needs {expected}")
+        return dtype, shape, begin, end
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Read ``key`` into a new tensor that owns its (aligned) memory."""
+        if key not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}")
+        dtype, shape, begin, end = self._entries[key]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            buf = out.view(-1).view(torch.uint8).numpy()
+            self._fh.seek(self._data_start + begin)
+            got = self._fh.readinto(memoryview(buf))
+            if got != end - begin:
+                self._fail(f"tensor {key!r} ends early ({got} of {end - begin} bytes)")
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_inside(directory: Path, name: str, source: Path) -> Path:
+    """A file name taken from an index must stay inside ``directory``."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise CheckpointError(f"{source}: names {name!r}, which is outside {directory}; "
+                              "index files may only name files beside them")
+    return directory / name
+
+
+def read_index(index_path: Path) -> dict[str, Path]:
+    """Parse a ``*.index.json``: key -> shard path, each shard checked to exist."""
+    from .configuration import read_json
+
+    index = read_json(index_path, what="weights index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: key 'weight_map' should be a non-empty object "
+                              "mapping tensor names to shard files")
+    result = {}
+    for key, name in weight_map.items():
+        path = _check_inside(index_path.parent, name, index_path)
+        if not path.is_file():
+            raise CheckpointError(f"{index_path}: shard {name!r} (holding {key!r}) is missing")
+        result[key] = path
+    return result
+
+
+class Checkpoint:
+    """The tensors of one model directory (single file, shards + index, or a .bin)."""
+
+    def __init__(self, files: dict[str, "SafetensorsFile | _BinFile"], key_to_file: dict[str, str]):
+        self._files = files
+        self._key_to_file = key_to_file
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Open a weights file or an index file."""
+        path = Path(path)
+        if path.name.endswith(".index.json"):
+            mapping = read_index(path)
+            names = sorted({str(p) for p in mapping.values()})
+        else:
+            mapping, names = None, [str(path)]
+        files = {}
+        try:
+            for name in names:
+                files[name] = _BinFile(Path(name)) if name.endswith(".bin") else SafetensorsFile(name)
+        except BaseException:
+            for f in files.values():
+                f.close()
+            raise
+        key_to_file = {}
+        if mapping is None:
+            key_to_file = {k: names[0] for k in files[names[0]].keys()}
+        else:
+            for key, shard in mapping.items():
+                if key not in files[str(shard)].keys():
+                    raise CheckpointError(f"{path}: says {key!r} is in {shard.name}, which lacks it")
+                key_to_file[key] = str(shard)
+        return cls(files, key_to_file)
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def file_of(self, key: str) -> Path:
+        return self._files[self._key_to_file[key]].path
+
+    def shape(self, key: str) -> tuple:
+        return self._files[self._key_to_file[key]].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._files[self._key_to_file[key]].dtype(key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._files[self._key_to_file[key]].tensor(key)
+
+    @property
+    def metadata(self) -> dict:
+        first = next(iter(self._files.values()))
+        return getattr(first, "metadata", {})
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _BinFile:
+    """A pickled PyTorch state dict, read with weights_only=True: never runs checkpoint code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{path}: refused to unpickle ({str(err).splitlines()[0]}); "
+                                  "only plain tensors are loaded from .bin files") from err
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({err})") from err
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: expected a dict of tensors")
+        self._sd = sd
+
+    def keys(self):
+        return list(self._sd)
+
+    def shape(self, key):
+        return tuple(self._sd[key].shape)
+
+    def dtype(self, key):
+        return self._sd[key].dtype
+
+    def tensor(self, key):
+        return self._sd[key].clone()
+
+    def close(self):
+        self._sd = {}
+
+
+# -- locating weight files --------------------------------------------------------------------
+def add_variant(name: str, variant: str | None) -> str:
+    if not variant:
+        return name
+    stem, ext = name.split(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def find_weights(directory: Path, base: str = "diffusion_pytorch_model", variant: str | None = None,
+                 use_safetensors: bool | None = None) -> Path:
+    """The file to open for ``directory``: index > single safetensors > .bin (if allowed)."""
+    candidates = [add_variant(f"{base}.safetensors.index.json", variant),
+                  add_variant(f"{base}.safetensors", variant)]
+    if use_safetensors is not True:
+        candidates += [add_variant(f"{base}.bin.index.json", variant), add_variant(f"{base}.bin", variant)]
+    for name in candidates:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory}: no weights found; expected one of {candidates}")
+
+
+# -- shard planning and writing ---------------------------------------------------------------
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """``"10GB"`` -> 10_000_000_000; ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected an int or a string like '5GB' or '500MB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def plan_shards(groups: list[list[str]], nbytes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Pack groups of keys into shards of at most ``max_bytes`` (a group never splits).
+
+    A group larger than ``max_bytes`` gets a shard of its own, as in diffusers.
+    """
+    shards, current, size = [], [], 0
+    for group in groups:
+        g = sum(nbytes[k] for k in group)
+        if current and size + g > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current += group
+        size += g
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(plain, str(path), metadata={"format": "pt"})
+    with open(path, "rb") as fh:  # data must reach the disk before the directory is renamed
+        os.fsync(fh.fileno())
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], groups: list[list[str]], directory: Path,
+                  base: str = "diffusion_pytorch_model", variant: str | None = None,
+                  max_shard_size: int | str = "10GB") -> list[Path]:
+    """Write ``tensors`` as one safetensors file, or as shards plus an index when too big."""
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    shards = plan_shards(groups, nbytes, parse_size(max_shard_size))
+    if len(shards) <= 1:
+        path = directory / add_variant(f"{base}.safetensors", variant)
+        write_safetensors(tensors, path)
+        return [path]
+    written, weight_map = [], {}
+    for i, keys in enumerate(shards, 1):
+        name = add_variant(f"{base}-{i:05d}-of-{len(shards):05d}.safetensors", variant)
+        write_safetensors({k: tensors[k] for k in keys}, directory / name)
+        written.append(directory / name)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    index_path = directory / add_variant(f"{base}.safetensors.index.json", variant)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return written + [index_path]

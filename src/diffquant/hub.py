@@ -1,0 +1,59 @@
+"""Resolve a local path or a Hugging Face hub id to files on disk.
+
+Local directories are used as they are. Anything else goes through huggingface_hub, so its
+cache, ``HF_HUB_OFFLINE`` and tokens behave exactly as in diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CheckpointError
+
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+def split_hub_kwargs(kwargs: dict) -> dict:
+    """Pop the hub-related keyword arguments out of ``kwargs``."""
+    return {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_dir(name_or_path: str | os.PathLike, subfolder: str | None = None,
+                allow_patterns: list[str] | None = None, **hub_kwargs) -> Path:
+    """A local directory holding ``name_or_path`` (downloaded into the hub cache if needed)."""
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        return path / subfolder if subfolder else path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; expected a model directory or a hub id")
+    if not _looks_like_hub_id(str(name_or_path)):
+        raise CheckpointError(f"{path}: no such directory (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    if subfolder and allow_patterns is None:
+        allow_patterns = [f"{subfolder}/*"]
+    try:
+        root = Path(snapshot_download(str(name_or_path), allow_patterns=allow_patterns, **hub_kwargs))
+    except Exception as err:  # huggingface_hub raises many types; keep the cause
+        raise CheckpointError(f"{name_or_path}: could not fetch from the hub or its cache "
+                              f"({type(err).__name__}: {err}); check the id, the network or "
+                              "HF_HUB_OFFLINE") from err
+    return root / subfolder if subfolder else root
+
+
+def resolve_file(name_or_path: str | os.PathLike, filename: str, subfolder: str | None = None,
+                 **hub_kwargs) -> Path:
+    """A local file ``[subfolder/]filename`` of a directory or hub repository."""
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        return (path / subfolder if subfolder else path) / filename
+    if path.is_file():
+        return path
+    rel = f"{subfolder}/{filename}" if subfolder else filename
+    return resolve_dir(name_or_path, allow_patterns=[rel], **hub_kwargs) / rel

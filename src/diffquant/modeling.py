@@ -1,0 +1,288 @@
+"""ModelMixin: from_pretrained / save_pretrained / dequantize / footprint for diffquant models.
+
+Loading is skeleton on meta, swap, assign: the model is built on the meta device (no memory),
+a quantizer may swap in quantized layers, then tensors are streamed from the checkpoint one at a
+time and assigned, so peak memory is the finished model plus one tensor.
+
+Example:
+    >>> import torch
+    >>> from diffquant import FluxTransformer2DModel, TorchAoConfig
+    >>> m = FluxTransformer2DModel.from_pretrained("dir", subfolder="transformer",   # doctest: +SKIP
+    ...         quantization_config=TorchAoConfig("int8wo"), torch_dtype=torch.bfloat16)
+    >>> m.save_pretrained("out")                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_directory
+from .checkpoint import Checkpoint, find_weights, write_sharded
+from .configuration import ConfigMixin
+from .errors import CheckpointError, ConfigError, QuantizationError
+from .hub import resolve_dir, split_hub_kwargs
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_BASE = "diffusion_pytorch_model"
+
+
+def matches_any(name: str, patterns) -> bool:
+    """True if module ``name`` equals, is inside, or glob-matches one of ``patterns``."""
+    for p in patterns or ():
+        if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) \
+                or (("." + p + ".") in ("." + name + ".")):
+            return True
+    return False
+
+
+def parse_device_map(device_map) -> torch.device | None:
+    """Accept None, a device/str, or {"": device}; anything finer-grained is refused loudly."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, (str, torch.device, int)):
+        return torch.device(device_map)
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return torch.device(device_map[""])
+    raise ConfigError(f"device_map={device_map!r}: expected None, a device such as 'cpu' or 'cuda', "
+                      "or {'': device}; per-module maps are not supported")
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` of ``model`` by ``value`` (keeps its kind)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if
+                                                old is not None and value.is_floating_point() else False)
+    else:
+        module._buffers[attr] = value
+
+
+class ModelMixin(nn.Module):
+    """Base of diffquant's models: loading, saving and quantization state."""
+
+    config_name = "config.json"
+    _keep_in_fp32_modules: list[str] = []
+    _no_split_modules: list[str] = []
+    _supports_gradient_checkpointing = False
+
+    hf_quantizer = None
+    is_quantized = False
+    quantization_method = None
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                        use_safetensors: bool | None = None, low_cpu_mem_usage: bool = True,
+                        device_map=None, quantization_config=None, **kwargs):
+        """Load a model from a diffusers-format directory or hub id.
+
+        Example:
+            >>> from diffquant import AutoencoderKL
+            >>> vae = AutoencoderKL.from_pretrained("pipe_dir", subfolder="vae")  # doctest: +SKIP
+        """
+        hub_kwargs = split_hub_kwargs(kwargs)
+        kwargs.pop("output_loading_info", None)
+        directory = resolve_dir(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        config_path = directory / cls.config_name
+        from .configuration import read_json
+
+        config = read_json(config_path, what="model config")
+        config.update({k: kwargs.pop(k) for k in list(kwargs) if k in config})
+        if kwargs:
+            logger.warning("from_pretrained: ignoring unknown arguments %s", sorted(kwargs))
+        weights = find_weights(directory, WEIGHTS_BASE, variant, use_safetensors)
+        quantizer = cls._make_quantizer(config, quantization_config, config_path)
+        if quantizer is not None:
+            if not low_cpu_mem_usage:
+                raise ValueError("low_cpu_mem_usage=False cannot be used with quantization: "
+                                 "quantized layers are built on the meta device; drop the argument")
+            quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
+            torch_dtype = quantizer.update_torch_dtype(torch_dtype)
+            device_map = quantizer.update_device_map(device_map)
+        device = parse_device_map(device_map)
+        model = cls._build_on_meta(config, config_path)
+        if quantizer is not None:
+            quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
+        with Checkpoint.open(weights) as ckpt:
+            model._assign_from(ckpt, torch_dtype, device, quantizer)
+        if quantizer is not None:
+            quantizer.postprocess_model(model)
+            model.hf_quantizer = quantizer
+            model.register_to_config(quantization_config=quantizer.quantization_config,
+                                     _pre_quantization_dtype=torch_dtype)
+        model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return model.eval()
+
+    @classmethod
+    def _make_quantizer(cls, config: dict, user_config, config_path: Path):
+        from .quantizers.auto import DiffusersAutoQuantizer
+
+        on_disk = config.get("quantization_config")
+        if on_disk is None and user_config is None:
+            return None
+        if on_disk is not None:
+            if not isinstance(on_disk, dict):
+                raise ConfigError(f"{config_path}: key 'quantization_config' should be an object")
+            merged = DiffusersAutoQuantizer.merge_quantization_configs(on_disk, user_config)
+            return DiffusersAutoQuantizer.from_config(merged, pre_quantized=True)
+        return DiffusersAutoQuantizer.from_config(user_config, pre_quantized=False)
+
+    @classmethod
+    def _build_on_meta(cls, config: dict, config_path: Path):
+        init_kwargs = cls.init_kwargs_from_config(config, source=str(config_path))
+        try:
+            with torch.device("meta"):
+                model = cls(**init_kwargs)
+        except (TypeError, ValueError, AssertionError) as err:
+            raise ConfigError(f"{config_path}: cannot build {cls.__name__} from this config "
+                              f"({type(err).__name__}: {err}); check the values' types") from err
+        return model
+
+    def _assign_from(self, ckpt: Checkpoint, dtype, device, quantizer) -> None:
+        """Stream each checkpoint tensor into the model; error on missing keys and bad shapes."""
+        expected = dict(self.named_parameters())
+        expected.update(self.named_buffers())
+        unexpected = []
+        for key in ckpt.keys():
+            if quantizer is not None and quantizer.check_if_quantized_param(self, key, ckpt):
+                target = self._target_dtype(key, dtype)
+                quantizer.create_quantized_param(self, key, ckpt.tensor(key), target, device)
+                continue
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            old = expected[key]
+            shape = ckpt.shape(key)
+            if tuple(old.shape) != shape:
+                raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key!r} has shape {list(shape)} "
+                                      f"but {type(self).__name__} expects {list(old.shape)}")
+            value = ckpt.tensor(key)
+            if value.is_floating_point():
+                value = value.to(self._target_dtype(key, dtype) or old.dtype)
+            _set_tensor(self, key, value.to(device) if device is not None else value)
+        self._check_complete(ckpt, unexpected)
+
+    def _target_dtype(self, key: str, dtype):
+        if dtype is not None and matches_any(key.rpartition(".")[0], self._keep_in_fp32_modules):
+            return torch.float32
+        return dtype
+
+    def _check_complete(self, ckpt: Checkpoint, unexpected: list[str]) -> None:
+        if unexpected:
+            logger.warning("%s: ignoring %d unexpected keys: %s", ckpt.file_of(unexpected[0]),
+                           len(unexpected), ", ".join(unexpected[:20]))
+        missing = [n for n, t in list(self.named_parameters()) + list(self.named_buffers())
+                   if t.is_meta]
+        if missing:
+            where = ckpt.file_of(ckpt.keys()[0]) if ckpt.keys() else "checkpoint"
+            raise CheckpointError(f"{where}: missing {len(missing)} tensors that "
+                                  f"{type(self).__name__} needs: {', '.join(missing[:20])}")
+
+    # -- saving ----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str = "10GB",
+                        is_main_process: bool = True, **kwargs) -> None:
+        """Write config.json and safetensors weights atomically into ``save_directory``.
+
+        Example:
+            >>> model.save_pretrained("out/transformer", max_shard_size="200MB")  # doctest: +SKIP
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: diffquant writes only safetensors "
+                             "(pickle files can run code when loaded)")
+        if self.hf_quantizer is not None and not self.hf_quantizer.is_serializable:
+            method = self.hf_quantizer.quantization_config.quant_method
+            raise QuantizationError(f"this model is quantized with {getattr(method, 'value', method)} "
+                                    f"({self.hf_quantizer.scheme_name()}), which cannot be saved; "
+                                    "dequantize() it or load the original checkpoint instead")
+        if not is_main_process:
+            return
+        with atomic_directory(save_directory) as tmp:
+            self.write_into(tmp, variant=variant, max_shard_size=max_shard_size)
+
+    def write_into(self, directory: Path, variant=None, max_shard_size="10GB") -> None:
+        """Write config and weights into an existing (fresh) directory, no atomic swap."""
+        self.save_config(directory)
+        tensors = self.state_dict()
+        write_sharded(tensors, self._tensor_groups(tensors), Path(directory), WEIGHTS_BASE,
+                      variant, max_shard_size)
+
+    def _tensor_groups(self, tensors: dict) -> list[list[str]]:
+        """Keys grouped by their owning module, so a quantized weight's pieces share a shard."""
+        modules = {name for name, _ in self.named_modules()}
+        groups: dict[str, list[str]] = {}
+        for key in tensors:
+            owner = key
+            while owner and owner not in modules:
+                owner = owner.rpartition(".")[0]
+            groups.setdefault(owner, []).append(key)
+        return list(groups.values())
+
+    # -- quantization state ----------------------------------------------------------------
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes actually held by parameters (and buffers): the quantized size when quantized."""
+        seen, total = set(), 0
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.device) if not t.is_meta else id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return total
+
+    def dequantize(self):
+        """Turn a quantized model back into a plain one in its compute dtype."""
+        if self.hf_quantizer is None:
+            raise ValueError(f"{type(self).__name__} is not quantized; nothing to dequantize")
+        self.hf_quantizer.dequantize(self)
+        config = {k: v for k, v in self.config.items()
+                  if k not in ("quantization_config", "_pre_quantization_dtype")}
+        object.__setattr__(self, "_internal_dict", type(self.config)(config))
+        self.hf_quantizer, self.is_quantized, self.quantization_method = None, False, None
+        return self
+
+    def _refuse_cast(self, what: str):
+        if self.is_quantized:
+            method = getattr(self.quantization_method, "value", self.quantization_method)
+            raise ValueError(f"{what} is not supported on a model quantized with {method}: its "
+                             "weights are stored in the quantized format; load it again with "
+                             "another torch_dtype, or dequantize() first")
+
+    def to(self, *args, **kwargs):
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        if dtype is not None:
+            self._refuse_cast(f".to({dtype})")
+        return super().to(*args, **kwargs)
+
+    def half(self, *args):
+        self._refuse_cast(".half()")
+        return super().half(*args)
+
+    def float(self, *args):
+        self._refuse_cast(".float()")
+        return super().float(*args)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,155 @@
+"""DiffusersQuantizer: the lifecycle contract every backend implements, kept small.
+
+from_pretrained calls, in order: validate_environment, update_torch_dtype, update_device_map,
+preprocess_model (swap nn.Linear for the backend's layer, on meta), then for each checkpoint
+tensor check_if_quantized_param / create_quantized_param, then postprocess_model.
+
+Most backends only write a layer class (a ``QuantizedLinear`` with plain tensor buffers, so
+its state dict is its on-disk format) and ``make_layer``; the defaults do the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import QuantizationError
+from ..modeling import matches_any
+
+
+class QuantizedLinear(nn.Module):
+    """Base of the backends' linear layers: plain buffers, math in forward.
+
+    Subclasses implement ``load_piece`` (a full-precision ``weight`` to quantize, or one stored
+    piece of an already quantized one), ``dequantized_weight`` and ``forward``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load_piece(self, name: str, tensor: torch.Tensor, *, pre_quantized: bool, dtype, device):
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+def owner_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    """The deepest module owning ``key`` and the key relative to it ("a.b.weight.absmax")."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            return model.get_submodule(".".join(parts[:cut])), ".".join(parts[cut:])
+        except AttributeError:
+            continue
+    return model, key
+
+
+class DiffusersQuantizer:
+    """Base quantizer. ``pre_quantized`` says whether the checkpoint already holds quantized data."""
+
+    requires_calibration = False
+    layer_types: tuple = (nn.Linear,)  # module types a backend converts
+
+    def __init__(self, quantization_config, pre_quantized: bool = True, **kwargs):
+        self.quantization_config = quantization_config
+        self.pre_quantized = pre_quantized
+        self.modules_to_not_convert = list(getattr(quantization_config, "modules_to_not_convert",
+                                                   None) or [])
+
+    # -- environment -----------------------------------------------------------------------
+    def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
+        """Raise if the backend's library is missing or the scheme cannot run here."""
+
+    def update_torch_dtype(self, torch_dtype):
+        return torch_dtype
+
+    def update_device_map(self, device_map):
+        return device_map
+
+    # -- model surgery ---------------------------------------------------------------------
+    def preprocess_model(self, model: nn.Module, keep_in_fp32_modules=(), **kwargs) -> None:
+        """Swap convertible layers for quantized ones; honours modules_to_not_convert."""
+        skip = list(self.modules_to_not_convert) + list(keep_in_fp32_modules or ())
+        self.modules_to_not_convert = skip
+        for name, module in list(model.named_modules()):
+            if isinstance(module, self.layer_types) and not matches_any(name, skip):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, self.make_layer(name, module))
+        model.is_quantized = True
+        model.quantization_method = self.quantization_config.quant_method
+
+    def make_layer(self, name: str, module: nn.Module) -> QuantizedLinear:
+        """The quantized replacement of ``module`` (built on meta, filled while loading)."""
+        raise NotImplementedError
+
+    def check_if_quantized_param(self, model: nn.Module, key: str, checkpoint=None) -> bool:
+        module, rel = owner_of(model, key)
+        return isinstance(module, QuantizedLinear) and rel != "bias"
+
+    def create_quantized_param(self, model: nn.Module, key: str, tensor: torch.Tensor, dtype,
+                               device) -> None:
+        module, rel = owner_of(model, key)
+        if device is not None:
+            tensor = tensor.to(device)
+        module.load_piece(rel, tensor, pre_quantized=self.pre_quantized, dtype=dtype, device=device)
+
+    def postprocess_model(self, model: nn.Module, **kwargs) -> None:
+        """Called once every tensor is in place."""
+
+    # -- after loading ---------------------------------------------------------------------
+    def dequantize(self, model: nn.Module) -> nn.Module:
+        """Replace every quantized layer by an nn.Linear holding its dequantized weight."""
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, QuantizedLinear):
+                continue
+            weight = module.dequantized_weight()
+            dtype = module.compute_dtype or weight.dtype
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device="meta")
+            linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        return model
+
+    def scheme_name(self) -> str:
+        """A short human name of the scheme, for messages and `diffquant inspect`."""
+        return str(self.quantization_config.quant_method)
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def require(package: str, extra: str):
+    """Import ``package`` or raise an error that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"this backend needs the '{package}' package: "
+                                      f"pip install 'diffquant[{extra}]' ({err})") from err
+
+
+__all__ = ["DiffusersQuantizer", "QuantizedLinear", "QuantizationError", "owner_of", "require"]
