@@ -103,6 +103,11 @@ class QuantizationConfigMixin:
         obj = cls(**{k: v for k, v in data.items() if k in allowed})
         return (obj, {}) if return_unused_kwargs else obj
 
+    @classmethod
+    def cpu_examples(cls) -> list["QuantizationConfigMixin"]:
+        """Example configs of this backend that run on a CPU; the contract tests use every one."""
+        return []
+
     # -- data semantics --------------------------------------------------------------------
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and self.to_dict() == other.to_dict()

@@ -1,0 +1,42 @@
+"""A tiny ModelMixin model whose weights are dominated by nn.Linear layers, for backend tests.
+
+Backends swap nn.Linear by name, so this exercises the whole quantizer lifecycle without the
+Flux models: ``save_toy(tmp_path)`` writes a bf16 checkpoint and returns its directory.
+"""
+
+import torch
+from torch import nn
+
+from diffquant.configuration import ConfigMixin, register_to_config
+from diffquant.modeling import ModelMixin
+
+
+class ToyModel(ModelMixin, ConfigMixin):
+    _keep_in_fp32_modules = []
+
+    @register_to_config
+    def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
+        super().__init__()
+        self.proj_in = nn.Linear(width, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(hidden)
+        self.proj_out = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = h + torch.nn.functional.gelu(block(h))
+        return self.proj_out(self.norm(h))
+
+
+def save_toy(directory, dtype=torch.bfloat16, seed=0, **config):
+    """Save a randomly initialised ToyModel in ``dtype`` to ``directory``; returns the model."""
+    torch.manual_seed(seed)
+    model = ToyModel(**config).to(dtype)
+    model.save_pretrained(directory)
+    return model
+
+
+def toy_input(width=128, rows=4, dtype=torch.bfloat16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, width, generator=g).to(dtype)
