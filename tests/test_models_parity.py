@@ -1,0 +1,128 @@
+"""Parity of diffquant's Flux models with diffusers 0.42.1, the oracle, in both directions.
+
+Tiny random models are built with one library, saved, loaded with the other, and run on the
+same inputs; float32 outputs must agree within 1e-5.
+"""
+
+import json
+
+import pytest
+import torch
+
+import diffusers
+from diffquant import FluxTransformer2DModel
+from diffquant.errors import ConfigError
+
+ATOL = 1e-5
+
+TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                 pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def _flux_inputs(guidance: bool, batch: int = 2, height: int = 3, width: int = 4, text: int = 5):
+    g = torch.Generator().manual_seed(1)
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+        pooled_projections=torch.randn(batch, 32, generator=g),
+        timestep=torch.tensor([0.25, 0.8])[:batch],
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=torch.zeros(text, 3),
+        guidance=torch.tensor([3.5, 1.0])[:batch] if guidance else None,
+    )
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every tensor random values (diffusers zero-inits nothing here, but norms are ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+# -- transformer ---------------------------------------------------------------------------
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_transformer_loads_diffusers_checkpoint(tmp_path, guidance):
+    ref = diffusers.FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=guidance).eval()
+    _randomize(ref)
+    ref.save_pretrained(tmp_path)
+    ours = FluxTransformer2DModel.from_pretrained(tmp_path)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    inputs = _flux_inputs(guidance)
+    with torch.no_grad():
+        expected = ref(**inputs).sample
+        got = ours(**inputs).sample
+        got_tuple = ours(**inputs, return_dict=False)
+    _assert_close(got, expected)
+    assert isinstance(got_tuple, tuple) and torch.equal(got_tuple[0], got)
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_transformer_saves_for_diffusers(tmp_path, guidance):
+    torch.manual_seed(0)
+    ours = FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=guidance).eval()
+    _randomize(ours, seed=3)
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "FluxTransformer2DModel"
+    ref = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path).eval()
+    inputs = _flux_inputs(guidance)
+    with torch.no_grad():
+        _assert_close(ours(**inputs).sample, ref(**inputs).sample)
+
+
+def test_flux_transformer_batched_ids_and_out_channels(tmp_path):
+    """3-d ids (deprecated in diffusers) and out_channels != in_channels, patch_size 2."""
+    cfg = dict(TINY_FLUX, patch_size=2, out_channels=4)
+    ref = diffusers.FluxTransformer2DModel(**cfg, guidance_embeds=False).eval()
+    _randomize(ref, seed=5)
+    ref.save_pretrained(tmp_path)
+    ours = FluxTransformer2DModel.from_pretrained(tmp_path)
+    inputs = _flux_inputs(False, batch=1)
+    inputs["img_ids"], inputs["txt_ids"] = inputs["img_ids"][None], inputs["txt_ids"][None]
+    with torch.no_grad():
+        got = ours(**inputs).sample
+        _assert_close(got, ref(**inputs).sample)
+    assert got.shape == (1, 12, 16)
+
+
+def test_flux_transformer_bf16_loading(tmp_path):
+    ref = diffusers.FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=True).eval()
+    _randomize(ref)
+    ref.save_pretrained(tmp_path)
+    ours = FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ref_bf16 = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    inputs = {k: (v.bfloat16() if k in ("hidden_states", "encoder_hidden_states", "pooled_projections")
+                  else v) for k, v in _flux_inputs(True).items()}
+    with torch.no_grad():
+        got, expected = ours(**inputs).sample, ref_bf16(**inputs).sample
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=0)
+
+
+def test_flux_transformer_guidance_mismatch_is_loud():
+    m = FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=True)
+    inputs = _flux_inputs(True)
+    inputs["guidance"] = None
+    with pytest.raises(ValueError, match="guidance_embeds=True, so forward\\(\\) needs `guidance`"):
+        m(**inputs)
+
+
+def test_flux_transformer_bad_rope_axes_names_file(tmp_path):
+    FluxTransformer2DModel(**TINY_FLUX).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["axes_dims_rope"] = [4, 4, 4]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: cannot build FluxTransformer2DModel.*"
+                                          r"axes_dims_rope=\[4, 4, 4\] sums to 12"):
+        FluxTransformer2DModel.from_pretrained(tmp_path)
