@@ -1,0 +1,3 @@
+from .flow_match_euler import FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerOutput
+
+__all__ = ["FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
