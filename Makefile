@@ -20,7 +20,7 @@ demo: install
 	bash scripts/demo.sh
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 bench: install
 	$(BIN)/python -m bench
