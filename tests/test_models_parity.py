@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffusers
-from diffquant import FluxTransformer2DModel
+from diffquant import AutoencoderKL, FluxTransformer2DModel
 from diffquant.errors import ConfigError
 
 ATOL = 1e-5
@@ -126,3 +126,73 @@ def test_flux_transformer_bad_rope_axes_names_file(tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: cannot build FluxTransformer2DModel.*"
                                           r"axes_dims_rope=\[4, 4, 4\] sums to 12"):
         FluxTransformer2DModel.from_pretrained(tmp_path)
+
+
+# -- VAE -----------------------------------------------------------------------------------
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def _vae_outputs(vae, image: torch.Tensor) -> dict:
+    with torch.no_grad():
+        posterior = vae.encode(image).latent_dist
+        sample = posterior.sample(generator=torch.Generator().manual_seed(7))
+        return dict(mean=posterior.mean, std=posterior.std, mode=posterior.mode(), sample=sample,
+                    decoded=vae.decode(sample).sample,
+                    forward=vae(image, sample_posterior=True,
+                                generator=torch.Generator().manual_seed(7)).sample)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(use_quant_conv=False, use_post_quant_conv=False),                          # Flux
+    dict(use_quant_conv=True, use_post_quant_conv=True, layers_per_block=2),
+    dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False),
+])
+def test_vae_loads_diffusers_checkpoint(tmp_path, variant):
+    ref = diffusers.AutoencoderKL(**{**TINY_VAE, **variant}).eval()
+    _randomize(ref, seed=11)
+    ref.save_pretrained(tmp_path)
+    ours = AutoencoderKL.from_pretrained(tmp_path)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    image = torch.randn(2, 3, 16, 12, generator=torch.Generator().manual_seed(2))
+    expected, got = _vae_outputs(ref, image), _vae_outputs(ours, image)
+    for name in expected:
+        _assert_close(got[name], expected[name])
+    assert got["decoded"].shape == (2, 3, 16, 12)
+    with torch.no_grad():
+        (posterior,) = ours.encode(image, return_dict=False)
+        (decoded,) = ours.decode(got["sample"], return_dict=False)
+    assert torch.equal(posterior.mean, got["mean"]) and torch.equal(decoded, got["decoded"])
+
+
+def test_vae_saves_for_diffusers(tmp_path):
+    torch.manual_seed(0)
+    ours = AutoencoderKL(**TINY_VAE, use_quant_conv=False, use_post_quant_conv=False).eval()
+    _randomize(ours, seed=13)
+    ours.save_pretrained(tmp_path)
+    ref = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
+    assert ref.config.shift_factor == 0.1159 and ref.config.use_quant_conv is False
+    image = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    expected, got = _vae_outputs(ref, image), _vae_outputs(ours, image)
+    for name in expected:
+        _assert_close(got[name], expected[name])
+
+
+def test_vae_bf16_loading(tmp_path):
+    diffusers.AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path)
+    ours = AutoencoderKL.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        z = ours.encode(torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)).latent_dist.sample()
+    assert z.dtype == torch.bfloat16 and z.shape == (1, 4, 4, 4)
+
+
+def test_vae_unsupported_block_type_names_file(tmp_path):
+    diffusers.AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["down_block_types"] = ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: cannot build AutoencoderKL.*down_block_types="
+                                          r"\['AttnDownEncoderBlock2D', 'DownEncoderBlock2D'\]"):
+        AutoencoderKL.from_pretrained(tmp_path)
