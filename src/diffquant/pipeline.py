@@ -1,0 +1,398 @@
+"""DiffusionPipeline: load, save, move and offload a pipeline's components via model_index.json.
+
+A pipeline directory is diffusers' own: ``model_index.json`` names the pipeline class
+(``_class_name``) and, per component, ``[library, class]``; each component lives in the folder
+of that name. diffusers-library components load with diffquant's classes, transformers ones
+(text encoders, tokenizers) through transformers. A PipelineQuantizationConfig decides which
+components are quantized on load.
+
+Example:
+    >>> import torch
+    >>> from diffquant import DiffusionPipeline
+    >>> from diffquant.quantizers import PipelineQuantizationConfig
+    >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", torch_dtype=torch.bfloat16,  # doctest: +SKIP
+    ...     quantization_config=PipelineQuantizationConfig(
+    ...         quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
+    ...         components_to_quantize=["transformer"]))
+    >>> pipe.save_pretrained("out")                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_directory
+from .configuration import DIFFUSERS_FORMAT_VERSION, read_json
+from .errors import CheckpointError, ConfigError, QuantizationError
+from .hub import resolve_dir, split_hub_kwargs
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model_index.json"
+# diffusers-library classes diffquant implements: class name -> module.
+DIFFUSERS_CLASSES = {
+    "FluxTransformer2DModel": "diffquant.models.transformer_flux",
+    "AutoencoderKL": "diffquant.models.autoencoder_kl",
+    "FlowMatchEulerDiscreteScheduler": "diffquant.schedulers.flow_match_euler",
+}
+PIPELINE_CLASSES = {"FluxPipeline": "diffquant.pipelines.flux"}
+
+
+def _import(name: str, table: dict):
+    return getattr(importlib.import_module(table[name]), name)
+
+
+def _is_plain_folder_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
+        and not os.path.isabs(name) and ":" not in name
+
+
+def _resolve_class(index_path: Path, name: str, entry):
+    """The class of component ``name`` from its ``[library, class]`` entry (None for [null, null])."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+        raise ConfigError(f"{index_path}: key {name!r} should be [library, class], got {entry!r}")
+    library, class_name = entry
+    if library is None and class_name is None:
+        return None
+    if library in ("diffusers", "diffquant"):
+        if class_name not in DIFFUSERS_CLASSES:
+            raise ConfigError(f"{index_path}: key {name!r} names class {class_name!r} of library "
+                              f"{library!r}, which diffquant does not implement; known classes: "
+                              f"{sorted(DIFFUSERS_CLASSES)}. Pass the component yourself "
+                              f"({name}=...) to override it")
+        return _import(class_name, DIFFUSERS_CLASSES)
+    if library == "transformers":
+        import transformers
+
+        cls = getattr(transformers, str(class_name), None)
+        if cls is None:
+            raise ConfigError(f"{index_path}: key {name!r} names class {class_name!r}, which "
+                              f"transformers {transformers.__version__} does not have")
+        return cls
+    raise ConfigError(f"{index_path}: key {name!r} names library {library!r}; expected "
+                      "'diffusers' or 'transformers'")
+
+
+def _library_of(obj) -> str:
+    """The library a component is recorded under in model_index.json (ours load as diffusers')."""
+    root = type(obj).__module__.split(".")[0]
+    return "diffusers" if root == "diffquant" else root
+
+
+def _component_dtype(torch_dtype, name: str):
+    if isinstance(torch_dtype, dict):
+        return torch_dtype.get(name, torch_dtype.get("default"))
+    return torch_dtype
+
+
+def _check_device_map(device_map):
+    if device_map is None:
+        return None
+    try:
+        from .modeling import parse_device_map
+
+        return parse_device_map(device_map)
+    except (RuntimeError, ConfigError) as err:
+        raise ConfigError(f"device_map={device_map!r}: a pipeline takes None or one device such as "
+                          "'cpu' or 'cuda' for all components; use enable_model_cpu_offload() to "
+                          "spread memory instead") from err
+
+
+class DiffusionPipeline:
+    """Base of diffquant's pipelines: components, loading, saving, device moves and offload."""
+
+    model_cpu_offload_seq: str | None = None
+    _optional_components: list[str] = []
+
+    def __init__(self):
+        self._component_names: list[str] = []
+        self._offload_device: torch.device | None = None
+        self._offload_hooks: list = []
+        self._progress_bar_config: dict = {}
+        self.name_or_path: str | None = None
+
+    def register_modules(self, **components) -> None:
+        """Record components (None allowed) as attributes and in ``self.components``."""
+        for name, obj in components.items():
+            if name not in self._component_names:
+                self._component_names.append(name)
+            setattr(self, name, obj)
+
+    @property
+    def components(self) -> dict:
+        return {name: getattr(self, name) for name in self._component_names}
+
+    def _modules(self) -> list[tuple[str, nn.Module]]:
+        return [(n, c) for n, c in self.components.items() if isinstance(c, nn.Module)]
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None,
+                        quantization_config=None, variant: str | None = None,
+                        use_safetensors: bool | None = None, device_map=None,
+                        low_cpu_mem_usage: bool = True, **kwargs):
+        """Load every component named in ``model_index.json``; ``name=obj`` kwargs override one.
+
+        Example:
+            >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", transformer=my_model)  # doctest: +SKIP
+        """
+        from .quantizers.pipeline_config import PipelineQuantizationConfig
+
+        if quantization_config is not None and not isinstance(quantization_config,
+                                                               PipelineQuantizationConfig):
+            raise ValueError(f"quantization_config: a pipeline takes a PipelineQuantizationConfig, got "
+                             f"{type(quantization_config).__name__}; wrap it, e.g. "
+                             "PipelineQuantizationConfig(quant_mapping={'transformer': config})")
+        _check_device_map(device_map)
+        hub_kwargs = split_hub_kwargs(kwargs)
+        root = resolve_dir(pretrained_model_name_or_path, **hub_kwargs)
+        index_path = root / INDEX_NAME
+        index = read_json(index_path, what="pipeline index")
+        pipeline_cls = cls._pipeline_class(index, index_path)
+        params = inspect.signature(pipeline_cls.__init__).parameters
+        expected = [n for n in params if n != "self" and params[n].kind not in
+                    (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        entries = {k: v for k, v in index.items() if not k.startswith("_")}
+        for name in entries:
+            if not _is_plain_folder_name(name):
+                raise ConfigError(f"{index_path}: component key {name!r} is not a plain folder name; "
+                                  "component names must not contain '/', '\\' or '..'")
+        ignored = sorted(set(entries) - set(expected))
+        if ignored:
+            logger.warning("%s: %s does not take components %s; ignoring them", index_path,
+                           pipeline_cls.__name__, ignored)
+        unknown_kwargs = sorted(set(kwargs) - set(expected))
+        if unknown_kwargs:
+            raise TypeError(f"{pipeline_cls.__name__}.from_pretrained: unknown arguments {unknown_kwargs}; "
+                            f"components are {expected}")
+        if quantization_config is not None:
+            lacking = sorted(quantization_config.requested_components() - set(entries))
+            for name in lacking:
+                logger.warning("quantization_config names component %r, which %s (%s) does not "
+                               "have; it is ignored", name, pipeline_cls.__name__, index_path)
+        load_kwargs = dict(torch_dtype=torch_dtype, quantization_config=quantization_config,
+                           variant=variant, use_safetensors=use_safetensors,
+                           device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage)
+        components = {}
+        for name in expected:
+            if name in kwargs:
+                components[name] = kwargs[name]
+            elif name in entries:
+                component_cls = _resolve_class(index_path, name, entries[name])
+                components[name] = None if component_cls is None else \
+                    _load_component(root, index_path, name, component_cls, load_kwargs)
+            elif params[name].default is inspect.Parameter.empty:
+                raise ConfigError(f"{index_path}: {pipeline_cls.__name__} needs component {name!r}, "
+                                  f"which the file does not list; pass {name}=... to provide it")
+        pipe = pipeline_cls(**components)
+        pipe.name_or_path = str(pretrained_model_name_or_path)
+        return pipe
+
+    @classmethod
+    def _pipeline_class(cls, index: dict, index_path: Path):
+        if cls is not DiffusionPipeline:
+            return cls
+        name = index.get("_class_name")
+        if name not in PIPELINE_CLASSES:
+            raise ConfigError(f"{index_path}: key '_class_name' is {name!r}; diffquant implements "
+                              f"{sorted(PIPELINE_CLASSES)}")
+        return _import(name, PIPELINE_CLASSES)
+
+    # -- saving ----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None,
+                        **unused) -> None:
+        """Write every component into its folder plus model_index.json, atomically as a whole.
+
+        Either the whole new pipeline is at ``save_directory`` afterwards, or (on any error) the
+        one that was there before.
+
+        Example:
+            >>> pipe.save_pretrained("out", max_shard_size="200MB")   # doctest: +SKIP
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: diffquant writes only safetensors "
+                             "(pickle files can run code when loaded)")
+        for name, module in self._modules():
+            quantizer = getattr(module, "hf_quantizer", None)
+            if quantizer is not None and not getattr(quantizer, "is_serializable", True):
+                raise QuantizationError(f"component {name!r} is quantized with a scheme that cannot be "
+                                        "saved; dequantize() it or reload the original checkpoint")
+        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+        with atomic_directory(save_directory) as tmp:
+            for name, obj in self.components.items():
+                if obj is None:
+                    index[name] = [None, None]
+                    continue
+                _save_component(obj, tmp / name, variant, max_shard_size)
+                index[name] = [_library_of(obj), type(obj).__name__]
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+
+    # -- devices ---------------------------------------------------------------------------
+    def to(self, *args, **kwargs):
+        """Move components to a device and/or cast to a dtype (quantized ones keep their dtype)."""
+        dtype = kwargs.pop("dtype", None)
+        device = kwargs.pop("device", None)
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                device = a
+        if device is not None and self._offload_device is not None:
+            logger.warning("to(%s): model CPU offload is enabled and moves components itself", device)
+        for _, module in self._modules():
+            if dtype is not None and not getattr(module, "is_quantized", False):
+                module.to(dtype=dtype)
+            if device is not None:
+                module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for _, module in self._modules():
+            for p in module.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for _, module in self._modules():
+            for p in module.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return torch.float32
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self._offload_device if self._offload_device is not None else self.device
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None) -> None:
+        """Keep components on the CPU; move each to ``device`` only while it runs.
+
+        The device defaults to the machine's accelerator (cuda:gpu_id, ...) and, without one, to
+        the CPU, where offload changes nothing but still runs.
+
+        Example:
+            >>> pipe.enable_model_cpu_offload()      # doctest: +SKIP
+        """
+        self.remove_all_hooks()
+        if device is None:
+            acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+            device = torch.device("cpu") if acc is None else \
+                torch.device(acc.type, gpu_id if gpu_id is not None else 0)
+        self._offload_device = torch.device(device)
+        order = (self.model_cpu_offload_seq or "").split("->")
+        modules = sorted(self._modules(), key=lambda nm: order.index(nm[0]) if nm[0] in order
+                         else len(order))
+        for _, module in modules:
+            module.to("cpu")
+            self._offload_hooks.append(module.register_forward_pre_hook(
+                self._make_onload_hook(module), with_kwargs=True))
+
+    def _onload(self, module: nn.Module) -> torch.device:
+        """With offload enabled, put ``module`` alone on the execution device; returns that device.
+
+        Hooks call this before ``forward``; pipelines call it before other entry points
+        (``vae.decode``) that a forward hook does not see.
+        """
+        device = self._offload_device
+        if device is None:
+            return _device_of(module) or self.device
+        for _, other in self._modules():
+            if other is not module and device.type != "cpu" and _device_of(other) == device:
+                other.to("cpu")  # one component on the accelerator at a time
+        if _device_of(module) != device:
+            module.to(device)
+        return device
+
+    def _make_onload_hook(self, module: nn.Module):
+        def onload(mod, args, kwargs):
+            device = self._onload(module)
+            move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+        return onload
+
+    def maybe_free_model_hooks(self) -> None:
+        """After a call with offload enabled, send every component back to the CPU."""
+        if self._offload_device is not None:
+            for _, module in self._modules():
+                module.to("cpu")
+
+    def remove_all_hooks(self) -> None:
+        for handle in self._offload_hooks:
+            handle.remove()
+        self._offload_hooks, self._offload_device = [], None
+
+    # -- progress --------------------------------------------------------------------------
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar configured by set_progress_bar_config()."""
+        from tqdm.auto import tqdm
+
+        if iterable is not None:
+            return tqdm(iterable, **self._progress_bar_config)
+        return tqdm(total=total, **self._progress_bar_config)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for tqdm, e.g. ``disable=True``."""
+        self._progress_bar_config = dict(kwargs)
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+def _load_component(root: Path, index_path: Path, name: str, component_cls, kw: dict):
+    folder = root / name
+    if not folder.is_dir():
+        raise CheckpointError(f"{index_path}: component {name!r} ({component_cls.__name__}) has no "
+                              f"folder {folder}; restore the folder or pass {name}=... yourself")
+    if not issubclass(component_cls, nn.Module):  # schedulers, tokenizers: never quantized
+        return component_cls.from_pretrained(folder)
+    from .modeling import ModelMixin
+
+    is_ours = issubclass(component_cls, ModelMixin)
+    args = {"variant": kw["variant"], "use_safetensors": kw["use_safetensors"]}
+    if kw["device_map"] is not None:
+        args["device_map"] = kw["device_map"]
+    pipeline_config = kw["quantization_config"]
+    if pipeline_config is not None:
+        config = pipeline_config._resolve_quant_config(is_diffusers=is_ours, module_name=name)
+        if config is not None:
+            args["quantization_config"] = config
+    dtype = _component_dtype(kw["torch_dtype"], name)
+    if is_ours:
+        return component_cls.from_pretrained(folder, torch_dtype=dtype,
+                                             low_cpu_mem_usage=kw["low_cpu_mem_usage"], **args)
+    if args["variant"] is None:
+        args.pop("variant")
+    if dtype is not None:  # transformers 5 names it dtype; None means "auto" there, as in diffusers
+        args["dtype"] = dtype
+    return component_cls.from_pretrained(folder, **args)
+
+
+def _save_component(obj, folder: Path, variant, max_shard_size) -> None:
+    from .modeling import ModelMixin
+
+    if isinstance(obj, ModelMixin):
+        folder.mkdir()
+        obj.write_into(folder, variant=variant, max_shard_size=max_shard_size or "10GB")
+    elif isinstance(obj, nn.Module):
+        extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        obj.save_pretrained(folder, variant=variant, **extra)
+    elif hasattr(obj, "save_pretrained"):
+        obj.save_pretrained(folder)
+    else:
+        raise ConfigError(f"component at {folder.name!r} is a {type(obj).__name__}, which has no "
+                          "save_pretrained; it cannot be written into a pipeline directory")

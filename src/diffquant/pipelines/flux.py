@@ -1,0 +1,285 @@
+"""FluxPipeline: text -> image with Flux.1, step for step the computation of diffusers 0.42.1.
+
+Prompt -> CLIP pooled embedding + T5 sequence embedding; Gaussian latents packed into 2x2
+patches; the flow-matching Euler loop (with the resolution-dependent shift ``mu``); unpack,
+undo the VAE scaling and shift, decode. Nothing here knows about quantization: quantized
+components compute in their own forward.
+
+Example:
+    >>> import torch
+    >>> from diffquant import FluxPipeline
+    >>> pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell",  # doctest: +SKIP
+    ...                                     torch_dtype=torch.bfloat16)
+    >>> image = pipe("a red circle above a blue square", num_inference_steps=4,  # doctest: +SKIP
+    ...              guidance_scale=0.0, generator=torch.Generator().manual_seed(0)).images[0]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models.autoencoder_kl import randn_like_diffusers
+from ..outputs import BaseOutput
+from ..pipeline import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FluxPipelineOutput(BaseOutput):
+    """``images``: a list of PIL images, an array [B, H, W, 3] in [0, 1], a tensor [B, 3, H, W]
+    in [0, 1], or packed latents [B, S, C] for ``output_type="latent"``."""
+
+    images: object
+
+
+def calculate_shift(image_seq_len, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu grows linearly with the number of image tokens (Flux's resolution-dependent shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def postprocess_image(image: torch.Tensor, output_type: str):
+    """VAE output [B, 3, H, W] in [-1, 1] -> [0, 1] as a tensor, array [B, H, W, 3] or PIL list."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np', 'pt' or 'latent'")
+    image = (image * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return image
+    from PIL import Image
+
+    return [Image.fromarray(x) for x in (image * 255).round().astype("uint8")]
+
+
+class FluxPipeline(DiffusionPipeline):
+    """Flux.1 text-to-image (dev, schnell and their quantized variants)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
+    _optional_components = ["image_encoder", "feature_extractor"]
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 transformer, image_encoder=None, feature_extractor=None):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                              tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                              transformer=transformer, scheduler=scheduler,
+                              image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+        self.default_sample_size = 128  # diffusers' fixed default: 1024 px with Flux's VAE
+
+    # -- prompt ------------------------------------------------------------------------------
+    def _tokenize(self, tokenizer, prompt: list[str], max_length: int) -> torch.Tensor:
+        ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids                      # [B, max_length]
+        full = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
+            removed = tokenizer.batch_decode(full[:, max_length - 1:-1])
+            logger.warning("this part of the prompt was cut at %d tokens: %s", max_length, removed)
+        return ids
+
+    def _get_t5_prompt_embeds(self, prompt, num_images_per_prompt=1, max_sequence_length=512,
+                              device=None):
+        device = device or self._execution_device
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        ids = self._tokenize(self.tokenizer_2, prompt, max_sequence_length)
+        embeds = self.text_encoder_2(ids.to(self._onload(self.text_encoder_2)),
+                                     output_hidden_states=False)[0]           # [B, T, D]
+        embeds = embeds.to(dtype=self.text_encoder_2.dtype, device=device)
+        _, seq_len, _ = embeds.shape
+        embeds = embeds.repeat(1, num_images_per_prompt, 1)
+        return embeds.view(len(prompt) * num_images_per_prompt, seq_len, -1)  # [B*n, T, D]
+
+    def _get_clip_prompt_embeds(self, prompt, num_images_per_prompt=1, device=None):
+        device = device or self._execution_device
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        ids = self._tokenize(self.tokenizer, prompt, self.tokenizer_max_length)
+        pooled = self.text_encoder(ids.to(self._onload(self.text_encoder)),
+                                   output_hidden_states=False).pooler_output  # [B, D]
+        pooled = pooled.to(dtype=self.text_encoder.dtype, device=device)
+        pooled = pooled.repeat(1, num_images_per_prompt)
+        return pooled.view(len(prompt) * num_images_per_prompt, -1)          # [B*n, D]
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
+                      prompt_embeds=None, pooled_prompt_embeds=None,
+                      max_sequence_length: int = 512, lora_scale=None):
+        """(T5 embeddings [B*n, T, D], CLIP pooled [B*n, D], text ids [T, 3]).
+
+        Example:
+            >>> embeds, pooled, text_ids = pipe.encode_prompt("a cat", max_sequence_length=64)  # doctest: +SKIP
+        """
+        device = device or self._execution_device
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        if prompt_embeds is None:
+            prompt_2 = prompt_2 or prompt
+            prompt_2 = [prompt_2] if isinstance(prompt_2, str) else prompt_2
+            pooled_prompt_embeds = self._get_clip_prompt_embeds(prompt, num_images_per_prompt, device)
+            prompt_embeds = self._get_t5_prompt_embeds(prompt_2, num_images_per_prompt,
+                                                       max_sequence_length, device)
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3).to(device=device, dtype=dtype)
+        return prompt_embeds, pooled_prompt_embeds, text_ids
+
+    # -- latents -----------------------------------------------------------------------------
+    @staticmethod
+    def _prepare_latent_image_ids(batch_size, height, width, device, dtype) -> torch.Tensor:
+        """(0, row, col) per packed token: [height * width, 3]."""
+        ids = torch.zeros(height, width, 3)
+        ids[..., 1] = ids[..., 1] + torch.arange(height)[:, None]
+        ids[..., 2] = ids[..., 2] + torch.arange(width)[None, :]
+        return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+    @staticmethod
+    def _pack_latents(latents, batch_size, num_channels_latents, height, width) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H/2)*(W/2), C*4]: each 2x2 patch becomes one token."""
+        latents = latents.view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)
+        latents = latents.permute(0, 2, 4, 1, 3, 5)
+        return latents.reshape(batch_size, (height // 2) * (width // 2), num_channels_latents * 4)
+
+    @staticmethod
+    def _unpack_latents(latents, height, width, vae_scale_factor) -> torch.Tensor:
+        """[B, S, C*4] -> [B, C, h, w] for an image of height x width pixels."""
+        batch_size, _, channels = latents.shape
+        height = 2 * (int(height) // (vae_scale_factor * 2))
+        width = 2 * (int(width) // (vae_scale_factor * 2))
+        latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
+        latents = latents.permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(batch_size, channels // 4, height, width)
+
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
+                        generator, latents=None):
+        """Packed Gaussian latents [B, S, C*4] (or ``latents`` as given) and image ids [S, 3]."""
+        height = 2 * (int(height) // (self.vae_scale_factor * 2))
+        width = 2 * (int(width) // (self.vae_scale_factor * 2))
+        image_ids = self._prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype)
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype), image_ids
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for an effective batch of "
+                             f"{batch_size} images; pass one per image or a single one")
+        shape = (batch_size, num_channels_latents, height, width)
+        latents = randn_like_diffusers(shape, generator=generator, device=device, dtype=dtype)
+        return self._pack_latents(latents, batch_size, num_channels_latents, height, width), image_ids
+
+    # -- checks ------------------------------------------------------------------------------
+    def check_inputs(self, prompt, prompt_2, height, width, prompt_embeds=None,
+                     pooled_prompt_embeds=None, max_sequence_length=None, output_type="pil"):
+        if height % (self.vae_scale_factor * 2) or width % (self.vae_scale_factor * 2):
+            logger.warning("height and width should be divisible by %d but are %d and %d; the image "
+                           "is resized accordingly", self.vae_scale_factor * 2, height, width)
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give either prompt or prompt_embeds, not both")
+        if prompt_2 is not None and prompt_embeds is not None:
+            raise ValueError("give either prompt_2 or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt (a string or a list of strings) or prompt_embeds")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt should be a str or a list of str, got {type(prompt).__name__}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (both come from "
+                             "encode_prompt)")
+        if max_sequence_length is not None and max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length is {max_sequence_length}; at most 512")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np', 'pt' or 'latent'")
+
+    # -- generation --------------------------------------------------------------------------
+    def _timesteps(self, num_inference_steps, sigmas, image_seq_len, device):
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) \
+            if sigmas is None else sigmas
+        cfg = self.scheduler.config
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                             cfg.get("max_shift", 1.15))
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        return self.scheduler.timesteps
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, sigmas: list[float] | None = None,
+                 guidance_scale: float = 3.5, num_images_per_prompt: int = 1, generator=None,
+                 latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+        """Generate images for ``prompt``; returns FluxPipelineOutput(images=...).
+
+        Example:
+            >>> out = pipe(["a cat", "a dog"], num_images_per_prompt=2, height=512, width=512,  # doctest: +SKIP
+            ...            num_inference_steps=4, output_type="np")
+            >>> out.images.shape                                                           # doctest: +SKIP
+            (4, 512, 512, 3)
+        """
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, prompt_2, height, width, prompt_embeds, pooled_prompt_embeds,
+                          max_sequence_length, output_type)
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None \
+            else prompt_embeds.shape[0]
+        device = self._execution_device
+        encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
+                      max_sequence_length=max_sequence_length)
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt, prompt_2, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, **encode)
+        do_true_cfg = true_cfg_scale > 1 and (negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None))
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = \
+                self.encode_prompt(negative_prompt, negative_prompt_2,
+                                   prompt_embeds=negative_prompt_embeds,
+                                   pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
+        latents, image_ids = self.prepare_latents(
+            batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4, height,
+            width, prompt_embeds.dtype, device, generator, latents)          # [B, S, C*4], [S, 3]
+        timesteps = self._timesteps(num_inference_steps, sigmas, latents.shape[1], device)
+        self._num_timesteps = len(timesteps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:  # guidance-distilled (dev): a model input
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+            guidance = guidance.expand(latents.shape[0])
+
+        def predict(embeds, pooled, ids, timestep):
+            return self.transformer(hidden_states=latents, timestep=timestep / 1000,
+                                    guidance=guidance, pooled_projections=pooled,
+                                    encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids,
+                                    return_dict=False)[0]
+
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                noise_pred = predict(prompt_embeds, pooled_prompt_embeds, text_ids, timestep)
+                if do_true_cfg:
+                    neg = predict(negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                  negative_text_ids, timestep)
+                    noise_pred = neg + true_cfg_scale * (noise_pred - neg)
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    out = callback_on_step_end(self, i, t, {k: local[k] for k in
+                                                            callback_on_step_end_tensor_inputs})
+                    latents = out.pop("latents", latents)
+                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+                bar.update()
+        image = latents if output_type == "latent" else self._decode(latents, height, width,
+                                                                     output_type)
+        self.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
+
+    def _decode(self, latents, height, width, output_type):
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # [B, C, h, w]
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        latents = latents.to(self._onload(self.vae))
+        image = self.vae.decode(latents, return_dict=False)[0]               # [B, 3, H, W]
+        return postprocess_image(image, output_type)
