@@ -1,0 +1,406 @@
+"""torchao backend: TorchAoConfig, plain-buffer int8 / int4 / float8 linear layers, the quantizer.
+
+The layers hold plain tensors (``weight`` int8/uint8/float8, ``weight_scale``, ``weight_zero``)
+and reproduce torchao's numerics with ``diffquant.ops.int_quant``; torchao itself is needed only
+for ``AOBaseConfig`` objects and for reading checkpoints that diffusers wrote with torchao, which
+are converted here, at the file boundary:
+
+- safetensors with torchao's flattened layout (diffusers >= 0.38): ``<layer>._weight_qdata``,
+  ``_weight_scale``, ``_weight_zero_point`` plus per-tensor JSON in the file's metadata;
+- ``.bin`` files holding torchao tensor subclasses (``Int8Tensor``, ``Float8Tensor``), read with
+  ``torch.load(weights_only=True)``: importing torchao registers its classes as safe globals.
+
+int4 deviates from torchao's default on purpose: ``Int4WeightOnlyConfig()`` packs for the
+``mslk`` package (not published for CPUs) or CUDA's tinygemm tile layout. diffquant stores the
+same tinygemm numbers (uint4 pairs in uint8 + bf16 scale/zero per group) and dequantizes then
+multiplies: it runs on any device, and the state dict does not depend on the device it was made on
+(``torch.ops.aten._weight_int4pack_mm_for_cpu`` would need a CPU-only packed layout).
+
+Example:
+    >>> import torch
+    >>> from diffquant import TorchAoConfig
+    >>> TorchAoConfig("int4wo", group_size=64).to_dict()["quant_type_kwargs"]
+    {'group_size': 64}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, QuantizationError
+from ..ops import int_quant as iq
+from .auto import register_quantizer
+from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
+from .config import QuantizationConfigMixin, QuantizationMethod
+
+logger = logging.getLogger(__name__)
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# name -> (kind, fixed params). Names and their meanings follow diffusers 0.37's TorchAoConfig
+# ("float8wo" is e5m2 there, "float8_weight_only" e4m3 as in torchao).
+SCHEMES = {
+    "int8wo": ("int8wo", {}), "int8_weight_only": ("int8wo", {}),
+    "int8dq": ("int8dq", {}), "int8_dynamic_activation_int8_weight": ("int8dq", {}),
+    "int4wo": ("int4wo", {}), "int4_weight_only": ("int4wo", {}),
+    "float8wo": ("float8wo", {"weight_dtype": E5M2}), "float8wo_e5m2": ("float8wo", {"weight_dtype": E5M2}),
+    "float8wo_e4m3": ("float8wo", {"weight_dtype": E4M3}),
+    "float8_weight_only": ("float8wo", {"weight_dtype": E4M3}),
+}
+KWARGS = {"int8wo": {"set_inductor_config"}, "int8dq": {"set_inductor_config"},
+          "int4wo": {"group_size", "set_inductor_config"},
+          "float8wo": {"weight_dtype", "set_inductor_config"}}
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Names diffusers 0.37 accepted that diffquant does not run: float8 activations need fp8 matmuls
+# (CUDA sm89+), the sub-byte formats need torchao's own kernels.
+NOT_RUNNABLE = ({"int4dq", "int8_dynamic_activation_int4_weight", "float8dq", "float8dq_e4m3",
+                 "float8_dynamic_activation_float8_weight", "float8_static_activation_float8_weight",
+                 "float8dq_e4m3_tensor", "float8dq_e4m3_row", "uintx_weight_only"}
+                | {f"uint{b}wo" for b in range(1, 8)}
+                | {f"fp{b}" for b in range(3, 8)}
+                | {f"fp{b}_e{e}m{b - e - 1}" for b in range(3, 8) for e in range(1, b)})
+
+
+def _fp8_dtype(value, field="weight_dtype"):
+    dtype = getattr(torch, str(value).replace("torch.", ""), None) if isinstance(value, str) else value
+    if dtype not in (E4M3, E5M2):
+        raise ConfigError(f"TorchAoConfig.quant_type_kwargs[{field!r}]={value!r}: expected "
+                          "'float8_e4m3fn' or 'float8_e5m2'")
+    return dtype
+
+
+class TorchAoConfig(QuantizationConfigMixin):
+    """torchao quantization: a scheme name (diffusers 0.37's strings) or a torchao AOBaseConfig.
+
+    Example:
+        >>> from diffquant import TorchAoConfig
+        >>> TorchAoConfig("int8wo").to_dict()
+        {'quant_method': 'torchao', 'quant_type': 'int8wo', 'modules_to_not_convert': None, 'quant_type_kwargs': {}}
+        >>> TorchAoConfig("int8wo", group_size=32)
+        Traceback (most recent call last):
+        ...
+        diffquant.errors.ConfigError: TorchAoConfig('int8wo'): unknown keyword argument(s) ['group_size']; accepted: ['set_inductor_config']
+    """
+
+    _method_value = ("torchao",)
+
+    def __init__(self, quant_type, modules_to_not_convert=None, **kwargs):
+        self.quant_method = QuantizationMethod.TORCHAO
+        self.quant_type = quant_type
+        self.modules_to_not_convert = self._check_modules_list(modules_to_not_convert)
+        if isinstance(quant_type, str):
+            # a dict read from config.json carries the kwargs under "quant_type_kwargs"
+            kwargs = dict(kwargs.pop("quant_type_kwargs", None) or {}, **kwargs)
+            if "weight_dtype" in kwargs:  # JSON holds names, not dtypes
+                kwargs["weight_dtype"] = str(_fp8_dtype(kwargs["weight_dtype"])).split(".")[-1]
+            self.quant_type_kwargs = kwargs
+        elif kwargs:
+            raise ConfigError(f"TorchAoConfig: keyword arguments {sorted(kwargs)} only apply to a "
+                              "string quant_type; set them on the torchao config object instead")
+        self.scheme()  # validate now, as diffusers does
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.scheme()[0] == "int4wo" else 8
+
+    def scheme(self) -> tuple[str, dict]:
+        """(kind, params): kind in int8wo / int8dq / int4wo / float8wo; raises if not runnable."""
+        if not isinstance(self.quant_type, str):
+            return _scheme_of_object(self.quant_type)
+        name = self.quant_type
+        if name in NOT_RUNNABLE:
+            raise QuantizationError(f"TorchAoConfig: quant_type {name!r} cannot run with diffquant's "
+                                    f"torchao backend; runnable quant types: {sorted(SCHEMES)}")
+        if name not in SCHEMES:
+            raise ConfigError(f"TorchAoConfig: unknown quant_type {name!r}; expected one of "
+                              f"{sorted(SCHEMES)} or a torchao AOBaseConfig object")
+        kind, params = SCHEMES[name]
+        bad = sorted(set(self.quant_type_kwargs) - KWARGS[kind])
+        if bad:
+            raise ConfigError(f"TorchAoConfig({name!r}): unknown keyword argument(s) {bad}; "
+                              f"accepted: {sorted(KWARGS[kind])}")
+        params = dict(params)
+        if kind == "int4wo":
+            params["group_size"] = self.quant_type_kwargs.get("group_size", 128)
+            if params["group_size"] not in INT4_GROUP_SIZES:
+                raise ConfigError(f"TorchAoConfig({name!r}): group_size={params['group_size']!r}; "
+                                  f"expected one of {INT4_GROUP_SIZES}")
+        if kind == "float8wo" and "weight_dtype" in self.quant_type_kwargs:
+            params["weight_dtype"] = _fp8_dtype(self.quant_type_kwargs["weight_dtype"])
+        return kind, params
+
+    def to_dict(self) -> dict:
+        """diffusers' JSON: 0.37's string form, or 0.42's ``{"default": config_to_dict(obj)}``."""
+        d = {"quant_method": "torchao", "quant_type": self.quant_type,
+             "modules_to_not_convert": self.modules_to_not_convert}
+        if isinstance(self.quant_type, str):
+            d["quant_type_kwargs"] = dict(self.quant_type_kwargs)
+        else:
+            from torchao.core.config import config_to_dict
+
+            d["quant_type"] = {"default": config_to_dict(self.quant_type)}
+        return json.loads(json.dumps(d))  # a deep, JSON-clean copy
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        data = {**config_dict, **kwargs}
+        method = data.pop("quant_method", "torchao")
+        if getattr(method, "value", method) != "torchao":
+            raise ConfigError(f"TorchAoConfig.from_dict: quant_method={config_dict['quant_method']!r},"
+                              " expected 'torchao'")
+        if "quant_type" not in data:
+            raise ConfigError("TorchAoConfig.from_dict: missing key 'quant_type'")
+        quant_type = data.pop("quant_type")
+        if isinstance(quant_type, dict):
+            if set(quant_type) != {"default"}:
+                raise ConfigError(f"TorchAoConfig.from_dict: quant_type should be a name or "
+                                  f"{{'default': <torchao config>}}, got keys {sorted(quant_type)}")
+            config_from_dict = require("torchao.core.config", "torchao").config_from_dict
+            quant_type = config_from_dict(quant_type["default"])
+        obj = cls(quant_type, **data)
+        return (obj, {}) if return_unused_kwargs else obj
+
+    @classmethod
+    def cpu_examples(cls) -> list["TorchAoConfig"]:
+        return [cls("int8wo"), cls("int8dq"), cls("int4wo", group_size=64), cls("float8wo_e4m3")]
+
+
+def _scheme_of_object(cfg) -> tuple[str, dict]:
+    """Map a torchao AOBaseConfig to the scheme diffquant runs for it, or explain why not."""
+    name = type(cfg).__name__
+
+    def refuse(why):
+        raise QuantizationError(f"TorchAoConfig({name}): {why}; diffquant runs Int8WeightOnlyConfig"
+                                "(PerRow), Int8DynamicActivationInt8WeightConfig(PerRow, symmetric),"
+                                " Int4WeightOnlyConfig(group_size, tinygemm) and "
+                                "Float8WeightOnlyConfig(PerRow)")
+
+    per_row = lambda g: type(g).__name__ == "PerRow" and getattr(g, "dim", -1) in (-1, 1)  # noqa: E731
+    if name == "Int8WeightOnlyConfig":
+        return ("int8wo", {}) if per_row(cfg.granularity) else refuse("only PerRow granularity")
+    if name == "Int8DynamicActivationInt8WeightConfig":
+        gran = cfg.granularity if isinstance(cfg.granularity, (list, tuple)) else [cfg.granularity]
+        if not all(g is None or per_row(g) for g in gran) or str(cfg.act_mapping_type.name) != "SYMMETRIC" \
+                or cfg.reduce_range:
+            refuse("only PerRow granularity, symmetric activations, reduce_range=False")
+        return "int8dq", {}
+    if name == "Int4WeightOnlyConfig":
+        if str(getattr(cfg.int4_choose_qparams_algorithm, "value", "tinygemm")) != "tinygemm" \
+                or cfg.group_size not in INT4_GROUP_SIZES:
+            refuse(f"only the tinygemm algorithm with group_size in {INT4_GROUP_SIZES}")
+        return "int4wo", {"group_size": cfg.group_size}
+    if name == "Float8WeightOnlyConfig":
+        if not per_row(cfg.granularity) or cfg.weight_dtype not in (E4M3, E5M2):
+            refuse("only PerRow granularity with float8_e4m3fn or float8_e5m2")
+        return "float8wo", {"weight_dtype": cfg.weight_dtype}
+    refuse("this torchao config is not implemented")
+
+
+# -- layers ------------------------------------------------------------------------------------
+class TorchAoLinear(QuantizedLinear):
+    """Base of the torchao layers: ``pieces()`` names the buffers, ``quantize`` fills them."""
+
+    def __init__(self, in_features, out_features, bias, compute_dtype=None, **params):
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.params = params
+        for name, (shape, dtype) in self.pieces().items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
+
+    def pieces(self) -> dict[str, tuple[tuple, torch.dtype]]:
+        return {"weight": ((self.out_features, self.in_features), torch.int8),
+                "weight_scale": ((self.out_features, 1), torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = iq.int8_quantize_per_channel(w)
+        return {"weight": q, "weight_scale": scale}
+
+    def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
+        expected = self.pieces()
+        if name == "weight" and not pre_quantized:
+            w = tensor.to(dtype) if dtype is not None else tensor
+            self.compute_dtype = w.dtype
+            for key, value in self.quantize(w).items():
+                self._buffers[key] = value
+            return
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} for a {type(self).__name__}; "
+                                  f"expected {sorted(expected)}")
+        shape, want = expected[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != want:
+            raise CheckpointError(f"tensor {name!r} of a {type(self).__name__} is {tensor.dtype} "
+                                  f"{list(tensor.shape)}, expected {want} {list(shape)}; the "
+                                  "checkpoint does not match its quantization_config")
+        self.compute_dtype = self.compute_dtype or dtype
+        self._buffers[name] = tensor
+
+    def dequantized_weight(self):
+        return iq.int8_dequantize(self.weight, self.weight_scale, self.compute_dtype or torch.bfloat16)
+
+    def forward(self, x):
+        return iq.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class Int8WeightOnlyLinear(TorchAoLinear):
+    """int8 per-channel weights, activations stay in their dtype (torchao Int8WeightOnlyConfig)."""
+
+
+class Int8DynamicLinear(TorchAoLinear):
+    """int8 per-token activations x int8 per-channel weights, integer matmul (torch._int_mm)."""
+
+    def forward(self, x):
+        return iq.int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class Int4WeightOnlyLinear(TorchAoLinear):
+    """uint4 pairs packed in uint8, one (scale, zero) per group of columns; dequantize, matmul."""
+
+    def pieces(self):
+        n, k, g = self.out_features, self.in_features, self.params["group_size"]
+        dtype = self.compute_dtype or torch.bfloat16
+        return {"weight": ((n, k // 2), torch.uint8), "weight_scale": ((n, k // g), dtype),
+                "weight_zero": ((n, k // g), dtype)}
+
+    def quantize(self, w):
+        packed, scale, zero = iq.int4_quantize_groupwise(w, self.params["group_size"])
+        return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
+
+    def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
+        if pre_quantized and name != "weight" and tensor.is_floating_point():
+            self.compute_dtype = tensor.dtype  # stored scales carry the dtype; keep them exact
+        super().load_piece(name, tensor, pre_quantized=pre_quantized, dtype=dtype, device=device)
+
+    def dequantized_weight(self):
+        return iq.int4_dequantize(self.weight, self.weight_scale, self.weight_zero,
+                                  self.weight_scale.dtype)
+
+    def forward(self, x):
+        y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
+        return y + self.bias if self.bias is not None else y
+
+
+class Float8WeightOnlyLinear(TorchAoLinear):
+    """float8 per-channel weights, dequantized to the activations' dtype for the matmul."""
+
+    def pieces(self):
+        return {"weight": ((self.out_features, self.in_features), self.params["weight_dtype"]),
+                "weight_scale": ((self.out_features, 1), torch.float32)}
+
+    def quantize(self, w):
+        q, scale = iq.float8_quantize_per_channel(w, self.params["weight_dtype"])
+        return {"weight": q, "weight_scale": scale}
+
+    def dequantized_weight(self):
+        return iq.float8_dequantize(self.weight, self.weight_scale, self.compute_dtype or torch.bfloat16)
+
+    def forward(self, x):
+        return iq.float8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+LAYERS = {"int8wo": Int8WeightOnlyLinear, "int8dq": Int8DynamicLinear, "int4wo": Int4WeightOnlyLinear,
+          "float8wo": Float8WeightOnlyLinear}
+# torchao tensor subclass each kind is saved as by diffusers (for checking foreign checkpoints)
+TORCHAO_TENSOR = {"int8wo": "Int8Tensor", "int8dq": "Int8Tensor", "float8wo": "Float8Tensor"}
+
+
+# -- foreign checkpoints: torchao tensor subclasses and their flattened safetensors layout --------
+_FLAT_NAMES = {"_weight_qdata": "weight", "_weight_scale": "weight_scale",
+               "_weight_zero_point": "weight_zero_point"}
+
+
+def torchao_pieces(name: str, tensor: torch.Tensor, kind: str, where: str) -> list[tuple[str, torch.Tensor]]:
+    """One tensor of a torchao checkpoint -> diffquant's (piece name, tensor) pairs.
+
+    A torchao subclass (from a .bin) is opened into qdata/scale; a zero point must be all zeros
+    (diffquant's int8 is symmetric, as torchao's default) and is dropped.
+    """
+    if type(tensor).__name__ in ("Int8Tensor", "Float8Tensor"):
+        if list(tensor.block_size) != [1, tensor.shape[-1]]:
+            raise CheckpointError(f"{where}: torchao {type(tensor).__name__} with block_size "
+                                  f"{list(tensor.block_size)}; diffquant reads per-row scales only")
+        if getattr(tensor, "act_pre_scale", None) is not None:
+            raise CheckpointError(f"{where}: torchao tensor with act_pre_scale (AWQ/SmoothQuant) is "
+                                  "not supported")
+        pairs = [("weight", tensor.qdata), ("weight_scale", tensor.scale)]
+        if getattr(tensor, "zero_point", None) is not None:
+            pairs.append(("weight_zero_point", tensor.zero_point))
+    elif name == "weight" and type(tensor) is not torch.Tensor:
+        raise CheckpointError(f"{where}: torchao {type(tensor).__name__} weights cannot be read by "
+                              f"diffquant's {kind} layer; re-quantize from the original checkpoint")
+    else:
+        pairs = [(_FLAT_NAMES.get(name, name), tensor)]
+    out = []
+    for piece, value in pairs:
+        value = value.as_subclass(torch.Tensor) if type(value) is not torch.Tensor else value
+        if piece == "weight_zero_point":
+            if value.any():
+                raise CheckpointError(f"{where}: nonzero torchao zero_point (asymmetric int8); "
+                                      "diffquant reads symmetric int8 only")
+            continue
+        out.append((piece, value.reshape(value.shape[0], -1) if piece == "weight_scale" else value))
+    return out
+
+
+@register_quantizer("torchao", TorchAoConfig)
+class TorchAoQuantizer(DiffusersQuantizer):
+    """Swaps nn.Linear for plain-buffer torchao layers; reads diffusers' torchao checkpoints too."""
+
+    def __init__(self, quantization_config, pre_quantized: bool = True, **kwargs):
+        super().__init__(quantization_config, pre_quantized=pre_quantized, **kwargs)
+        self.kind, self.params = quantization_config.scheme()
+        self._foreign_meta: dict | None = None
+
+    def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
+        if self.pre_quantized:
+            # torchao registers its tensor classes as torch.load safe globals when imported, which
+            # a .bin written by diffusers needs; its absence only matters for such files.
+            try:
+                import torchao  # noqa: F401
+            except ImportError:
+                pass
+
+    def update_torch_dtype(self, torch_dtype):
+        if torch_dtype is None:
+            logger.info("torchao: torch_dtype not given; using torch.bfloat16 as diffusers does")
+            return torch.bfloat16
+        return torch_dtype
+
+    def make_layer(self, name, module):
+        if self.kind == "int4wo" and module.in_features % self.params["group_size"]:
+            logger.info("torchao int4: %s has in_features=%d, not a multiple of group_size=%d; left "
+                        "unquantized (as torchao does)", name, module.in_features,
+                        self.params["group_size"])
+            return module
+        # the compute dtype is known once the weight (or its scales) arrive, in load_piece
+        return LAYERS[self.kind](module.in_features, module.out_features, module.bias is not None,
+                                 **self.params)
+
+    def check_if_quantized_param(self, model, key, checkpoint=None) -> bool:
+        if self._foreign_meta is None and checkpoint is not None:
+            self._foreign_meta = checkpoint.metadata if "tensor_names" in checkpoint.metadata else {}
+        return super().check_if_quantized_param(model, key, checkpoint)
+
+    def create_quantized_param(self, model, key, tensor, dtype, device) -> None:
+        module, rel = owner_of(model, key)
+        if not self.pre_quantized:
+            return super().create_quantized_param(model, key, tensor, dtype, device)
+        self._check_foreign_type(key, rel)
+        for piece, value in torchao_pieces(rel, tensor, self.kind, key):
+            value = value.to(device) if device is not None else value
+            module.load_piece(piece, value, pre_quantized=True, dtype=dtype, device=device)
+
+    def _check_foreign_type(self, key: str, rel: str) -> None:
+        """A flattened torchao file names each weight's tensor class; it must match the config."""
+        if not self._foreign_meta or not rel.startswith("_weight_"):
+            return
+        weight_key = key.rpartition(".")[0] + ".weight"
+        info = json.loads(self._foreign_meta.get(weight_key, "{}"))
+        if info.get("_type") != TORCHAO_TENSOR.get(self.kind):
+            raise CheckpointError(f"{key}: torchao saved this weight as {info.get('_type')!r}, but "
+                                  f"the quantization_config asks for {self.kind}; diffquant reads "
+                                  "Int8Tensor (int8wo/int8dq) and Float8Tensor (float8wo) files")
+
+    def scheme_name(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"torchao {self.kind}" + (f" ({extra})" if extra else "")

@@ -1,0 +1,147 @@
+"""torchao backend: config JSON as diffusers writes it, numerics against torchao's own
+quantize_, checkpoints written by diffusers 0.42.1 with torchao, and a tiny Flux transformer."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import diffusers
+import torchao.quantization as tq
+from torchao.quantization import quant_primitives as qp
+from diffquant import FluxTransformer2DModel, TorchAoConfig
+from diffquant.errors import CheckpointError, ConfigError, QuantizationError
+from diffquant.ops import int_quant as iq
+from diffquant.quantizers.base import QuantizedLinear
+from tests.toy import ToyModel, save_toy, toy_input
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_string_config_json_is_diffusers_037_form():
+    c = TorchAoConfig("int4wo", group_size=64)
+    # what diffusers 0.37's TorchAoConfig("int4wo", group_size=64).to_dict() holds
+    assert c.to_dict() == {"quant_method": "torchao", "quant_type": "int4wo",
+                           "modules_to_not_convert": None, "quant_type_kwargs": {"group_size": 64}}
+    again = TorchAoConfig.from_dict(json.loads(c.to_json_string()))
+    assert again == c and again.quant_type_kwargs == {"group_size": 64}
+    assert TorchAoConfig("int4wo", quant_type_kwargs={"group_size": 64}) == c
+    assert TorchAoConfig("int4wo") != c
+
+
+@pytest.mark.parametrize("make", [lambda: tq.Int8WeightOnlyConfig(),
+                                  lambda: tq.Int8DynamicActivationInt8WeightConfig(),
+                                  lambda: tq.Float8WeightOnlyConfig(weight_dtype=torch.float8_e5m2),
+                                  lambda: tq.Int4WeightOnlyConfig(group_size=64)])
+def test_object_config_json_matches_diffusers_042(make):
+    ours = TorchAoConfig(make(), modules_to_not_convert=["proj_out"])
+    theirs = diffusers.TorchAoConfig(make(), modules_to_not_convert=["proj_out"])
+    assert json.loads(ours.to_json_string()) == json.loads(json.dumps(theirs.to_dict()))
+    assert TorchAoConfig.from_dict(theirs.to_dict()) == ours
+    assert diffusers.TorchAoConfig.from_dict(ours.to_dict()).to_dict() == theirs.to_dict()
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match=r"TorchAoConfig\('int8wo'\): unknown keyword argument\(s\) "
+                                          r"\['group_size'\]; accepted: \['set_inductor_config'\]"):
+        TorchAoConfig("int8wo", group_size=32)
+    with pytest.raises(ConfigError, match=r"unknown quant_type 'int9wo'; expected one of \["):
+        TorchAoConfig("int9wo")
+    with pytest.raises(ConfigError, match=r"group_size=100; expected one of \(32, 64, 128, 256\)"):
+        TorchAoConfig("int4wo", group_size=100)
+    with pytest.raises(QuantizationError, match=r"quant_type 'float8dq_e4m3_row' cannot run with "
+                                                r"diffquant's torchao backend; runnable quant types: "
+                                                r"\['float8_weight_only', .*'int8wo'\]"):
+        TorchAoConfig("float8dq_e4m3_row")
+    with pytest.raises(QuantizationError, match=r"TorchAoConfig\(IntxWeightOnlyConfig\): this "
+                                                r"torchao config is not implemented; diffquant runs"):
+        TorchAoConfig(tq.IntxWeightOnlyConfig())
+    with pytest.raises(ConfigError, match=r"'float8_e4m3fn' or 'float8_e5m2'"):
+        TorchAoConfig("float8wo", weight_dtype="int8")
+
+
+def test_float8_names_follow_diffusers():
+    assert TorchAoConfig("float8wo").scheme() == ("float8wo", {"weight_dtype": torch.float8_e5m2})
+    assert TorchAoConfig("float8_weight_only").scheme()[1]["weight_dtype"] is torch.float8_e4m3fn
+    c = TorchAoConfig("float8_weight_only", weight_dtype=torch.float8_e5m2)
+    assert c.to_dict()["quant_type_kwargs"] == {"weight_dtype": "float8_e5m2"}
+    assert c.scheme()[1]["weight_dtype"] is torch.float8_e5m2
+
+
+# -- numerics against torchao's quantize_ -------------------------------------------------------
+def _linear_pair(config, out_f=96, in_f=256, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f).to(torch.bfloat16)
+    theirs = copy.deepcopy(lin)
+    tq.quantize_(theirs, config)
+    return lin, theirs
+
+
+def _ours(lin, kind, **params):
+    layer = TorchAoQuantizerLayers[kind](lin.in_features, lin.out_features, True, **params)
+    layer.load_piece("weight", lin.weight.detach(), pre_quantized=False, dtype=torch.bfloat16, device=None)
+    layer.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
+    return layer
+
+
+from diffquant.quantizers.torchao import LAYERS as TorchAoQuantizerLayers  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,config", [("int8wo", tq.Int8WeightOnlyConfig()),
+                                         ("int8dq", tq.Int8DynamicActivationInt8WeightConfig())])
+def test_int8_matches_torchao(kind, config):
+    lin, theirs = _linear_pair(config)
+    ours = _ours(lin, kind)
+    assert torch.equal(ours.weight, theirs.weight.qdata)
+    assert torch.equal(ours.weight_scale, theirs.weight.scale)
+    x = torch.randn(2, 5, 256).to(torch.bfloat16)
+    assert torch.equal(ours(x), theirs(x))  # same ops in the same order: bit-identical
+    assert torch.equal(ours.dequantized_weight(), theirs.weight.dequantize())
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_weight_only_matches_torchao(fp8):
+    lin, theirs = _linear_pair(tq.Float8WeightOnlyConfig(weight_dtype=fp8))
+    ours = _ours(lin, "float8wo", weight_dtype=fp8)
+    assert torch.equal(ours.weight.view(torch.uint8), theirs.weight.qdata.view(torch.uint8))
+    assert torch.equal(ours.weight_scale, theirs.weight.scale)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_int4_matches_torchao_tinygemm_primitives_and_torch_cpu_kernel():
+    # torchao's Int4WeightOnlyConfig cannot run here (its packings need mslk or CUDA), so compare
+    # with the primitives Int4TilePackedTo4dTensor.from_hp calls, and with torch's CPU int4 kernel.
+    torch.manual_seed(0)
+    w = torch.randn(64, 256).to(torch.bfloat16)
+    packed, scale, zero = iq.int4_quantize_groupwise(w, 64)
+    args = dict(block_size=(1, 64), quant_min=0, quant_max=15)
+    ref_s, ref_z = qp._choose_qparams_affine_tinygemm(w, qp.MappingType.ASYMMETRIC, target_dtype=torch.int32,
+                                                      scale_dtype=w.dtype, zero_point_dtype=w.dtype, **args)
+    ref_q = qp._quantize_affine_tinygemm(w, scale=ref_s, zero_point=ref_z, output_dtype=torch.int32, **args)
+    assert torch.equal(scale, ref_s.reshape(64, 4)) and torch.equal(zero, ref_z.reshape(64, 4))
+    assert torch.equal(iq.int4_unpack(packed).to(torch.int32), ref_q)
+    deq = iq.int4_dequantize(packed, scale, zero, torch.bfloat16)
+    ref_deq = qp._dequantize_affine_tinygemm(ref_q, list(args["block_size"]), ref_s, ref_z, torch.int32,
+                                             0, 15, output_dtype=torch.bfloat16)
+    assert torch.equal(deq, ref_deq)
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    kernel_w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ref_q, 8)
+    scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [K/g, N, 2]
+    kernel_y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, kernel_w, 64, scales_zeros)
+    torch.testing.assert_close(x @ deq.t(), kernel_y, atol=0.06, rtol=0.02)  # bf16 accumulation
+
+
+def test_int8_dynamic_linear_is_exact_integer_math():
+    torch.manual_seed(0)
+    q, s = iq.int8_quantize_per_channel(torch.randn(24, 40))
+    x = torch.randn(3, 40)
+    xq, xs = iq.int8_quantize_per_token(x)
+    want = ((xq.double() @ q.double().t()) * xs.double() * s.double().t()).float()
+    torch.testing.assert_close(iq.int8_dynamic_linear(x, q, s), want, atol=1e-5, rtol=1e-5)
+
+
+def test_float8_all_zero_row_stays_zero():
+    q, s = iq.float8_quantize_per_channel(torch.zeros(2, 8, dtype=torch.bfloat16))
+    assert not iq.float8_dequantize(q, s, torch.bfloat16).isnan().any()
