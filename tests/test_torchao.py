@@ -145,3 +145,64 @@ def test_int8_dynamic_linear_is_exact_integer_math():
 def test_float8_all_zero_row_stays_zero():
     q, s = iq.float8_quantize_per_channel(torch.zeros(2, 8, dtype=torch.bfloat16))
     assert not iq.float8_dequantize(q, s, torch.bfloat16).isnan().any()
+
+
+# -- checkpoints written by diffusers 0.42.1 with torchao ------------------------------------------
+class DiffusersToy(diffusers.ModelMixin, diffusers.ConfigMixin):
+    """tests/toy.py's ToyModel, built with diffusers' classes (same names, same math)."""
+
+    @diffusers.configuration_utils.register_to_config
+    def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
+        super().__init__()
+        self.proj_in = nn.Linear(width, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(hidden)
+        self.proj_out = nn.Linear(hidden, width, bias=False)
+
+    forward = ToyModel.forward
+
+
+@pytest.mark.parametrize("make,safe", [(tq.Int8WeightOnlyConfig, True), (tq.Int8WeightOnlyConfig, False),
+                                       (tq.Int8DynamicActivationInt8WeightConfig, True),
+                                       (tq.Float8WeightOnlyConfig, True)])
+def test_loads_checkpoint_diffusers_wrote_with_torchao(tmp_path, make, safe):
+    save_toy(tmp_path / "bf16")
+    theirs = DiffusersToy.from_pretrained(tmp_path / "bf16", quantization_config=diffusers.TorchAoConfig(make()),
+                                          torch_dtype=torch.bfloat16)
+    theirs.save_pretrained(tmp_path / "ao", safe_serialization=safe)
+    written = sorted(p.name for p in (tmp_path / "ao").iterdir())
+    assert written == ["config.json", "diffusion_pytorch_model." + ("safetensors" if safe else "bin")]
+    ours = ToyModel.from_pretrained(tmp_path / "ao")  # pre-quantized: config.json says torchao
+    assert ours.hf_quantizer.pre_quantized and isinstance(ours.blocks[0], QuantizedLinear)
+    x = toy_input()
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    # and it saves in diffquant's own layout, which reloads to the same numbers
+    ours.save_pretrained(tmp_path / "dq")
+    again = ToyModel.from_pretrained(tmp_path / "dq")
+    assert torch.equal(again(x), ours(x))
+    assert again.config["quantization_config"] == ours.config["quantization_config"]
+
+
+def test_foreign_checkpoint_must_match_its_config(tmp_path):
+    save_toy(tmp_path / "bf16")
+    theirs = DiffusersToy.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16,
+                                          quantization_config=diffusers.TorchAoConfig(tq.Float8WeightOnlyConfig()))
+    theirs.save_pretrained(tmp_path / "ao")
+    cfg_path = tmp_path / "ao" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["quantization_config"] = TorchAoConfig(tq.Int8WeightOnlyConfig()).to_dict()
+    cfg_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors: blocks.0._weight_"
+                                              r"\w+: torchao saved this weight as 'Float8Tensor', but "
+                                              r"the quantization_config asks for int8wo"):
+        ToyModel.from_pretrained(tmp_path / "ao")
+
+
+def test_aobaseconfig_quantizes_on_load_like_the_string(tmp_path):
+    save_toy(tmp_path)
+    x = toy_input()
+    a = ToyModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig(tq.Int8WeightOnlyConfig()))
+    b = ToyModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig("int8_weight_only"))
+    assert torch.equal(a(x), b(x))
+    assert a.config["quantization_config"].to_dict()["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"

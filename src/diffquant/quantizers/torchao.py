@@ -350,6 +350,7 @@ class TorchAoQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, pre_quantized=pre_quantized, **kwargs)
         self.kind, self.params = quantization_config.scheme()
         self._foreign_meta: dict | None = None
+        self._file = "checkpoint"
 
     def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
         if self.pre_quantized:
@@ -379,6 +380,8 @@ class TorchAoQuantizer(DiffusersQuantizer):
     def check_if_quantized_param(self, model, key, checkpoint=None) -> bool:
         if self._foreign_meta is None and checkpoint is not None:
             self._foreign_meta = checkpoint.metadata if "tensor_names" in checkpoint.metadata else {}
+        if checkpoint is not None:
+            self._file = checkpoint.file_of(key)  # for error messages
         return super().check_if_quantized_param(model, key, checkpoint)
 
     def create_quantized_param(self, model, key, tensor, dtype, device) -> None:
@@ -386,7 +389,7 @@ class TorchAoQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:
             return super().create_quantized_param(model, key, tensor, dtype, device)
         self._check_foreign_type(key, rel)
-        for piece, value in torchao_pieces(rel, tensor, self.kind, key):
+        for piece, value in torchao_pieces(rel, tensor, self.kind, f"{self._file}: {key}"):
             value = value.to(device) if device is not None else value
             module.load_piece(piece, value, pre_quantized=True, dtype=dtype, device=device)
 
@@ -397,7 +400,7 @@ class TorchAoQuantizer(DiffusersQuantizer):
         weight_key = key.rpartition(".")[0] + ".weight"
         info = json.loads(self._foreign_meta.get(weight_key, "{}"))
         if info.get("_type") != TORCHAO_TENSOR.get(self.kind):
-            raise CheckpointError(f"{key}: torchao saved this weight as {info.get('_type')!r}, but "
+            raise CheckpointError(f"{self._file}: {key}: torchao saved this weight as {info.get('_type')!r}, but "
                                   f"the quantization_config asks for {self.kind}; diffquant reads "
                                   "Int8Tensor (int8wo/int8dq) and Float8Tensor (float8wo) files")
 
