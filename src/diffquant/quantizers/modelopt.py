@@ -1,0 +1,450 @@
+"""NVIDIA ModelOpt backend: NVIDIAModelOptConfig, ModelOptLinear, NVIDIAModelOptQuantizer.
+
+Weight-only FP8, INT8, INT4, NF4 and NVFP4, stored exactly as modelopt's ``mtq.compress``
+leaves a linear layer: ``<layer>.weight`` (packed data) and ``<layer>.weight_quantizer._amax`` /
+``._scale`` / ``._double_scale`` / ``._scale_zeros``. Quantizing uses modelopt's own
+TensorQuantizer (bit-identical to ``mtq.quantize`` + ``mtq.compress``); dequantizing is plain torch
+(``ops/modelopt_math.py``), so a saved checkpoint runs anywhere, without modelopt's kernels.
+
+Which layers are quantized, and how, is read from ``modelopt_config["quant_cfg"]`` the way
+modelopt reads it (patterns over ``<layer>.weight_quantizer``), so modelopt's default exclusions
+(``*proj_out.*``, ``*lm_head*``, ...) apply as they do in diffusers.
+
+Example:
+    >>> import torch
+    >>> from diffquant import NVIDIAModelOptConfig
+    >>> cfg = NVIDIAModelOptConfig(quant_type="FP8")
+    >>> model = MyModel.from_pretrained("dir", quantization_config=cfg,       # doctest: +SKIP
+    ...                                 torch_dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, QuantizationError
+from ..ops import modelopt_math as mm
+from .auto import register_quantizer
+from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
+from .config import QuantizationConfigMixin, QuantizationMethod
+
+logger = logging.getLogger(__name__)
+
+QUANT_TYPE_BITS = {"FP8": [4, 3], "INT8": 8, "INT4": 4, "NF4": 4, "NVFP4": [2, 1]}
+QUANT_TYPE_SCALE_BITS = {"NF4": 8, "NVFP4": [4, 3]}
+CPU_SCHEMES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")
+# Buffers each compressed format keeps on its weight_quantizer (besides the optional _amax).
+SCHEME_PIECES = {"FP8": ("_scale",), "INT8": ("_scale",), "INT4": ("_scale",),
+                 "NF4": ("_scale", "_double_scale", "_scale_zeros"),
+                 "NVFP4": ("_scale", "_double_scale")}
+
+
+def _canonical(value, key=None):
+    """Tuples -> lists, and block-size keys back to ints ("-1" -> -1), so JSON round-trips."""
+    if isinstance(value, dict):
+        blocks = key in ("block_sizes", "scale_block_sizes")
+        return {(int(k) if blocks and isinstance(k, str) and k.lstrip("-").isdigit() else k):
+                _canonical(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _jsonable(value):
+    """Int dict keys -> strings (JSON's only key type; diffusers' sort_keys dump needs it too)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _default_disabled_cfg() -> dict:
+    """modelopt's default exclusions in the flat (legacy) dict form diffusers writes."""
+    mtq = require("modelopt.torch.quantization", "modelopt")
+    raw = mtq.config._default_disabled_quantizer_cfg
+    if isinstance(raw, dict):  # modelopt < 0.4x already uses the flat form
+        return copy.deepcopy(raw)
+    out = {}  # modelopt >= 0.4x: a list of {"quantizer_name", "parent_class"?, "enable"}
+    for entry in raw:
+        entry = dict(entry)
+        body = {"enable": entry.get("enable", True)}
+        if entry.get("parent_class"):
+            out[entry["parent_class"]] = {entry["quantizer_name"]: body}
+        else:
+            out[entry["quantizer_name"]] = body
+    return out
+
+
+class NVIDIAModelOptConfig(QuantizationConfigMixin):
+    """Config of the modelopt backend; fields and ``modelopt_config`` follow diffusers 0.42.
+
+    ``quant_type`` is ``"<weight>"`` or ``"<weight>_<activation>"`` with each one of FP8, INT8,
+    INT4, NF4, NVFP4. INT4/NF4/NVFP4 need ``channel_quantize=-1`` and ``block_quantize``; NF4 and
+    NVFP4 also ``scale_channel_quantize=-1`` and ``scale_block_quantize``.
+
+    Example:
+        >>> from diffquant import NVIDIAModelOptConfig
+        >>> c = NVIDIAModelOptConfig("NVFP4", channel_quantize=-1, block_quantize=16,
+        ...                          scale_channel_quantize=-1, scale_block_quantize=4)
+        >>> NVIDIAModelOptConfig.from_dict(c.to_dict()) == c
+        True
+    """
+
+    _method_value = ("modelopt",)
+    _derived_keys = ("quant_method", "calib_cfg")
+
+    def __init__(self, quant_type: str, modules_to_not_convert: list[str] | None = None,
+                 weight_only: bool = True, channel_quantize: int | None = None,
+                 block_quantize: int | None = None, scale_channel_quantize: int | None = None,
+                 scale_block_quantize: int | None = None, algorithm: str = "max",
+                 forward_loop=None, modelopt_config: dict | None = None,
+                 disable_conv_quantization: bool = False):
+        self.quant_method = QuantizationMethod.MODELOPT
+        self.quant_type = self._check_quant_type(quant_type)
+        self.modules_to_not_convert = self._check_modules_list(modules_to_not_convert)
+        self.weight_only = bool(weight_only)
+        for field, value in (("channel_quantize", channel_quantize), ("block_quantize", block_quantize),
+                             ("scale_channel_quantize", scale_channel_quantize),
+                             ("scale_block_quantize", scale_block_quantize)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"NVIDIAModelOptConfig.{field}={value!r}: expected an int or None")
+            setattr(self, field, value)
+        if not isinstance(algorithm, str):
+            raise ConfigError(f"NVIDIAModelOptConfig.algorithm={algorithm!r}: expected a string "
+                              "such as 'max'")
+        self.calib_cfg = {"method": algorithm}  # diffusers' key for the algorithm
+        self._forward_loop = forward_loop       # a callable: kept, never serialised
+        if modelopt_config is not None and (not isinstance(modelopt_config, dict)
+                                            or "quant_cfg" not in modelopt_config):
+            raise ConfigError(f"NVIDIAModelOptConfig.modelopt_config: expected a dict with a "
+                              f"'quant_cfg' key, got {modelopt_config!r}")
+        self.modelopt_config = _canonical(modelopt_config or self.get_config_from_quant_type())
+        self.disable_conv_quantization = bool(disable_conv_quantization)
+
+    @staticmethod
+    def _check_quant_type(quant_type) -> str:
+        parts = str(quant_type).split("_") if isinstance(quant_type, str) else []
+        if not 1 <= len(parts) <= 2 or any(p not in QUANT_TYPE_BITS for p in parts):
+            raise ConfigError(f"NVIDIAModelOptConfig.quant_type={quant_type!r}: expected one of "
+                              f"{sorted(QUANT_TYPE_BITS)}, optionally '_<activation type>' "
+                              "(e.g. 'FP8_FP8')")
+        return quant_type
+
+    @property
+    def algorithm(self) -> str:
+        return self.calib_cfg.get("method", "max")
+
+    @property
+    def forward_loop(self):
+        return self._forward_loop
+
+    def get_config_from_quant_type(self) -> dict:
+        """The modelopt config diffusers derives from the fields (its legacy flat form)."""
+        w_type, _, act_type = self.quant_type.partition("_")
+        quant_cfg = {"*weight_quantizer": {"fake_quant": False}, "*input_quantizer": {},
+                     "*output_quantizer": {"enable": False}, "*q_bmm_quantizer": {},
+                     "*k_bmm_quantizer": {}, "*v_bmm_quantizer": {}, "*softmax_quantizer": {},
+                     **_default_disabled_cfg()}
+        if self.weight_only:
+            for key, body in quant_cfg.items():
+                if "*weight_quantizer" not in key and not body:
+                    body["enable"] = False
+        for key, body in quant_cfg.items():
+            if "enable" in body or key.startswith("nn."):
+                continue
+            if key == "*input_quantizer":
+                if act_type:
+                    body["num_bits"] = QUANT_TYPE_BITS[act_type]
+                continue
+            body["num_bits"] = QUANT_TYPE_BITS[w_type]
+        w_cfg, in_cfg = quant_cfg["*weight_quantizer"], quant_cfg["*input_quantizer"]
+        if self.block_quantize is not None and self.channel_quantize is not None:
+            w_cfg["block_sizes"] = {self.channel_quantize: self.block_quantize}
+            in_cfg["block_sizes"] = {self.channel_quantize: self.block_quantize, "type": "dynamic"}
+        elif self.channel_quantize is not None:
+            w_cfg["axis"] = in_cfg["axis"] = self.channel_quantize
+            in_cfg["type"] = "dynamic"
+        if self.scale_channel_quantize is not None and self.scale_block_quantize is not None:
+            for kind, cfg in ((w_type, w_cfg), (act_type, in_cfg)):
+                if kind not in QUANT_TYPE_SCALE_BITS:
+                    continue
+                if "block_sizes" not in cfg:
+                    raise ConfigError("NVIDIAModelOptConfig: scale_block_quantize needs "
+                                      "channel_quantize and block_quantize to be set too")
+                cfg["block_sizes"].update({"scale_bits": QUANT_TYPE_SCALE_BITS[kind],
+                                           "scale_block_sizes": {self.scale_channel_quantize:
+                                                                 self.scale_block_quantize}})
+        return {"quant_cfg": quant_cfg, "algorithm": self.calib_cfg}
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["modelopt_config"] = _jsonable(out["modelopt_config"])
+        out["forward_loop"] = None  # diffusers writes this key; a callable is not data
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        data = {**config_dict, **kwargs}
+        if "quant_method" in data:  # diffusers' in-memory dict holds its own enum
+            data["quant_method"] = getattr(data["quant_method"], "value", data["quant_method"])
+        calib = data.pop("calib_cfg", None)
+        if isinstance(calib, dict) and "algorithm" not in data:
+            data["algorithm"] = calib.get("method", "max")
+        return super().from_dict(data, return_unused_kwargs=return_unused_kwargs)
+
+    @classmethod
+    def cpu_examples(cls) -> list["NVIDIAModelOptConfig"]:
+        """One config per scheme that quantizes, runs, saves and reloads on a CPU."""
+        blocks = dict(channel_quantize=-1, block_quantize=16)
+        scales = dict(blocks, scale_channel_quantize=-1, scale_block_quantize=4)
+        return [cls("FP8"), cls("INT8", channel_quantize=0), cls("INT4", **blocks),
+                cls("NF4", **scales), cls("NVFP4", **scales)]
+
+
+# -- reading modelopt's quant_cfg --------------------------------------------------------------
+def _cfg_entries(quant_cfg) -> list[tuple[str, str | None, bool | None, dict | None]]:
+    """quant_cfg (flat dict or list of entries) -> [(pattern, parent_class, enable, attrs)]."""
+    raw = [{k: v} for k, v in quant_cfg.items()] if isinstance(quant_cfg, dict) else list(quant_cfg)
+    out = []
+    for item in raw:
+        item = dict(item)
+        if "quantizer_name" in item:
+            out.append((item["quantizer_name"], item.get("parent_class"), item.get("enable"),
+                        item.get("cfg")))
+            continue
+        for key, body in item.items():
+            key = "*" if key == "default" else key
+            if key.startswith("nn."):
+                out += [(k, key, v.get("enable"), {a: b for a, b in v.items() if a != "enable"} or None)
+                        for k, v in body.items()]
+            elif isinstance(body, dict):
+                out.append((key, None, body.get("enable"),
+                            {a: b for a, b in body.items() if a != "enable"} or None))
+    return out
+
+
+def resolve_quantizer(quant_cfg, quantizer_name: str, module: nn.Module) -> dict | None:
+    """The attributes modelopt gives quantizer ``quantizer_name`` ("blocks.0.ff.weight_quantizer"),
+    or None when it is disabled.
+
+    A list (modelopt >= 0.4x) is applied as modelopt 0.47 does: in order, an entry's ``cfg``
+    replaces all attributes and enables. A flat dict (what diffusers writes) is applied with the
+    older modelopt semantics: a ``cfg`` only updates the attributes it names, and only ``enable``
+    toggles. That makes the result independent of key order, which matters because config.json is
+    written with sorted keys ("*proj_out.*" then sorts before "*weight_quantizer").
+    """
+    enabled, attrs = True, {"num_bits": 8, "axis": None}  # modelopt's TensorQuantizer defaults
+    flat = isinstance(quant_cfg, dict)
+    for pattern, parent, enable, cfg in _cfg_entries(quant_cfg):
+        if not fnmatch.fnmatch(quantizer_name, pattern):
+            continue
+        if parent is not None and type(module).__name__ != parent.removeprefix("nn."):
+            continue
+        if cfg is not None and not isinstance(cfg, dict):
+            raise QuantizationError(f"modelopt_config quant_cfg[{pattern!r}]: sequential "
+                                    "(list) quantizers are not supported by diffquant")
+        if cfg is not None:
+            attrs = {**attrs, **cfg} if flat else {"num_bits": 8, "axis": None, **cfg}
+        if enable is not None:
+            enabled = bool(enable)
+        elif cfg is not None and not flat:
+            enabled = True
+    return _canonical(attrs) if enabled else None
+
+
+def scheme_of(attrs: dict, where: str) -> str:
+    """FP8 | INT8 | INT4 | NF4 | NVFP4 from a weight quantizer's attributes (as mtq.compress)."""
+    bits, blocks = attrs.get("num_bits", 8), attrs.get("block_sizes") or {}
+    if blocks.get("type") == "dynamic" and blocks.get("scale_bits") == [8, 0]:
+        scheme = None  # MXFP4/MXFP8
+    elif bits == [4, 3]:
+        scheme = "FP8"
+    elif bits == 8:
+        scheme = "INT8"
+    elif bits == 4 and blocks.get("scale_bits") == 8 and blocks.get("scale_block_sizes"):
+        scheme = "NF4"
+    elif bits == [2, 1] and blocks.get("scale_bits") == [4, 3]:
+        scheme = "NVFP4"
+    elif bits == 4 and blocks:
+        scheme = "INT4"
+    else:
+        scheme = None
+    if scheme is None:
+        raise QuantizationError(
+            f"{where}: weight quantizer {attrs} has no compressed format diffquant can store. "
+            f"Supported (on every device, CPU included): {', '.join(CPU_SCHEMES)}; INT4 needs "
+            "block_quantize, NF4 and NVFP4 also scale_block_quantize")
+    if scheme in ("INT4", "NF4", "NVFP4") and any(int(k) not in (-1, 1) for k in blocks
+                                                  if not isinstance(k, str)):
+        raise QuantizationError(f"{where}: {scheme} blocks must run along the last axis "
+                                f"(channel_quantize=-1), got block_sizes={blocks}")
+    return scheme
+
+
+# -- the layer ---------------------------------------------------------------------------------
+def modelopt_compress(weight: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, dict]:
+    """(packed weight, weight_quantizer buffers) exactly as ``mtq.quantize`` + ``mtq.compress``.
+
+    Runs modelopt's TensorQuantizer on this one tensor: max calibration, then real quantization.
+    """
+    require("modelopt.torch.quantization", "modelopt")
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    cfg = dict(attrs, fake_quant=False)
+    for key in ("num_bits",):
+        cfg[key] = tuple(cfg[key]) if isinstance(cfg.get(key), list) else cfg.get(key, 8)
+    blocks = cfg.get("block_sizes")
+    if blocks and isinstance(blocks.get("scale_bits"), list):
+        cfg["block_sizes"] = dict(blocks, scale_bits=tuple(blocks["scale_bits"]))
+    tq = TensorQuantizer(QuantizerAttributeConfig(**cfg)).to(weight.device)
+    with torch.no_grad():
+        tq.disable_quant()
+        tq.enable_calib()
+        tq(weight)                      # max calibrator sees the weight -> _amax
+        tq.load_calib_amax()
+        tq.enable_quant()
+        tq.disable_calib()
+        packed = tq(weight)             # a modelopt QTensor; scales land in tq's buffers
+    return packed._quantized_data, {name: buf for name, buf in tq.named_buffers()}
+
+
+class ModelOptLinear(QuantizedLinear):
+    """nn.Linear with a modelopt-compressed weight; state dict keys are modelopt's own.
+
+    ``weight`` holds the packed data, ``weight_quantizer`` (a plain module) the scale buffers.
+    """
+
+    def __init__(self, in_features, out_features, bias, scheme: str, attrs: dict,
+                 compute_dtype=None):
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.scheme, self.attrs = scheme, attrs
+        self.weight_quantizer = nn.Module()
+        self.register_buffer("weight", None)
+
+    def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
+        if name == "weight" and tensor.element_size() > 1:
+            # full precision (quantize-on-load, or a diffusers checkpoint saved before compress)
+            tensor = tensor.to(dtype) if dtype is not None else tensor
+            self.compute_dtype = self.compute_dtype or tensor.dtype
+            packed, buffers = modelopt_compress(tensor, self.attrs)
+            self.weight = packed
+            for key, buf in buffers.items():
+                self.weight_quantizer.register_buffer(key, buf)
+        elif name == "weight":
+            self.weight = tensor
+        elif name.startswith("weight_quantizer.") and "." not in name[len("weight_quantizer."):]:
+            self.weight_quantizer.register_buffer(name.split(".", 1)[1], tensor)
+        else:
+            raise CheckpointError(f"modelopt layer ({self.scheme}): unexpected tensor {name!r}; "
+                                  "expected weight, bias or weight_quantizer.<_amax|_scale|...>")
+
+    def check_complete(self, name: str) -> None:
+        missing = [f"{name}.{k}" for k in ("weight",) if getattr(self, k) is None]
+        missing += [f"{name}.weight_quantizer.{k}" for k in SCHEME_PIECES[self.scheme]
+                    if getattr(self.weight_quantizer, k, None) is None]
+        if missing:
+            raise CheckpointError(f"modelopt {self.scheme} checkpoint is missing {missing}; it was "
+                                  "not saved by diffquant or by modelopt's mtq.compress")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense (out, in) weight in the compute dtype."""
+        shape, dtype = (self.out_features, self.in_features), self.compute_dtype or torch.float32
+        wq, blocks = self.weight_quantizer, self.attrs.get("block_sizes") or {}
+        if self.scheme in ("FP8", "INT8"):
+            int_blocks = {k: v for k, v in blocks.items() if isinstance(k, int)}
+            return mm.dequantize_scaled(self.weight, wq._scale, int_blocks or None, shape, dtype)
+        if self.scheme == "INT4":
+            return mm.dequantize_int4(self.weight, wq._scale, blocks[-1 if -1 in blocks else 1],
+                                      shape, dtype)
+        block = blocks[-1 if -1 in blocks else 1]
+        if self.scheme == "NF4":
+            return mm.dequantize_nf4(self.weight, wq._scale, wq._double_scale, wq._scale_zeros,
+                                     block, shape, dtype)
+        return mm.dequantize_nvfp4(self.weight, wq._scale, wq._double_scale, block, shape, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out); the weight is dequantized per call (modelopt's CPU fallback)
+        weight = self.dequantized_weight().to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scheme={self.scheme}"
+
+
+# -- the quantizer -----------------------------------------------------------------------------
+@register_quantizer("modelopt", NVIDIAModelOptConfig)
+class NVIDIAModelOptQuantizer(DiffusersQuantizer):
+    """Quantize-on-load, pre-quantized loading and saving for NVIDIAModelOptConfig."""
+
+    def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
+        cfg = self.quantization_config
+        if not cfg.weight_only or "_" in cfg.quant_type:
+            raise QuantizationError(
+                f"modelopt quant_type={cfg.quant_type!r}, weight_only={cfg.weight_only}: "
+                "activation quantization needs calibration with a forward_loop and modelopt's "
+                "real-quant GEMM kernels, which diffquant does not run; use weight_only=True with "
+                f"one of {', '.join(CPU_SCHEMES)} (all run on CPU and GPU)")
+        if cfg.algorithm != "max":
+            raise QuantizationError(f"modelopt algorithm={cfg.algorithm!r}: only 'max' calibration "
+                                    "(weight-only, no data) is supported, as in diffusers")
+        if not self.pre_quantized:
+            require("modelopt.torch.quantization", "modelopt")
+
+    def update_torch_dtype(self, torch_dtype):
+        return torch.float32 if torch_dtype is None else torch_dtype  # as diffusers
+
+    def preprocess_model(self, model, keep_in_fp32_modules=(), **kwargs) -> None:
+        if not self.quantization_config.disable_conv_quantization and any(
+                isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+            logger.warning("modelopt: convolution layers stay in full precision in diffquant "
+                           "(diffusers would quantize them unless disable_conv_quantization=True)")
+        super().preprocess_model(model, keep_in_fp32_modules=keep_in_fp32_modules, **kwargs)
+
+    def make_layer(self, name: str, module: nn.Module):
+        quant_cfg = self.quantization_config.modelopt_config["quant_cfg"]
+        attrs = resolve_quantizer(quant_cfg, f"{name}.weight_quantizer", module)
+        if attrs is None:
+            return module  # disabled by a modelopt pattern (e.g. *proj_out.*): stays nn.Linear
+        scheme = scheme_of(attrs, f"layer {name!r}")
+        return ModelOptLinear(module.in_features, module.out_features, module.bias is not None,
+                              scheme, attrs)
+
+    def _layer_of(self, model, key: str):
+        layer_name, sep, _ = key.rpartition(".weight_quantizer.")
+        module, rel = owner_of(model, key)
+        if sep and isinstance(model.get_submodule(layer_name), ModelOptLinear):
+            return model.get_submodule(layer_name), key[len(layer_name) + 1:]
+        return (module, rel) if isinstance(module, ModelOptLinear) else (None, rel)
+
+    def check_if_quantized_param(self, model, key, checkpoint=None) -> bool:
+        layer, rel = self._layer_of(model, key)
+        return layer is not None and rel != "bias"
+
+    def create_quantized_param(self, model, key, tensor, dtype, device) -> None:
+        layer, rel = self._layer_of(model, key)
+        if device is not None:
+            tensor = tensor.to(device)
+        layer.load_piece(rel, tensor, pre_quantized=self.pre_quantized, dtype=dtype, device=device)
+        if dtype is not None:
+            layer.compute_dtype = dtype
+
+    def postprocess_model(self, model, **kwargs) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, ModelOptLinear):
+                module.check_complete(name)
+
+    def scheme_name(self) -> str:
+        return f"modelopt {self.quantization_config.quant_type}"
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
