@@ -124,6 +124,18 @@ class ModelMixin(nn.Module):
         return model.eval()
 
     @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """Load one .gguf/.safetensors file (diffusers or original key names); see single_file.py.
+
+        Example:
+            >>> m = FluxTransformer2DModel.from_single_file("flux-Q8_0.gguf",  # doctest: +SKIP
+            ...         quantization_config=GGUFQuantizationConfig(torch.bfloat16))
+        """
+        from .single_file import load_single_file
+
+        return load_single_file(cls, pretrained_model_link_or_path, **kwargs)
+
+    @classmethod
     def _make_quantizer(cls, config: dict, user_config, config_path: Path):
         from .quantizers.auto import DiffusersAutoQuantizer
 
