@@ -182,7 +182,13 @@ class DiffusionPipeline:
                            variant=variant, use_safetensors=use_safetensors,
                            device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage)
         components = {}
-        for name in expected:
+        from tqdm.auto import tqdm
+
+        # One bar over the components, as diffusers shows; the postfix names the one loading
+        # (and quantizing) now. TQDM_DISABLE=1 silences it.
+        bar = tqdm(expected, desc="Loading pipeline components...")
+        for name in bar:
+            bar.set_postfix_str(name, refresh=False)
             if name in kwargs:
                 components[name] = kwargs[name]
             elif name in entries:
