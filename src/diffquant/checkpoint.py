@@ -175,7 +175,7 @@ class Checkpoint:
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         """Open a weights file or an index file."""
         path = Path(path)
-        if path.name.endswith(".index.json"):
+        if re.search(r"\.index(\.[^.]+)?\.json$", path.name):  # x.index.json, x.index.fp16.json
             mapping = read_index(path)
             names = sorted({str(p) for p in mapping.values()})
         else:
@@ -263,10 +263,11 @@ class _BinFile:
 
 # -- locating weight files --------------------------------------------------------------------
 def add_variant(name: str, variant: str | None) -> str:
+    """diffusers' naming: the variant goes before the last extension (x.safetensors.index.fp16.json)."""
     if not variant:
         return name
-    stem, ext = name.split(".", 1)
-    return f"{stem}.{variant}.{ext}"
+    head, ext = name.rsplit(".", 1)
+    return f"{head}.{variant}.{ext}"
 
 
 def find_weights(directory: Path, base: str = "diffusion_pytorch_model", variant: str | None = None,
@@ -336,7 +337,8 @@ def write_sharded(tensors: dict[str, torch.Tensor], groups: list[list[str]], dir
         return [path]
     written, weight_map = [], {}
     for i, keys in enumerate(shards, 1):
-        name = add_variant(f"{base}-{i:05d}-of-{len(shards):05d}.safetensors", variant)
+        name = add_variant(f"{base}.safetensors", variant).replace(  # x.fp16-00001-of-00002.safetensors
+            ".safetensors", f"-{i:05d}-of-{len(shards):05d}.safetensors")
         write_safetensors({k: tensors[k] for k in keys}, directory / name)
         written.append(directory / name)
         weight_map.update({k: name for k in keys})
