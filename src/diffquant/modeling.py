@@ -230,14 +230,24 @@ class ModelMixin(nn.Module):
                       variant, max_shard_size)
 
     def _tensor_groups(self, tensors: dict) -> list[list[str]]:
-        """Keys grouped by their owning module, so a quantized weight's pieces share a shard."""
-        modules = {name for name, _ in self.named_modules()}
+        """Keys grouped by their owning module, so a quantized weight's pieces share a shard.
+
+        A quantized layer's submodules (modelopt's ``weight_quantizer``) join the layer's group.
+        """
+        from .quantizers.base import QuantizedLinear  # lazy: the quantizers build on this module
+
+        named = dict(self.named_modules())
+        layers = {name for name, m in named.items() if isinstance(m, QuantizedLinear)}
         groups: dict[str, list[str]] = {}
         for key in tensors:
             owner = key
-            while owner and owner not in modules:
+            while owner and owner not in named:
                 owner = owner.rpartition(".")[0]
-            groups.setdefault(owner, []).append(key)
+            outer, probe = owner, owner
+            while probe:
+                outer = probe if probe in layers else outer
+                probe = probe.rpartition(".")[0]
+            groups.setdefault(outer, []).append(key)
         return list(groups.values())
 
     # -- quantization state ----------------------------------------------------------------
