@@ -77,8 +77,15 @@ def test_quantize_on_load_save_reload(tmp_path, config):
     expected_w = again.blocks[0].dequantized_weight()
     plain = again.dequantize()
     assert type(plain.blocks[0]) is torch.nn.Linear and plain.hf_quantizer is None
-    assert plain.blocks[0].weight.dtype == config.compute_dtype  # as diffusers restores them
+    assert plain.blocks[0].weight.dtype == config.compute_dtype  # reloaded in compute_dtype
     assert torch.equal(plain.blocks[0].weight, expected_w)
+    # a model loaded in bf16 dequantizes to bf16 whatever compute_dtype is, so it still runs
+    expected_w = model.blocks[0].dequantized_weight().to(torch.bfloat16)
+    model.dequantize()
+    assert model.blocks[0].weight.dtype == torch.bfloat16
+    assert torch.equal(model.blocks[0].weight, expected_w)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out, atol=0.05, rtol=0.05)
 
 
 def test_fallback_for_rows_not_in_blocks_and_modules_to_not_convert(tmp_path):

@@ -90,6 +90,13 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
         self.quant_type = quant_type
         self.modules_to_not_convert = self._check_modules_list(modules_to_not_convert)
 
+    @property
+    def bits(self) -> int:
+        """Weight width hint: 8 for Q8_0, 5 for Q5_*, 4 for Q4_*, 16/32 for floats, 0 if unknown."""
+        if self.quant_type is None:
+            return 0  # pre-quantized: each tensor of the file has its own type
+        return {"Q8": 8, "Q5": 5, "Q4": 4, "F1": 16, "BF": 16, "F3": 32}[self.quant_type[:2]]
+
     @classmethod
     def cpu_examples(cls) -> list["GGUFQuantizationConfig"]:
         return [cls(torch.bfloat16, quant_type="Q8_0"), cls(torch.float32, quant_type="Q4_0"),
@@ -198,6 +205,16 @@ class GGUFQuantizer(DiffusersQuantizer):
         for name, module in model.named_modules():
             if isinstance(module, GGUFLinear):
                 module.check_loaded(name)
+
+    def dequantize(self, model: nn.Module) -> nn.Module:
+        # Restore the dtype the model was loaded in (its norms and biases have it), not
+        # compute_dtype as diffusers does: with float32 compute and a bf16 model, diffusers'
+        # dequantized model mixes dtypes and its forward fails.
+        dtype = getattr(model, "config", {}).get("_pre_quantization_dtype")
+        for module in model.modules():
+            if isinstance(module, GGUFLinear) and isinstance(dtype, torch.dtype):
+                module.compute_dtype = dtype
+        return super().dequantize(model)
 
     def scheme_name(self) -> str:
         kind = self.quantization_config.quant_type or "pre-quantized"
