@@ -77,7 +77,8 @@ def test_diffusers_loads_what_diffquant_saves(ours, ref_image, tmp_path):
 
 def test_sharded_variant_save_reloads(ours, tmp_path):
     ours.save_pretrained(tmp_path / "s", variant="fp32", max_shard_size="20KB")
-    assert len(list((tmp_path / "s" / "transformer").glob("diffusion_pytorch_model.fp32-000*-of-*.safetensors"))) > 1
+    shards = (tmp_path / "s" / "transformer").glob("diffusion_pytorch_model.fp32-000*-of-*.safetensors")
+    assert len(list(shards)) > 1
     assert (tmp_path / "s" / "vae" / "diffusion_pytorch_model.safetensors.index.fp32.json").is_file()
     back = DiffusionPipeline.from_pretrained(tmp_path / "s", variant="fp32")
     np.testing.assert_array_equal(run(back), run(ours))
@@ -268,3 +269,22 @@ def test_save_refuses_pickle(ours, tmp_path):
     with pytest.raises(ValueError, match="safe_serialization=False"):
         ours.save_pretrained(tmp_path / "x", safe_serialization=False)
     assert not (tmp_path / "x").exists()
+
+
+# -- quantization end to end --------------------------------------------------------------------
+def test_quantized_pipeline_runs_saves_and_reloads(pipe_dir, ours, ref_image, tmp_path):
+    pq = PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
+                                    components_to_quantize=["transformer"])
+    pipe = FluxPipeline.from_pretrained(pipe_dir, quantization_config=pq)
+    assert pipe.transformer.is_quantized and not pipe.vae.is_quantized
+    assert pipe.transformer.get_memory_footprint() < ours.transformer.get_memory_footprint()
+    image = run(pipe)
+    assert np.abs(image - ref_image).max() < 0.05  # int8 weights: close, not equal
+    pipe.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    back = DiffusionPipeline.from_pretrained(tmp_path / "q")  # detected from config.json
+    assert back.transformer.is_quantized
+    np.testing.assert_array_equal(run(back), image)
+    back.to(torch.bfloat16)  # the quantized transformer keeps its layout
+    assert back.vae.dtype == torch.bfloat16 and back.transformer.is_quantized
