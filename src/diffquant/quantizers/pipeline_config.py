@@ -86,6 +86,14 @@ class PipelineQuantizationConfig:
         for cls in classes:
             names, takes_any = _init_names(cls)
             bad = sorted(set(self.quant_kwargs) - names)
+            if bad and takes_any and cls is ours[backend]:
+                # a config taking **kwargs (TorchAoConfig's group_size) checks them itself, by name
+                try:
+                    cls(**self.quant_kwargs)
+                except (TypeError, ValueError) as err:
+                    raise ConfigError(f"PipelineQuantizationConfig: quant_kwargs {bad} are not accepted "
+                                      f"by {cls.__module__}.{cls.__name__}: {err}") from err
+                continue
             if bad and not (takes_any and cls is not ours[backend]):
                 raise ConfigError(f"PipelineQuantizationConfig: quant_kwargs {bad} are not accepted by "
                                   f"{cls.__module__}.{cls.__name__} (takes {sorted(names)}); "
