@@ -125,5 +125,6 @@ def test_corrupt_saved_blocks_name_the_layer(tmp_path):
         ToyModel.from_pretrained(tmp_path / "q")
     sd["blocks.0.weight_qtype"] = torch.tensor(99, dtype=torch.int32)
     save_file(sd, path)
-    with pytest.raises(CheckpointError, match=r"tensor 'blocks.0.weight_qtype': GGUF type 99 is not supported"):
+    with pytest.raises(CheckpointError,
+                       match=r"tensor 'blocks.0.weight_qtype': GGUF type 99 is not supported"):
         ToyModel.from_pretrained(tmp_path / "q")

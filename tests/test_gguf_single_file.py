@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffquant import FluxTransformer2DModel
-from diffquant.errors import CheckpointError, ConfigError
+from diffquant.errors import CheckpointError, ConfigError, QuantizationError
 from diffquant.quantizers.gguf import GGUFLinear, GGUFQuantizationConfig
 from diffquant.ops.gguf_dequant import quantize
 from diffquant.single_file import export_gguf
@@ -294,3 +294,22 @@ def test_damaged_files_name_file_and_tensor(tmp_path):
             FluxTransformer2DModel.from_single_file(tmp_path / name, config={})
     with GGUFFile(tmp_path / "good.gguf") as f:
         torch.testing.assert_close(f.read_dequantized("proj.weight"), torch.ones(4, 32), atol=1e-3, rtol=0)
+
+
+def test_bfl_safetensors_quantizes_while_loading(flux, tmp_path):
+    from safetensors.torch import save_file
+
+    plain = FluxTransformer2DModel.from_pretrained(flux["root"] / "config")
+    stored = {k: (v.numpy(), None) for k, v in plain.state_dict().items()}
+    save_file({k: torch.from_numpy(v[0]) for k, v in to_bfl(stored).items()}, tmp_path / "bfl.safetensors")
+    loaded = FluxTransformer2DModel.from_single_file(tmp_path / "bfl.safetensors",
+                                                     config=flux["root"] / "config")
+    assert torch.equal(_run(loaded), _run(plain))
+    quantized = FluxTransformer2DModel.from_single_file(
+        tmp_path / "bfl.safetensors", config=flux["root"] / "config",
+        quantization_config=GGUFQuantizationConfig(quant_type="Q8_0"))
+    layer = quantized.single_transformer_blocks[0].proj_mlp
+    assert torch.equal(layer.weight, quantize(plain.single_transformer_blocks[0].proj_mlp.weight, "Q8_0"))
+    with pytest.raises(QuantizationError, match=r"quant_type=None\) only loads pre-quantized GGUF weights"):
+        FluxTransformer2DModel.from_single_file(tmp_path / "bfl.safetensors", config=flux["root"] / "config",
+                                                quantization_config=GGUFQuantizationConfig())
