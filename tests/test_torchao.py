@@ -206,3 +206,73 @@ def test_aobaseconfig_quantizes_on_load_like_the_string(tmp_path):
     b = ToyModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig("int8_weight_only"))
     assert torch.equal(a(x), b(x))
     assert a.config["quantization_config"].to_dict()["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
+
+
+# -- a tiny Flux transformer, saved by diffusers in bf16 ----------------------------------------------
+TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                 num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64,
+                 axes_dims_rope=(8, 12, 12), guidance_embeds=True)
+FLUX_TOL = 0.08  # relative L2 error of int8 vs bf16 output (weights ~N(0, 0.2): a hard case)
+
+
+def _flux_inputs(height=3, width=4, text=5, batch=2):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(height)[:, None], torch.arange(width)[None, :]
+
+    def bf16(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    return dict(hidden_states=bf16(batch, height * width, 16), encoder_hidden_states=bf16(batch, text, 64),
+                pooled_projections=bf16(batch, 64), timestep=torch.tensor([0.25, 0.8]).to(torch.bfloat16),
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3),
+                guidance=torch.tensor([3.5, 1.0]).to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """(checkpoint dir, inputs, bf16 output) of a random tiny Flux transformer saved by diffusers."""
+    directory = tmp_path_factory.mktemp("flux")
+    ref = diffusers.FluxTransformer2DModel(**TINY_FLUX)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ref.to(torch.bfloat16).save_pretrained(directory)
+    base = FluxTransformer2DModel.from_pretrained(directory, torch_dtype=torch.bfloat16)
+    inputs = _flux_inputs()
+    with torch.no_grad():
+        return directory, inputs, base(**inputs).sample, base.get_memory_footprint()
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+@pytest.mark.parametrize("quant_type", ["int8wo", "int8dq"])
+def test_flux_quantized_on_load(flux, tmp_path, quant_type):
+    directory, inputs, ref, ref_bytes = flux
+    model = FluxTransformer2DModel.from_pretrained(directory, torch_dtype=torch.bfloat16,
+                                                   quantization_config=TorchAoConfig(quant_type))
+    assert isinstance(model.single_transformer_blocks[0].proj_out, QuantizedLinear)
+    y = _run(model, inputs)
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < FLUX_TOL
+    assert model.get_memory_footprint() <= 0.6 * ref_bytes
+    model.save_pretrained(tmp_path / "one")
+    assert torch.equal(_run(FluxTransformer2DModel.from_pretrained(tmp_path / "one"), inputs), y)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert torch.equal(_run(FluxTransformer2DModel.from_pretrained(tmp_path / "sharded"), inputs), y)
+
+
+def test_flux_int8wo_matches_diffusers_torchao(flux, tmp_path):
+    directory, inputs, _, _ = flux
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(
+        directory, torch_dtype=torch.bfloat16, quantization_config=diffusers.TorchAoConfig(tq.Int8WeightOnlyConfig()))
+    ours = FluxTransformer2DModel.from_pretrained(directory, torch_dtype=torch.bfloat16,
+                                                  quantization_config=TorchAoConfig("int8wo"))
+    y = _run(theirs, inputs)
+    assert torch.equal(_run(ours, inputs), y)  # same integers, same scales, same ops
+    theirs.save_pretrained(tmp_path)  # and diffusers' own torchao checkpoint loads to the same numbers
+    assert torch.equal(_run(FluxTransformer2DModel.from_pretrained(tmp_path), inputs), y)
