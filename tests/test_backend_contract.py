@@ -156,8 +156,8 @@ def test_sharded_save_keeps_each_weight_in_one_shard(quantized, toy, tmp_path):
 @pytest.mark.parametrize("config", EXAMPLES)
 def test_modules_to_not_convert_keeps_original_layers(config, toy):
     directory, ref, x, _ = toy
-    model = ToyModel.from_pretrained(directory, quantization_config=_with_skip(config, ["proj_in", "blocks.1"]),
-                                     torch_dtype=torch.bfloat16)
+    skipping = _with_skip(config, ["proj_in", "blocks.1"])
+    model = ToyModel.from_pretrained(directory, quantization_config=skipping, torch_dtype=torch.bfloat16)
     for name in ("proj_in", "blocks.1"):
         layer = model.get_submodule(name)
         assert type(layer) is nn.Linear

@@ -53,7 +53,8 @@ def test_unknown_method_is_refused():
 
 
 def test_config_refuses_unknown_fields_and_wrong_method():
-    with pytest.raises(ConfigError, match=r"TorchAoConfig.from_dict: quant_method='gguf', expected 'torchao'"):
+    with pytest.raises(ConfigError, match=r"TorchAoConfig.from_dict: quant_method='gguf', "
+                                          r"expected 'torchao'"):
         TorchAoConfig.from_dict({"quant_method": "gguf", "quant_type": "int8wo"})
     with pytest.raises(ConfigError, match=r"TorchAoConfig.from_dict: missing key 'quant_type'"):
         TorchAoConfig.from_dict({"quant_method": "torchao"})
@@ -99,12 +100,13 @@ def test_pipeline_global_mode_and_str_components():
                         "'int8wo'}, components_to_quantize=['transformer'])")
     assert pq._resolve_quant_config(is_diffusers=True, module_name="transformer") == TorchAoConfig("int8wo")
     assert pq._resolve_quant_config(is_diffusers=True, module_name="vae") is None
-    assert repr(pq) == ("PipelineQuantizationConfig(\n  transformer: " + repr(TorchAoConfig("int8wo")) + "\n)")
+    assert repr(pq) == f"PipelineQuantizationConfig(\n  transformer: {TorchAoConfig('int8wo')!r}\n)"
     assert pq.requested_components() == {"transformer"}
 
 
 def test_pipeline_global_mode_without_components_quantizes_every_diffusers_model():
-    pq = PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": "int4wo", "group_size": 64})
+    pq = PipelineQuantizationConfig(quant_backend="torchao",
+                                    quant_kwargs={"quant_type": "int4wo", "group_size": 64})
     assert pq._resolve_quant_config(module_name="vae") == TorchAoConfig("int4wo", group_size=64)
     assert pq.components_to_quantize is None
 

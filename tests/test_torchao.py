@@ -15,6 +15,7 @@ from diffquant import FluxTransformer2DModel, TorchAoConfig
 from diffquant.errors import CheckpointError, ConfigError, QuantizationError
 from diffquant.ops import int_quant as iq
 from diffquant.quantizers.base import QuantizedLinear
+from diffquant.quantizers.torchao import LAYERS
 from tests.toy import ToyModel, save_toy, toy_input
 
 
@@ -79,13 +80,10 @@ def _linear_pair(config, out_f=96, in_f=256, seed=0):
 
 
 def _ours(lin, kind, **params):
-    layer = TorchAoQuantizerLayers[kind](lin.in_features, lin.out_features, True, **params)
+    layer = LAYERS[kind](lin.in_features, lin.out_features, True, **params)
     layer.load_piece("weight", lin.weight.detach(), pre_quantized=False, dtype=torch.bfloat16, device=None)
     layer.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
     return layer
-
-
-from diffquant.quantizers.torchao import LAYERS as TorchAoQuantizerLayers  # noqa: E402
 
 
 @pytest.mark.parametrize("kind,config", [("int8wo", tq.Int8WeightOnlyConfig()),
@@ -167,8 +165,8 @@ class DiffusersToy(diffusers.ModelMixin, diffusers.ConfigMixin):
                                        (tq.Float8WeightOnlyConfig, True)])
 def test_loads_checkpoint_diffusers_wrote_with_torchao(tmp_path, make, safe):
     save_toy(tmp_path / "bf16")
-    theirs = DiffusersToy.from_pretrained(tmp_path / "bf16", quantization_config=diffusers.TorchAoConfig(make()),
-                                          torch_dtype=torch.bfloat16)
+    theirs = DiffusersToy.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16,
+                                          quantization_config=diffusers.TorchAoConfig(make()))
     theirs.save_pretrained(tmp_path / "ao", safe_serialization=safe)
     written = sorted(p.name for p in (tmp_path / "ao").iterdir())
     assert written == ["config.json", "diffusion_pytorch_model." + ("safetensors" if safe else "bin")]
@@ -186,8 +184,9 @@ def test_loads_checkpoint_diffusers_wrote_with_torchao(tmp_path, make, safe):
 
 def test_foreign_checkpoint_must_match_its_config(tmp_path):
     save_toy(tmp_path / "bf16")
+    f8 = diffusers.TorchAoConfig(tq.Float8WeightOnlyConfig())
     theirs = DiffusersToy.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16,
-                                          quantization_config=diffusers.TorchAoConfig(tq.Float8WeightOnlyConfig()))
+                                          quantization_config=f8)
     theirs.save_pretrained(tmp_path / "ao")
     cfg_path = tmp_path / "ao" / "config.json"
     config = json.loads(cfg_path.read_text())
@@ -205,7 +204,8 @@ def test_aobaseconfig_quantizes_on_load_like_the_string(tmp_path):
     a = ToyModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig(tq.Int8WeightOnlyConfig()))
     b = ToyModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig("int8_weight_only"))
     assert torch.equal(a(x), b(x))
-    assert a.config["quantization_config"].to_dict()["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
+    written = a.config["quantization_config"].to_dict()
+    assert written["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
 
 
 # -- a tiny Flux transformer, saved by diffusers in bf16 ----------------------------------------------
@@ -268,8 +268,9 @@ def test_flux_quantized_on_load(flux, tmp_path, quant_type):
 
 def test_flux_int8wo_matches_diffusers_torchao(flux, tmp_path):
     directory, inputs, _, _ = flux
-    theirs = diffusers.FluxTransformer2DModel.from_pretrained(
-        directory, torch_dtype=torch.bfloat16, quantization_config=diffusers.TorchAoConfig(tq.Int8WeightOnlyConfig()))
+    int8wo = diffusers.TorchAoConfig(tq.Int8WeightOnlyConfig())
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(directory, torch_dtype=torch.bfloat16,
+                                                              quantization_config=int8wo)
     ours = FluxTransformer2DModel.from_pretrained(directory, torch_dtype=torch.bfloat16,
                                                   quantization_config=TorchAoConfig("int8wo"))
     y = _run(theirs, inputs)

@@ -76,12 +76,13 @@ class TorchAoConfig(QuantizationConfigMixin):
 
     Example:
         >>> from diffquant import TorchAoConfig
-        >>> TorchAoConfig("int8wo").to_dict()
-        {'quant_method': 'torchao', 'quant_type': 'int8wo', 'modules_to_not_convert': None, 'quant_type_kwargs': {}}
+        >>> sorted(TorchAoConfig("int8wo").to_dict().items())  # diffusers 0.37's JSON
+        [('modules_to_not_convert', None), ('quant_method', 'torchao'), ('quant_type', 'int8wo'), \
+('quant_type_kwargs', {})]
         >>> TorchAoConfig("int8wo", group_size=32)
         Traceback (most recent call last):
         ...
-        diffquant.errors.ConfigError: TorchAoConfig('int8wo'): unknown keyword argument(s) ['group_size']; accepted: ['set_inductor_config']
+        diffquant.errors.ConfigError: TorchAoConfig('int8wo'): unknown keyword argument(s) ['group_size']; ...
     """
 
     _method_value = ("torchao",)
@@ -400,7 +401,8 @@ class TorchAoQuantizer(DiffusersQuantizer):
         weight_key = key.rpartition(".")[0] + ".weight"
         info = json.loads(self._foreign_meta.get(weight_key, "{}"))
         if info.get("_type") != TORCHAO_TENSOR.get(self.kind):
-            raise CheckpointError(f"{self._file}: {key}: torchao saved this weight as {info.get('_type')!r}, but "
+            raise CheckpointError(f"{self._file}: {key}: torchao saved this weight as "
+                                  f"{info.get('_type')!r}, but "
                                   f"the quantization_config asks for {self.kind}; diffquant reads "
                                   "Int8Tensor (int8wo/int8dq) and Float8Tensor (float8wo) files")
 
