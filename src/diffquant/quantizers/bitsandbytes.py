@@ -102,6 +102,10 @@ class BitsAndBytesConfig(QuantizationConfigMixin):
         return self._load_in_8bit
 
     @property
+    def bits(self) -> int:
+        return 8 if self.load_in_8bit else 4 if self.load_in_4bit else 16
+
+    @property
     def modules_to_not_convert(self):
         return self.llm_int8_skip_modules
 
@@ -367,10 +371,6 @@ class _BnBQuantizer(DiffusersQuantizer):
                 keys = ", ".join(f"{name}.{p}" for p in missing)
                 raise CheckpointError(f"bitsandbytes checkpoint is missing {keys}; every quantized "
                                       f"layer needs {module.required_pieces()}; re-save the model")
-
-    @property
-    def is_trainable(self) -> bool:
-        return False
 
 
 @register_quantizer("bitsandbytes_4bit", BitsAndBytesConfig)

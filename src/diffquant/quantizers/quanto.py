@@ -62,6 +62,10 @@ class QuantoConfig(QuantizationConfigMixin):
         self.weights_dtype = weights_dtype
         self.modules_to_not_convert = self._check_modules_list(modules_to_not_convert)
 
+    @property
+    def bits(self) -> int:
+        return _BITS[self.weights_dtype]
+
     @classmethod
     def cpu_examples(cls) -> list["QuantoConfig"]:
         return [cls(w) for w in WEIGHTS_DTYPES]
