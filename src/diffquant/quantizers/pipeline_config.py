@@ -103,10 +103,11 @@ class PipelineQuantizationConfig:
         if not isinstance(self.quant_mapping, dict):
             raise ConfigError("PipelineQuantizationConfig: quant_mapping should be a dict of "
                               "component name -> quantization config object")
-        known = tuple(set(AUTO_QUANTIZATION_CONFIG_MAPPING.values())) + \
-            tuple(set(transformers_config_mapping().values()))
+        ours = tuple(set(AUTO_QUANTIZATION_CONFIG_MAPPING.values()))
         for name, config in self.quant_mapping.items():
-            if not isinstance(config, known):
+            # transformers' registry imports torchao and more (seconds): only look when needed.
+            if not isinstance(config, ours) and \
+                    not isinstance(config, tuple(set(transformers_config_mapping().values()))):
                 raise ConfigError(f"PipelineQuantizationConfig: quant_mapping[{name!r}] is a "
                                   f"{type(config).__name__}, which is not a quantization config of "
                                   "diffquant or transformers (e.g. TorchAoConfig, BitsAndBytesConfig)")
