@@ -1,0 +1,321 @@
+"""Fast quantized linear kernels as plain functions: same numbers as the reference math, less time.
+
+Every format's reference forward (``ops/int_quant.py``, ``ops/gguf_dequant.py``) dequantizes the
+whole weight into a fresh tensor, often through float32 temporaries, and then multiplies. Here:
+
+- **int8 dynamic** (per-token int8 activations x per-channel int8 weights): the activations are
+  quantized in few passes and multiplied with ``torch._int_mm``; the result is bit-identical to
+  ``int_quant.int8_dynamic_linear``.
+- **weight-only formats** pick a path by the number of rows ``M`` of the input:
+
+  * ``M <= w.small_rows`` on a CPU: torch's packed CPU kernels where the format maps onto them
+    exactly (``torch._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` for any format
+    whose values are ``(u - 8) * scale + zero`` per group of 32+ columns). The packing is derived
+    from the stored layout once, by a ``prepare_*`` function, at load time.
+  * otherwise: one vectorised dequantization into a scratch bf16/fp16/fp32 buffer that is reused
+    across calls and layers of the same shape (per thread, per device), then one matmul.
+
+A layer prepares its weight once and calls one function per forward::
+
+    w = prepare_int8_weight(qweight, scale)      # at load time
+    y = linear_weight_only(x, w, bias)           # every forward
+
+Numbers agree with the reference dequantize-then-matmul at bf16 rounding level (the packed
+kernels accumulate in float32 and round once, with scales rounded to the activation dtype).
+
+Example:
+    >>> import torch
+    >>> from diffquant.ops import int_quant as iq
+    >>> w = torch.randn(64, 128, dtype=torch.bfloat16)
+    >>> q, s = iq.int8_quantize_per_channel(w)
+    >>> x = torch.randn(5, 128, dtype=torch.bfloat16)
+    >>> y = linear_int8_dynamic(x, prepare_int8_dynamic(q, s))
+    >>> torch.equal(y, iq.int8_dynamic_linear(x, q, s))
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import QuantizationError
+from . import int_quant as iq
+
+# Up to this many rows the packed CPU kernels beat dequantize + matmul (bench/kernels.py measures
+# the crossover; on a 2-thread CPU at 3072x3072 it lies between 16 and 64 rows).
+SMALL_ROWS = 16
+_PACKED_DTYPES = (torch.bfloat16, torch.float16)  # the packed kernels are slow in float32
+_F32_EPS = torch.finfo(torch.float32).eps
+
+
+# -- the reusable dequantization buffer ----------------------------------------------------------
+_scratch = threading.local()  # one pool per thread: two threads never share a buffer
+
+
+def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   tag: str = "weight") -> torch.Tensor:
+    """A buffer of ``shape`` that later calls with the same (shape, dtype, device, tag) get back.
+
+    Layers run one after another, so all layers of one shape share one buffer: the memory cost
+    is one dequantized weight per distinct shape, not one per layer.
+    """
+    pool = getattr(_scratch, "pool", None)
+    if pool is None:
+        pool = _scratch.pool = {}
+    key = (tuple(shape), dtype, torch.device(device), tag)
+    buf = pool.get(key)
+    if buf is None:
+        buf = pool[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def clear_scratch() -> None:
+    """Free this thread's dequantization buffers (they are re-made on the next call)."""
+    _scratch.pool = {}
+
+
+def _weight_buffer(x: torch.Tensor, shape) -> torch.Tensor:
+    # Autograd would save the buffer for backward and the next call would overwrite it.
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    return scratch_buffer(shape, x.dtype, x.device)
+
+
+# -- weight-only formats -------------------------------------------------------------------------
+@dataclass
+class PreparedWeight:
+    """A quantized weight ready for ``linear_weight_only``; made by a ``prepare_*`` function.
+
+    ``dequant_into(out)`` writes the [N, K] weight into ``out`` (any float dtype);
+    ``out_scale`` ([N] float32 or None) multiplies the matmul result (int8 keeps the reference
+    order: matmul on the integers, then the per-channel scale); ``packed(x2d)`` is the packed
+    CPU kernel for few rows (None where the format has no exact mapping or off the CPU).
+    """
+
+    out_features: int
+    in_features: int
+    dequant_into: Callable[[torch.Tensor], None]
+    out_scale: torch.Tensor | None = None
+    packed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    small_rows: int = SMALL_ROWS
+    name: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The [N, K] weight in a fresh tensor (the out_scale applied), e.g. for ``dequantize()``."""
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.device)
+        self.dequant_into(out)
+        return out if self.out_scale is None else (out * self.out_scale[:, None]).to(dtype)
+
+
+def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None = None,
+                       small_rows: int | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for a prepared quantized weight; x [..., K] -> y [..., N] in x.dtype.
+
+    ``x`` is already in the compute dtype. Few rows (``<= small_rows``, default the weight's)
+    go to the packed kernel when there is one, the rest dequantize into a reused buffer.
+
+    Example:
+        >>> import torch
+        >>> from diffquant.ops import int_quant as iq
+        >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
+        >>> w = prepare_int8_weight(q, s)
+        >>> linear_weight_only(torch.randn(2, 3, 64, dtype=torch.bfloat16), w).shape
+        torch.Size([2, 3, 32])
+    """
+    if x.shape[-1] != w.in_features:
+        raise QuantizationError(f"fast linear ({w.name}): input has {x.shape[-1]} features, the "
+                                f"weight expects {w.in_features}")
+    x2 = x.reshape(-1, w.in_features)                                    # [M, K]
+    limit = w.small_rows if small_rows is None else small_rows
+    if w.packed is not None and x2.shape[0] <= limit and x.dtype in _PACKED_DTYPES \
+            and x.device.type == "cpu":
+        y = w.packed(_aligned(x2))                                        # [M, N] in x.dtype
+    else:
+        buf = _weight_buffer(x, (w.out_features, w.in_features))          # [N, K] in x.dtype
+        w.dequant_into(buf)
+        if w.out_scale is None:
+            return F.linear(x, buf, bias)
+        y = torch.mm(x2, buf.t())                                         # [M, N]
+    if w.out_scale is not None:
+        y = _scale_rows_out(y, w.out_scale, bias)
+    elif bias is not None:
+        y = y.add_(bias)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def _scale_rows_out(y: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """In place: y [M, N] <- y * scale [N], then + bias: the reference's two roundings."""
+    y.mul_(scale)
+    return y if bias is None else y.add_(bias)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # torch's packed CPU kernels read with aligned vector loads (see quantizers/quanto.py)
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(
+        memory_format=torch.contiguous_format)
+
+
+# -- int8, one scale per output channel (torchao int8wo, quanto int8, bitsandbytes int8) ---------
+def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
+                        small_rows: int = SMALL_ROWS) -> PreparedWeight:
+    """qweight int8 [N, K], scale [N] or [N, 1] (float32 in torchao) -> PreparedWeight.
+
+    Numbers follow ``int_quant.int8_weight_only_linear``: x @ q.T in x's dtype, then * scale in
+    float32. The packed kernel gets unit scales so the float32 scale is applied the same way.
+    bitsandbytes' int8 (``SCB`` = row absmax) is this with ``scale = SCB / 127``.
+
+    Example:
+        >>> import torch
+        >>> from diffquant.ops import int_quant as iq
+        >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
+        >>> prepare_int8_weight(q, s).out_features
+        32
+    """
+    n, k = qweight.shape
+    scale = scale.reshape(n).to(torch.float32)
+    q = _aligned(qweight)
+
+    def dequant_into(out):                                                # out [N, K]
+        out.copy_(q)
+
+    packed = None
+    # _weight_int8pack_mm returns wrong numbers when K is not a multiple of 16 (torch 2.13)
+    if q.device.type == "cpu" and k % 16 == 0:
+        ones = {}
+
+        def packed(x2):                                                   # [M, K] -> [M, N]
+            unit = ones.get(x2.dtype)
+            if unit is None:
+                unit = ones[x2.dtype] = torch.ones(n, dtype=x2.dtype)
+            return torch._weight_int8pack_mm(x2, q, unit)
+
+    return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device)
+
+
+# -- int4 with groups of columns, (u - 8) * scale + zero: torch's CPU "int4pack" kernel ---------
+def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
+    """codes [N, K] ints in [0, 15], scale/zero [N, K/group] float -> the int4pack kernel's inputs.
+
+    Returns (packed uint8 [N', K/2], scales_and_zeros float32 [K/group, N', 2]) with N padded to a
+    multiple of 16 (zero codes and scales, sliced off after the matmul).
+    """
+    n, k = codes.shape
+    pad = -n % 16
+    codes = F.pad(codes.to(torch.int32), (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack([scale.float(), zero.float()], dim=-1)              # [N, G, 2]
+    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()    # [G, N', 2]
+    return packed, sz
+
+
+def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The packed CPU product for ``packs`` = [(packed, scales_and_zeros)], summed over packs.
+
+    Scales are cast once per activation dtype (the kernel wants them in x's dtype).
+    """
+    cast: dict = {}
+
+    def run(x2):                                                          # [M, K] -> [M, N]
+        pieces = cast.get(x2.dtype)
+        if pieces is None:
+            pieces = cast[x2.dtype] = [(p, sz.to(x2.dtype)) for p, sz in packs]
+        y = None
+        for p, sz in pieces:
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p, group, sz)
+            y = part if y is None else y.add_(part)
+        return y if y.shape[1] == n else y[:, :n].contiguous()
+
+    return run
+
+
+def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        small_rows: int = SMALL_ROWS) -> PreparedWeight:
+    """torchao int4 (tinygemm numbers): packed uint8 [N, K/2] (column 2j in the low nibble),
+    scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero.
+
+    Example:
+        >>> import torch
+        >>> from diffquant.ops import int_quant as iq
+        >>> p, s, z = iq.int4_quantize_groupwise(torch.randn(32, 128, dtype=torch.bfloat16), 64)
+        >>> prepare_int4_weight(p, s, z).in_features
+        128
+    """
+    n, k = packed.shape[0], packed.shape[1] * 2
+    groups = scale.shape[1]
+    group = k // groups
+    lo_s, lo_z = scale.float(), (zero.float() - 8 * scale.float())      # w = u * scale + zero'
+    lo_s, lo_z = lo_s.unsqueeze(-1), lo_z.unsqueeze(-1)                   # [N, G, 1]
+
+    def dequant_into(out):                                                # out [N, K]
+        pairs = out.view(n, groups, group // 2, 2)                        # [N, G, g/2, lo|hi]
+        nib = packed.view(n, groups, group // 2)
+        torch.addcmul(lo_z, nib & 0x0F, lo_s, out=pairs[..., 0])
+        torch.addcmul(lo_z, nib >> 4, lo_s, out=pairs[..., 1])
+
+    fast = None
+    if packed.device.type == "cpu" and group in (32, 64, 128, 256):
+        codes = iq.int4_unpack(packed)                                    # [N, K] in [0, 15]
+        fast = int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
+    return PreparedWeight(n, k, dequant_into, None, fast, small_rows, f"int4 g{group}",
+                          packed.device)
+
+
+# -- int8 dynamic: per-token int8 activations x per-channel int8 weights ---------------------------
+@dataclass
+class Int8DynamicWeight:
+    """Weight of ``linear_int8_dynamic``: ``qt`` int8 [K, N] (a view of the stored [N, K]),
+    ``scale`` float32 [N]."""
+
+    qt: torch.Tensor
+    scale: torch.Tensor
+
+
+def prepare_int8_dynamic(qweight: torch.Tensor, scale: torch.Tensor) -> Int8DynamicWeight:
+    """qweight int8 [N, K], scale [N] or [N, 1] float32 (torchao int8dq) -> Int8DynamicWeight."""
+    return Int8DynamicWeight(qweight.t(), scale.reshape(-1).to(torch.float32))
+
+
+def quantize_rows_int8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (int8 [M, K], float32 scale [M, 1]): torchao's per-token rule, bit for bit.
+
+    amax / 127.5 is taken in x's dtype (as torchao); the product with 1/scale is in float32 and
+    is rounded and clamped in place, so the only full-size temporaries are one float32 and the
+    int8 result.
+    """
+    amax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # [M, 1], x dtype
+    scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
+    t = torch.mul(x2, 1.0 / scale)                                       # [M, K] float32
+    t.round_().clamp_(-128, 127)
+    return t.to(torch.int8), scale
+
+
+def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N]: bit-identical to ``int_quant.int8_dynamic_linear``.
+
+    Example:
+        >>> import torch
+        >>> from diffquant.ops import int_quant as iq
+        >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
+        >>> linear_int8_dynamic(torch.randn(3, 64), prepare_int8_dynamic(q, s)).shape
+        torch.Size([3, 32])
+    """
+    k, n = w.qt.shape
+    x2 = x.reshape(-1, k)                                                 # [M, K]
+    xq, xs = quantize_rows_int8(x2)                                       # [M, K], [M, 1]
+    acc = iq.int8_mm(xq, w.qt)                                            # int32 [M, N]
+    y = torch.empty(acc.shape, dtype=x.dtype, device=x.device)
+    torch.mul(acc, xs, out=y)                                             # float32 math, x dtype
+    if x.dtype == torch.float32 or bias is None:
+        y.mul_(w.scale)
+        if bias is not None:
+            y.add_(bias)
+    else:  # reference: (y * scale) in float32, + bias, one rounding to x's dtype
+        torch.addcmul(bias, y, w.scale, out=y)
+    return y.reshape(*x.shape[:-1], n)
