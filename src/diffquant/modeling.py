@@ -66,6 +66,16 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+def _stored_dtype(model: nn.Module, ckpt: Checkpoint) -> torch.dtype | None:
+    """The float dtype of the tensors no backend quantizes (biases, norms) in ``ckpt``."""
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    expected = {n for n, _ in model.named_parameters()} - linear_weights
+    for key in ckpt.keys():
+        if key in expected and ckpt.dtype(key).is_floating_point:
+            return ckpt.dtype(key)
+    return None
+
+
 class ModelMixin(nn.Module):
     """Base of diffquant's models: loading, saving and quantization state."""
 
@@ -102,19 +112,21 @@ class ModelMixin(nn.Module):
             logger.warning("from_pretrained: ignoring unknown arguments %s", sorted(kwargs))
         weights = find_weights(directory, WEIGHTS_BASE, variant, use_safetensors)
         quantizer = cls._make_quantizer(config, quantization_config, config_path)
-        if quantizer is not None:
-            if not low_cpu_mem_usage:
-                raise ValueError("low_cpu_mem_usage=False cannot be used with quantization: "
-                                 "quantized layers are built on the meta device; drop the argument")
-            quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
-            torch_dtype = quantizer.update_torch_dtype(torch_dtype)
-            device_map = quantizer.update_device_map(device_map)
-        device = parse_device_map(device_map)
+        if quantizer is not None and not low_cpu_mem_usage:
+            raise ValueError("low_cpu_mem_usage=False cannot be used with quantization: "
+                             "quantized layers are built on the meta device; drop the argument")
         model = cls._build_on_meta(config, config_path)
-        if quantizer is not None:
-            quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
         with Checkpoint.open(weights) as ckpt:
-            model._assign_from(ckpt, torch_dtype, device, quantizer)
+            if quantizer is not None:
+                if quantizer.pre_quantized and torch_dtype is None:
+                    # Reload in the dtype it was saved in, so save -> load is bit-identical
+                    # (diffusers picks a backend default such as fp16 here).
+                    torch_dtype = _stored_dtype(model, ckpt)
+                quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
+                torch_dtype = quantizer.update_torch_dtype(torch_dtype)
+                device_map = quantizer.update_device_map(device_map)
+                quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
+            model._assign_from(ckpt, torch_dtype, parse_device_map(device_map), quantizer)
         if quantizer is not None:
             quantizer.postprocess_model(model)
             model.hf_quantizer = quantizer

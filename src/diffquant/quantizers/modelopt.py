@@ -138,6 +138,11 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
         return quant_type
 
     @property
+    def bits(self) -> int:
+        """Weight width, for footprint expectations: 8 for FP8/INT8, 4 for the 4-bit formats."""
+        return 8 if self.quant_type.split("_")[0] in ("FP8", "INT8") else 4
+
+    @property
     def algorithm(self) -> str:
         return self.calib_cfg.get("method", "max")
 
