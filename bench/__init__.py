@@ -1,0 +1,1 @@
+"""diffquant's benchmark: ``python -m bench [--quick | --smoke]``; see bench/README.md."""
