@@ -1,0 +1,220 @@
+"""The command line's quantization SPEC: ``backend:scheme[@component,component]``.
+
+A SPEC names a backend, one of its schemes and the pipeline components it applies to
+(default: ``transformer``). Several SPECs make one granular ``PipelineQuantizationConfig``:
+
+    >>> from diffquant.spec import parse_spec
+    >>> parse_spec("bnb:nf4@transformer,text_encoder_2")
+    QuantSpec(text='bnb:nf4@transformer,text_encoder_2', backend='bitsandbytes', scheme='nf4', components=('transformer', 'text_encoder_2'))
+
+Components that are transformers models (the text encoders) get the transformers config class
+of the same backend, because transformers loads them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+DEFAULT_COMPONENTS = ("transformer",)
+ALIASES = {"bnb": "bitsandbytes"}
+
+# CLI scheme name -> constructor kwargs of diffquant's config class. torchao, gguf and modelopt
+# take the scheme as their quant_type, so their lists come from the config classes themselves
+# when those declare one (see backend_schemes); these are the fallbacks.
+_BNB_SCHEMES = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+}
+_BNB_ALIASES = {"8bit": "int8", "llm.int8": "int8", "4bit": "nf4"}
+_FALLBACK_SCHEMES = {
+    "torchao": ["int8wo", "int8dq", "int4wo", "float8wo", "float8dq"],
+    "quanto": ["int8", "int4", "int2", "float8"],
+    "gguf": ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"],
+    "modelopt": ["int8", "int4", "fp8", "nf4", "nvfp4"],
+}
+# Attribute names a config class may use to declare its schemes (first one found wins).
+_SCHEME_ATTRS = ("supported_quant_types", "SUPPORTED_QUANT_TYPES", "_SUPPORTED_QUANT_TYPES",
+                 "QUANT_TYPES", "QUANTIZABLE_TYPES", "QUANT_TYPE_BITS", "supported_weights_dtypes", "SUPPORTED_WEIGHTS_DTYPES")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    text: str
+    backend: str  # canonical family name: torchao, bitsandbytes, quanto, gguf, modelopt
+    scheme: str  # lower case CLI name: int8wo, nf4, q4_0, int8
+    components: tuple[str, ...]
+
+
+def available_backends() -> list[str]:
+    """Backend families registered in this install ("bitsandbytes_4bit" -> "bitsandbytes")."""
+    from .quantizers import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    return sorted({key.split("_")[0] for key in AUTO_QUANTIZATION_CONFIG_MAPPING})
+
+
+def config_class(backend: str):
+    """diffquant's config class of ``backend`` (a family name)."""
+    from .quantizers import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    for key, cls in AUTO_QUANTIZATION_CONFIG_MAPPING.items():
+        if key.split("_")[0] == backend:
+            return cls
+    raise ConfigError(f"backend {backend!r} is not available in this install; "
+                      f"use one of {', '.join(available_backends()) or '(none registered)'}")
+
+
+def backend_schemes(backend: str) -> list[str]:
+    """The CLI scheme names of ``backend``, from its config class where it declares them."""
+    if backend == "bitsandbytes":
+        return list(_BNB_SCHEMES)
+    try:
+        cls = config_class(backend)
+    except ConfigError:
+        return _FALLBACK_SCHEMES.get(backend, [])
+    module = sys.modules.get(cls.__module__)
+    if isinstance(getattr(module, "SCHEMES", None), dict):  # torchao: short names, not the
+        return [k for k in module.SCHEMES if "_only" not in k and "_activation" not in k]  # long aliases
+    for owner, attr in [(o, a) for o in (cls, module) for a in _SCHEME_ATTRS]:
+        declared = getattr(owner, attr, None)
+        if callable(declared):
+            declared = declared()
+        if declared:  # names, or enum members such as GGMLQuantizationType.Q4_0
+            names = [str(s if isinstance(s, str) else getattr(s, "name", s)).lower() for s in declared]
+            return sorted(set(names), key=names.index)
+    return _FALLBACK_SCHEMES.get(backend, [])
+
+
+def grammar_help() -> str:
+    """``torchao (int8wo, ...), bitsandbytes|bnb (nf4, ...), ...`` for error messages and --help."""
+    parts = []
+    for backend in available_backends():
+        alias = "".join(f"/{a}" for a, b in ALIASES.items() if b == backend and a != backend)
+        parts.append(f"{backend}{alias} ({', '.join(backend_schemes(backend))})")
+    return ", ".join(parts) or "(no backend registered)"
+
+
+def _bad(text: str, why: str) -> ConfigError:
+    return ConfigError(f"bad --quantize SPEC {text!r}: {why}; write BACKEND:SCHEME[@COMPONENT,...] "
+                       f"with BACKEND (SCHEMES) one of {grammar_help()}")
+
+
+def parse_spec(text: str) -> QuantSpec:
+    """Parse ``backend:scheme[@comp1,comp2]``; errors name the SPEC and list what is accepted."""
+    head, at, comps = text.strip().partition("@")
+    backend, colon, scheme = head.partition(":")
+    backend, scheme = ALIASES.get(backend.strip().lower(), backend.strip().lower()), scheme.strip().lower()
+    if not colon or not backend or not scheme:
+        raise _bad(text, "missing BACKEND or SCHEME")
+    if backend not in available_backends():
+        raise _bad(text, f"unknown backend {backend!r}")
+    if backend == "bitsandbytes":
+        scheme = _BNB_ALIASES.get(scheme, scheme)
+    schemes = backend_schemes(backend)
+    if scheme not in schemes:
+        raise _bad(text, f"unknown {backend} scheme {scheme!r}")
+    components = tuple(c.strip() for c in comps.split(",")) if at else DEFAULT_COMPONENTS
+    if not all(components) or len(set(components)) != len(components):
+        raise _bad(text, "empty or repeated component after '@'")
+    return QuantSpec(text, backend, scheme, components)
+
+
+def diffquant_config(spec: QuantSpec):
+    """diffquant's config object for ``spec`` (for diffquant models such as the transformer)."""
+    cls = config_class(spec.backend)
+    if spec.backend == "bitsandbytes":
+        kwargs = dict(_BNB_SCHEMES[spec.scheme])
+    elif spec.backend == "quanto":
+        kwargs = {"weights_dtype": spec.scheme}
+    elif spec.backend in ("gguf", "modelopt"):
+        kwargs = {"quant_type": spec.scheme.upper()}
+    else:
+        kwargs = {"quant_type": spec.scheme}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--quantize {spec.text!r}: {cls.__name__}(**{kwargs}) refused it ({err}); "
+                          f"pick another scheme of {spec.backend}: {', '.join(backend_schemes(spec.backend))}") \
+            from err
+
+
+def _torchao_object(scheme: str):
+    """transformers' TorchAoConfig takes a torchao config object, not a name."""
+    import torchao.quantization as tq
+
+    table = {"int8wo": "Int8WeightOnlyConfig", "int8dq": "Int8DynamicActivationInt8WeightConfig",
+             "int4wo": "Int4WeightOnlyConfig", "float8wo": "Float8WeightOnlyConfig",
+             "float8dq": "Float8DynamicActivationFloat8WeightConfig"}
+    name = table.get(scheme)
+    if name is None or not hasattr(tq, name):
+        return None
+    return getattr(tq, name)()
+
+
+def transformers_config(spec: QuantSpec, component: str):
+    """transformers' config object for ``spec`` on a transformers model (a text encoder)."""
+    from .quantizers.pipeline_config import transformers_config_mapping
+
+    mapping = transformers_config_mapping()
+    kwargs = None
+    if spec.backend == "bitsandbytes" and "bitsandbytes_4bit" in mapping:
+        return mapping["bitsandbytes_4bit"](**_BNB_SCHEMES[spec.scheme])
+    if spec.backend == "quanto" and "quanto" in mapping:
+        return mapping["quanto"](weights=spec.scheme)
+    if spec.backend == "torchao" and "torchao" in mapping:
+        obj = _torchao_object(spec.scheme)
+        kwargs = {"quant_type": obj} if obj is not None else None
+        if kwargs:
+            return mapping["torchao"](**kwargs)
+    raise ConfigError(f"--quantize {spec.text!r}: component {component!r} is a transformers model and "
+                      f"transformers cannot quantize it with {spec.backend}:{spec.scheme}; "
+                      f"quantize {component} with bnb:nf4, quanto:int8 or torchao:int8wo, "
+                      "or leave it out of the SPEC")
+
+
+def _is_model(entry) -> bool:
+    cls = str(entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 else ""
+    return bool(cls) and not cls.endswith(("Scheduler", "Tokenizer", "TokenizerFast", "Processor"))
+
+
+def build_quantization_config(specs: list[QuantSpec], model_index: dict | None = None):
+    """One granular PipelineQuantizationConfig from several SPECs.
+
+    ``model_index`` (the pipeline's model_index.json) says which components exist and which
+    library loads each; without it every component is taken to be a diffquant model.
+
+    Example:
+        >>> pq = build_quantization_config([parse_spec("torchao:int8wo")])   # doctest: +SKIP
+        >>> sorted(pq.quant_mapping)                                          # doctest: +SKIP
+        ['transformer']
+    """
+    from .quantizers.pipeline_config import PipelineQuantizationConfig
+
+    mapping, owner = {}, {}
+    for spec in specs:
+        for comp in spec.components:
+            if comp in owner:
+                raise ConfigError(f"component {comp!r} is named by two SPECs ({owner[comp]!r} and "
+                                  f"{spec.text!r}); give each component one SPEC")
+            owner[comp] = spec.text
+            mapping[comp] = _config_for(spec, comp, model_index)
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def _config_for(spec: QuantSpec, comp: str, model_index: dict | None):
+    if model_index is None:
+        return diffquant_config(spec)
+    models = sorted(k for k, v in model_index.items() if not k.startswith("_") and _is_model(v))
+    entry = model_index.get(comp)
+    if comp.startswith("_") or entry is None or not _is_model(entry):
+        what = "not a model" if entry is not None else "not in this pipeline"
+        raise ConfigError(f"--quantize {spec.text!r}: component {comp!r} is {what}; "
+                          f"name one of {', '.join(models)}")
+    if str(entry[0]) == "transformers":
+        return transformers_config(spec, comp)
+    return diffquant_config(spec)

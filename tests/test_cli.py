@@ -1,0 +1,288 @@
+"""The `diffquant` command line: SPEC parsing in-process, each command through the real entry
+point (`python -m diffquant`, which is what the console script runs) on a tiny pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffquant import cli
+from diffquant.errors import ConfigError
+from diffquant.report import format_table, image_grid, psnr
+from diffquant.spec import (QuantSpec, build_quantization_config, diffquant_config, parse_spec,
+                            transformers_config)
+from tests.tiny_pipeline import TINY_PROMPT, build_tiny_flux_pipeline_dir
+
+FLUX_INDEX = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+              "text_encoder": ["transformers", "CLIPTextModel"],
+              "text_encoder_2": ["transformers", "T5EncoderModel"],
+              "vae": ["diffusers", "AutoencoderKL"],
+              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+              "tokenizer": ["transformers", "CLIPTokenizer"]}
+
+
+def dq(*args, check=True):
+    """Run `python -m diffquant ARGS`; returns the CompletedProcess (text mode)."""
+    proc = subprocess.run([sys.executable, "-m", "diffquant", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def error_line(proc) -> str:
+    """The one error line: the whole of stderr, checked to be exactly one line."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("diffquant: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_flux_pipeline_dir(tmp_path_factory.mktemp("cli") / "pipe")
+
+
+# -- SPEC parsing ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text, backend, scheme, comps", [
+    ("torchao:int8wo", "torchao", "int8wo", ("transformer",)),
+    ("bnb:nf4@transformer,text_encoder_2", "bitsandbytes", "nf4", ("transformer", "text_encoder_2")),
+    ("bitsandbytes:8bit", "bitsandbytes", "int8", ("transformer",)),
+    ("BNB:NF4-DQ", "bitsandbytes", "nf4-dq", ("transformer",)),
+    ("gguf:Q4_0", "gguf", "q4_0", ("transformer",)),
+    ("quanto:int8@ text_encoder ", "quanto", "int8", ("text_encoder",)),
+    ("modelopt:int8", "modelopt", "int8", ("transformer",)),
+])
+def test_parse_spec(text, backend, scheme, comps):
+    assert parse_spec(text) == QuantSpec(text, backend, scheme, comps)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("torchao", "missing BACKEND or SCHEME"),
+    (":int8", "missing BACKEND or SCHEME"),
+    ("nope:int8", "unknown backend 'nope'"),
+    ("torchao:int9", "unknown torchao scheme 'int9'"),
+    ("bnb:nf3", "unknown bitsandbytes scheme 'nf3'"),
+    ("gguf:q4_0@", "empty or repeated component"),
+    ("gguf:q4_0@vae,vae", "empty or repeated component"),
+])
+def test_bad_spec_names_spec_expectation_and_choices(text, why):
+    with pytest.raises(ConfigError) as info:
+        parse_spec(text)
+    msg = str(info.value)
+    assert msg.startswith(f"bad --quantize SPEC {text!r}: {why}")
+    assert "write BACKEND:SCHEME[@COMPONENT,...]" in msg
+    for listed in ("torchao (", "bitsandbytes/bnb (nf4, fp4, nf4-dq", "gguf (", "q4_0", "quanto (",
+                   "modelopt ("):
+        assert listed in msg
+
+
+def test_configs_from_specs():
+    from diffquant import BitsAndBytesConfig, GGUFQuantizationConfig, QuantoConfig, TorchAoConfig
+
+    assert diffquant_config(parse_spec("torchao:int8wo")) == TorchAoConfig("int8wo")
+    assert diffquant_config(parse_spec("gguf:q4_0")) == GGUFQuantizationConfig(quant_type="Q4_0")
+    assert diffquant_config(parse_spec("quanto:int8")) == QuantoConfig(weights_dtype="int8")
+    assert diffquant_config(parse_spec("bnb:nf4-dq")) == BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    assert diffquant_config(parse_spec("bnb:int8")) == BitsAndBytesConfig(load_in_8bit=True)
+
+
+def test_granular_config_uses_transformers_classes_for_text_encoders():
+    import transformers
+
+    from diffquant import BitsAndBytesConfig
+
+    pq = build_quantization_config([parse_spec("bnb:nf4@transformer,text_encoder_2"),
+                                    parse_spec("quanto:int8@text_encoder")], FLUX_INDEX)
+    assert pq.is_granular and sorted(pq.quant_mapping) == ["text_encoder", "text_encoder_2", "transformer"]
+    assert type(pq.quant_mapping["transformer"]) is BitsAndBytesConfig
+    te2 = pq.quant_mapping["text_encoder_2"]
+    assert type(te2) is transformers.BitsAndBytesConfig and te2.bnb_4bit_quant_type == "nf4"
+    assert type(pq.quant_mapping["text_encoder"]) is transformers.QuantoConfig
+    ao = transformers_config(parse_spec("torchao:int8wo@text_encoder"), "text_encoder")
+    assert type(ao.quant_type).__name__ == "Int8WeightOnlyConfig"
+
+
+@pytest.mark.parametrize("specs, match", [
+    (["torchao:int8wo", "gguf:q4_0"], "component 'transformer' is named by two SPECs"),
+    (["gguf:q4_0@text_encoder"], "component 'text_encoder' is a transformers model and "
+                                 "transformers cannot quantize it with gguf:q4_0"),
+    (["gguf:q4_0@unet"], "component 'unet' is not in this pipeline; name one of text_encoder, "
+                         "text_encoder_2, transformer, vae"),
+    (["gguf:q4_0@scheduler"], "component 'scheduler' is not a model"),
+])
+def test_granular_config_errors(specs, match):
+    with pytest.raises(ConfigError, match=match):
+        build_quantization_config([parse_spec(s) for s in specs], FLUX_INDEX)
+
+
+# -- report helpers -------------------------------------------------------------------------
+def test_psnr_table_and_grid():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255^2 / 48 -> psnr = 10 log10(48)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, b) == pytest.approx(10 * np.log10(48))
+    assert format_table(["a", "bb"], [["xxx", 1]]).splitlines() == ["a    bb", "---  --", "xxx  1"]
+    grid = image_grid([Image.new("RGB", (32, 32), "red")] * 3, ["x", "y", "z"])
+    assert grid.size == (3 * 36 + 4, 32 + 14 + 8)
+    assert grid.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_runtime_failure_is_one_line_exit_1(monkeypatch, capsys, tmp_path):
+    def boom(args):
+        raise RuntimeError("the device went away")
+    monkeypatch.setattr(cli, "cmd_inspect", boom)
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == ("diffquant: error: RuntimeError: the device went away; "
+                                       "rerun with --debug for the traceback\n")
+    with pytest.raises(RuntimeError, match="the device went away"):
+        cli.main(["inspect", str(tmp_path), "--debug"])
+
+
+# -- the real entry point -------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["generate"], ["quantize"], ["inspect"], ["compare"]])
+def test_help(command):
+    out = dq(*command, "--help").stdout
+    assert out.startswith("usage: diffquant")
+    assert ("examples:" in out) if command else ("generate" in out and "compare" in out)
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    assert dq(check=False).returncode == 2
+    proc = dq("generate", check=False)
+    assert proc.returncode == 2
+    assert error_line(proc) == ("diffquant: error: the following arguments are required: --prompt; "
+                                "see 'diffquant generate --help'")
+    missing = tmp_path / "nope"
+    proc = dq("inspect", missing, check=False)
+    assert proc.returncode == 2
+    assert error_line(proc) == (f"diffquant: error: {missing}: no such directory; give a pipeline "
+                                "directory or a hub id like 'org/name'")
+    proc = dq("generate", "--model", tmp_path, "--prompt", "x", check=False)
+    assert proc.returncode == 2
+    assert error_line(proc) == (f"diffquant: error: {tmp_path}: not a pipeline directory (no "
+                                "model_index.json); give a directory written by save_pretrained "
+                                "or 'diffquant quantize'")
+
+
+def test_bad_spec_on_the_command_line(tiny, tmp_path):
+    proc = dq("quantize", tiny, tmp_path / "q", "--quantize", "torchao:int9", check=False)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert line.startswith("diffquant: error: bad --quantize SPEC 'torchao:int9': unknown torchao "
+                           "scheme 'int9'; write BACKEND:SCHEME[@COMPONENT,...]")
+    assert "bitsandbytes/bnb (nf4, fp4, nf4-dq" in line
+    assert not (tmp_path / "q").exists()
+
+
+RUN = ["--prompt", TINY_PROMPT, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32, "--quiet"]
+
+
+@contextlib.contextmanager
+def cli_state():
+    """Undo the process-wide settings cli.main makes for a command line (environment, logger
+    levels and handlers, warning filters), so running it in-process leaves pytest as it was."""
+    env = dict(os.environ)
+    names = ["", "diffquant", "torchao", "torch", "transformers", "bitsandbytes", "optimum",
+             "modelopt"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    handlers = list(logging.getLogger().handlers)
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        logging.getLogger().handlers[:] = handlers
+
+
+def main_in_process(*args) -> int:
+    """cli.main (the function the console script calls) in this process: no import cost."""
+    with cli_state():
+        return cli.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    """`diffquant quantize` output: the tiny pipeline with its transformer in GGUF Q4_0."""
+    dst = tmp_path_factory.mktemp("cli") / "pipe-q4"
+    assert main_in_process("quantize", tiny, dst, "--quantize", "gguf:q4_0", "--quiet") == 0
+    return dst
+
+
+def test_quantize_writes_a_self_describing_pipeline(tiny, saved, tmp_path, capsys):
+    config = json.loads((saved / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gguf"
+    assert config["quantization_config"]["quant_type"] == "Q4_0"
+    assert "quantization_config" not in json.loads((saved / "vae" / "config.json").read_text())
+    proc = dq("quantize", tiny, saved, "--quantize", "gguf:q4_0", check=False)
+    assert proc.returncode == 2
+    assert error_line(proc) == (f"diffquant: error: {saved}: exists and is not empty; choose "
+                                "another DST or pass --overwrite")
+    capsys.readouterr()
+    assert main_in_process("quantize", saved, tmp_path / "again", "--quantize", "gguf:q8_0") == 2
+    assert capsys.readouterr().err == (f"diffquant: error: {saved}: component 'transformer' is "
+                                       "already quantized (gguf); drop its --quantize SPEC, or "
+                                       "quantize the original pipeline\n")
+    # --overwrite replaces a non-empty DST; the summary says how to use the result
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    (dst / "old.txt").write_text("x")
+    assert main_in_process("quantize", tiny, dst, "--quantize", "gguf:q8_0", "-q", "--overwrite") == 0
+    config = json.loads((dst / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["quant_type"] == "Q8_0"
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {dst} (quantized gguf:q8_0 in ")
+    assert out.rstrip().endswith(f"diffquant generate --model {dst} --prompt ...")
+
+
+def test_inspect(saved, capsys):
+    capsys.readouterr()
+    assert main_in_process("inspect", saved, "--quiet") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["component", "class", "quantization", "parameters", "on", "disk",
+                                "in", "memory"]
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    assert set(rows) == {"scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                         "transformer", "vae", "total"}  # feature_extractor/image_encoder are null
+    assert rows["transformer"][1:4] == ["FluxTransformer2DModel", "gguf", "Q4_0"]
+    assert rows["vae"][1:3] == ["AutoencoderKL", "-"]
+    assert rows["text_encoder"][1:3] == ["CLIPTextModel", "-"]
+    assert rows["scheduler"][1:3] == ["FlowMatchEulerDiscreteScheduler", "-"]
+
+
+def test_compare_and_generate_from_the_saved_copy(tiny, saved, tmp_path):
+    """compare quantizes on load in a child; generate reloads the pre-quantized copy with no
+    configuration: the same seed gives the same image."""
+    grid = tmp_path / "grid.png"
+    proc = dq("compare", "--model", tiny, *RUN, "--quantize", "gguf:q4_0", "--out", grid)
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    assert lines[header].split() == ["variant", "load", "s", "peak", "RSS", "weights", "s/step",
+                                     "PSNR", "dB"]
+    ref, q4 = lines[header + 2].split(), lines[header + 3].split()
+    assert ref[0] == "unquantized" and ref[-1] == "ref"
+    assert q4[0] == "gguf:q4_0" and 10 < float(q4[-1]) < 100
+    assert Image.open(grid).size == (2 * (6 * len("unquantized") + 4) + 4, 32 + 14 + 8)
+    assert lines[-1] == f"wrote {grid} (and each image as grid-N-VARIANT.png beside it)"
+    reference = np.asarray(Image.open(tmp_path / "grid-0-unquantized.png"))
+    on_load = np.asarray(Image.open(tmp_path / "grid-1-gguf-q4_0.png"))
+    assert psnr(on_load, reference) == pytest.approx(float(q4[-1]), abs=0.01)
+
+    image = tmp_path / "reloaded.png"
+    out = dq("generate", "--model", saved, *RUN, "--out", image).stdout
+    assert out.startswith(f"wrote {image} (32x32, 2 steps, seed 3, load ")
+    assert np.array_equal(np.asarray(Image.open(image)), on_load)
