@@ -26,7 +26,8 @@ import torch
 
 from ..errors import QuantizationError
 from . import gguf_dequant as gd
-from .fast_linear import SMALL_ROWS, PreparedWeight, int4pack_matmul, pack_int4_cpu, scratch_buffer
+from .fast_linear import (SMALL_ROWS, PreparedWeight, chunk_rows, dequant_rows, int4pack_matmul,
+                          pack_int4_cpu, scratch_buffer)
 from .gguf_dequant import GGMLType
 
 QK_K = gd.QK_K
@@ -37,85 +38,109 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [...] -> (low, high) nibbles, each in a reused uint8 buffer of the same shape."""
-    lo = scratch_buffer(qs.shape, torch.uint8, qs.device, tag + "lo")
-    hi = scratch_buffer(qs.shape, torch.uint8, qs.device, tag + "hi")
-    return torch.bitwise_and(qs, 0x0F, out=lo), torch.bitwise_right_shift(qs, 4, out=hi)
+def _nibbles(b: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [R, G, size] (contiguous) -> (low, high) nibbles of every byte, same shape, in
+    reused buffers (whole rows at once: contiguous byte ops are vectorised, strided ones not)."""
+    shape = (most, *b.shape[1:])
+    lo = scratch_buffer(shape, torch.uint8, b.device, "gguf lo")[: b.shape[0]]
+    hi = scratch_buffer(shape, torch.uint8, b.device, "gguf hi")[: b.shape[0]]
+    return torch.bitwise_and(b, 0x0F, out=lo), torch.bitwise_right_shift(b, 4, out=hi)
 
 
-# -- dequantize into out [N, K]: blocks viewed as [N, G, type_size] ------------------------------
-def _dq_q8_0(b, out):
-    n, g = b.shape[:2]
-    torch.mul(b[..., 2:].view(torch.int8), _f16(b[..., :2]), out=out.view(n, g, 32))
+# -- fill t [R, K] float32 with the values of blocks b [R, G, type_size] ------------------------
+# Each is gguf_dequant's float32 math op for op (products of a half scale and a small code are
+# exact in float32; the one rounding is the same add). mul_/add_ with a broadcast [.., 1] scale
+# are vectorised; addcmul with broadcasts is not. Scales are decoded for the whole weight first
+# (``_scales_*``, small tensors), so each chunk costs only a few large ops.
+def _scales_half(b):
+    """[N, G, size] -> (d,) float32 [N, G, 1] from bytes 0:2 (Q8_0, Q4_0)."""
+    return (_f16(b[..., :2]),)
 
 
-def _dq_q4_0(b, out):
-    n, g = b.shape[:2]
-    d = _f16(b[..., :2])                                                  # [N, G, 1]
-    halves = out.view(n, g, 2, 16)                                        # element i, i + 16
-    lo, hi = _nibbles(b[..., 2:], "q4_0")                                 # [N, G, 16] each
-    # d * (u - 8) == d * u - 8 * d exactly in float32 (11-bit d, 4-bit u)
-    torch.addcmul(-8 * d, lo, d, out=halves[:, :, 0])
-    torch.addcmul(-8 * d, hi, d, out=halves[:, :, 1])
+def _dq_q8_0(b, t, sc, most):
+    r, g = b.shape[:2]
+    tv = t.view(r, g, 32)
+    tv.copy_(b[..., 2:].view(torch.int8))
+    tv.mul_(sc[0])
 
 
-def _dq_q4_1(b, out):
-    n, g = b.shape[:2]
-    d, m = _f16(b[..., :2]), _f16(b[..., 2:4])                            # [N, G, 1]
-    halves = out.view(n, g, 2, 16)
-    lo, hi = _nibbles(b[..., 4:], "q4_1")
-    torch.addcmul(m, lo, d, out=halves[:, :, 0])
-    torch.addcmul(m, hi, d, out=halves[:, :, 1])
+def _dq_q4_0(b, t, sc, most):
+    r, g = b.shape[:2]
+    lo, hi = _nibbles(b, most)
+    tv = t.view(r, g, 2, 16)                                              # element i, i + 16
+    tv[:, :, 0].copy_(lo[..., 2:])
+    tv[:, :, 1].copy_(hi[..., 2:])
+    t.view(r, g, 32).sub_(8).mul_(sc[0])                                  # d * (u - 8), exact
 
 
-def _q4_k_scales(b):
-    """[N, S, 144] blocks -> (scale, min) float32 [N, S, 8], one per 32-value sub-block."""
+def _scales_q4_1(b):
+    return _f16(b[..., :2]), _f16(b[..., 2:4])                            # d, m [N, G, 1]
+
+
+def _dq_q4_1(b, t, sc, most):
+    r, g = b.shape[:2]
+    lo, hi = _nibbles(b, most)
+    tv = t.view(r, g, 2, 16)
+    tv[:, :, 0].copy_(lo[..., 4:])
+    tv[:, :, 1].copy_(hi[..., 4:])
+    t.view(r, g, 32).mul_(sc[0]).add_(sc[1])                              # d * u exact, then + m
+
+
+def _scales_q4_k(b):
+    """[N, S, 144] blocks -> (scale, min) float32 [N, S, 8, 1], one per 32-value sub-block."""
     n, s = b.shape[:2]
     sc, mn = gd._scale_min_k4(b[..., 4:16].reshape(-1, 12))               # [N*S, 8] each
     d, dmin = _f16(b[..., :2]), _f16(b[..., 2:4])                         # [N, S, 1]
-    return d * sc.view(n, s, 8), dmin * mn.view(n, s, 8)
+    return (d * sc.view(n, s, 8)).unsqueeze(-1), (dmin * mn.view(n, s, 8)).unsqueeze(-1)
 
 
-def _dq_q4_k(b, out):
-    n, s = b.shape[:2]
-    ds, dm = _q4_k_scales(b)                                              # [N, S, 8]
-    ds, dm = ds.view(n, s, 4, 2, 1), -dm.view(n, s, 4, 2, 1)
-    # sub-block 2r holds the low nibbles of 32-byte run r, sub-block 2r + 1 the high ones
-    runs = out.view(n, s, 4, 2, 32)
-    lo, hi = _nibbles(b[..., 16:].view(n, s, 4, 32), "q4_k")
-    torch.addcmul(dm[:, :, :, 0], lo, ds[:, :, :, 0], out=runs[:, :, :, 0])
-    torch.addcmul(dm[:, :, :, 1], hi, ds[:, :, :, 1], out=runs[:, :, :, 1])
+def _dq_q4_k(b, t, sc, most):
+    r, s = b.shape[:2]
+    lo, hi = _nibbles(b, most)
+    # sub-block 2j holds the low nibbles of 32-byte run j, sub-block 2j + 1 the high ones
+    tv = t.view(r, s, 4, 2, 32)
+    tv[:, :, :, 0].copy_(lo[..., 16:].view(r, s, 4, 32))
+    tv[:, :, :, 1].copy_(hi[..., 16:].view(r, s, 4, 32))
+    t.view(r, s, 8, 32).mul_(sc[0]).sub_(sc[1])
 
 
-def _q6_k_codes(b):
-    """[N, S, 210] blocks -> signed codes int8 [N, S, 2, 4, 32] (q - 32), element order.
+def _q6_k_codes(b, most):
+    """[R, S, 210] blocks -> signed codes int8 [R, S, 2, 4, 32] (q - 32), in element order.
 
     Element 128h + 32c + l takes the low (c < 2) or high nibble of ql[64h + 32(c % 2) + l] and
     bits 2c..2c+1 of qh[32h + l] (ggml's dequantize_row_q6_K).
     """
-    n, s = b.shape[:2]
-    ql = b[..., :128].view(n, s, 2, 2, 32)
-    qh = b[..., 128:192].view(n, s, 2, 1, 32)
-    q = scratch_buffer((n, s, 2, 4, 32), torch.uint8, b.device, "q6_k")
+    r, s = b.shape[:2]
+    ql = b[..., :128].view(r, s, 2, 2, 32)
+    qh = b[..., 128:192].view(r, s, 2, 1, 32)
+    shape = (most, s, 2, 4, 32)
+    q = scratch_buffer(shape, torch.uint8, b.device, "q6_k")[:r]
+    high = scratch_buffer(shape, torch.uint8, b.device, "q6_k high")[:r]
     torch.bitwise_and(ql, 0x0F, out=q[:, :, :, :2])
     torch.bitwise_right_shift(ql, 4, out=q[:, :, :, 2:])
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(4, 1)
-    high = ((qh >> shifts) & 3) << 4                                      # [N, S, 2, 4, 32]
-    return q.bitwise_or_(high).view(torch.int8).sub_(32)
+    torch.bitwise_right_shift(qh, shifts, out=high)                       # [R, S, 2, 4, 32]
+    q.bitwise_or_(high.bitwise_and_(3).bitwise_left_shift_(4))
+    return q.view(torch.int8).sub_(32)
 
 
-def _dq_q6_k(b, out):
-    n, s = b.shape[:2]
+def _scales_q6_k(b):
+    """[N, S, 210] blocks -> float32 [N, S, 16, 1], one scale per 16 values."""
     d = _f16(b[..., 208:210])                                             # [N, S, 1]
-    scale = d * b[..., 192:208].view(torch.int8).float()                  # [N, S, 16]
-    q = _q6_k_codes(b).view(n, s, 16, 16)
-    torch.mul(q, scale.unsqueeze(-1), out=out.view(n, s, 16, 16))
+    return ((d * b[..., 192:208].view(torch.int8).float()).unsqueeze(-1),)
 
 
-_FAST = {GGMLType.Q8_0: (32, 34, _dq_q8_0), GGMLType.Q4_0: (32, 18, _dq_q4_0),
-         GGMLType.Q4_1: (32, 20, _dq_q4_1), GGMLType.Q4_K: (QK_K, 144, _dq_q4_k),
-         GGMLType.Q6_K: (QK_K, 210, _dq_q6_k)}
+def _dq_q6_k(b, t, sc, most):
+    r, s = b.shape[:2]
+    tv = t.view(r, s, 16, 16)
+    tv.copy_(_q6_k_codes(b, most).view(r, s, 16, 16))
+    tv.mul_(sc[0])
+
+
+# type -> (bytes per block, scales of the whole weight, chunk fill)
+_FAST = {GGMLType.Q8_0: (34, _scales_half, _dq_q8_0), GGMLType.Q4_0: (18, _scales_half, _dq_q4_0),
+         GGMLType.Q4_1: (20, _scales_q4_1, _dq_q4_1), GGMLType.Q4_K: (144, _scales_q4_k, _dq_q4_k),
+         GGMLType.Q6_K: (210, _scales_q6_k, _dq_q6_k)}
 
 
 def dequantize_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Tensor:
@@ -127,9 +152,16 @@ def dequantize_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Ten
     qtype = gd.ggml_type(qtype)
     if qtype not in _FAST:
         return out.copy_(gd.dequantize(blocks, qtype, torch.float32))
-    _, size, fn = _FAST[qtype]
-    fn(blocks.view(blocks.shape[0], -1, size), out)
-    return out
+    size, scales, fn = _FAST[qtype]
+    n, k = out.shape
+    most = chunk_rows(n, k, torch.float32, out.device)
+    b3 = blocks.contiguous().view(n, -1, size)                            # [N, G, size]
+    sc = scales(b3)
+
+    def fill(r0, r1, t):
+        fn(b3[r0:r1], t, [s[r0:r1] for s in sc], most)
+
+    return dequant_rows(out, torch.float32, fill)
 
 
 # -- int4pack codes for the few-row path ---------------------------------------------------------
@@ -155,7 +187,7 @@ def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, torch.Te
         return [(high, 16 * d, torch.zeros_like(d)), (low, d, 8 * d)]
     if qtype == GGMLType.Q4_K:
         b = blocks.view(n, -1, 144)
-        ds, dm = _q4_k_scales(b)
+        ds, dm = _scales_q4_k(b)
         qs = b[..., 16:].reshape(n, -1, 4, 32)
         codes = _pair_codes(qs & 0x0F, qs >> 4, n)
         ds, dm = ds.reshape(n, -1), dm.reshape(n, -1)

@@ -51,6 +51,7 @@ from . import int_quant as iq
 SMALL_ROWS = 16
 _PACKED_DTYPES = (torch.bfloat16, torch.float16)  # the packed kernels are slow in float32
 _F32_EPS = torch.finfo(torch.float32).eps
+_CHUNK_BYTES = 4 << 20  # a dequantization chunk's float32 temporary: stays in the L2/L3 caches
 
 
 # -- the reusable dequantization buffer ----------------------------------------------------------
@@ -77,6 +78,36 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
 def clear_scratch() -> None:
     """Free this thread's dequantization buffers (they are re-made on the next call)."""
     _scratch.pool = {}
+
+
+def chunk_rows(n: int, k: int, work_dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk of ``dequant_rows``: all of them off the CPU (one kernel launch each)."""
+    if torch.device(device).type != "cpu":
+        return n
+    return min(n, max(1, _CHUNK_BYTES // (k * work_dtype.itemsize)))
+
+
+def dequant_rows(out: torch.Tensor, work_dtype: torch.dtype,
+                 fill: Callable[[int, int, torch.Tensor], None]) -> torch.Tensor:
+    """Fill ``out`` [N, K] in row chunks: ``fill(r0, r1, t)`` writes rows r0:r1 into ``t``
+    [r1 - r0, K] of ``work_dtype``, which is then cast into ``out``.
+
+    Why chunks: on a CPU the few passes of a dequantization then run over one cache-sized chunk
+    instead of the whole weight, and only the final write reaches memory. Elementwise torch ops
+    are only vectorised when all operands share one dtype, so the math runs in ``work_dtype`` and
+    the casts are plain copies.
+    """
+    n, k = out.shape
+    rows = chunk_rows(n, k, work_dtype, out.device)
+    direct = out.dtype == work_dtype
+    tmp = None if direct else scratch_buffer((rows, k), work_dtype, out.device, "chunk")
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        t = out[r0:r1] if direct else tmp[: r1 - r0]
+        fill(r0, r1, t)
+        if not direct:
+            out[r0:r1].copy_(t)
+    return out
 
 
 def _weight_buffer(x: torch.Tensor, shape) -> torch.Tensor:
@@ -134,7 +165,7 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
     x2 = x.reshape(-1, w.in_features)                                    # [M, K]
     limit = w.small_rows if small_rows is None else small_rows
     if w.packed is not None and x2.shape[0] <= limit and x.dtype in _PACKED_DTYPES \
-            and x.device.type == "cpu":
+            and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
         y = w.packed(_aligned(x2))                                        # [M, N] in x.dtype
     else:
         buf = _weight_buffer(x, (w.out_features, w.in_features))          # [N, K] in x.dtype
@@ -249,14 +280,22 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     n, k = packed.shape[0], packed.shape[1] * 2
     groups = scale.shape[1]
     group = k // groups
-    lo_s, lo_z = scale.float(), (zero.float() - 8 * scale.float())      # w = u * scale + zero'
-    lo_s, lo_z = lo_s.unsqueeze(-1), lo_z.unsqueeze(-1)                   # [N, G, 1]
+    sdt = scale.dtype
+    scale3, zero3 = scale.unsqueeze(-1), zero.to(sdt).unsqueeze(-1)      # [N, G, 1]
+
+    def fill(r0, r1, t):                                                  # t [R, K] in scale dtype
+        rows = r1 - r0
+        most = chunk_rows(n, k, sdt, t.device)
+        codes = scratch_buffer((most, k // 2, 2), torch.uint8, t.device, "int4")[:rows]
+        torch.bitwise_and(packed[r0:r1], 0x0F, out=codes[..., 0])         # column 2j
+        torch.bitwise_right_shift(packed[r0:r1], 4, out=codes[..., 1])    # column 2j + 1
+        t.copy_(codes.view(torch.int8).sub_(8).view(rows, k))             # u - 8, exact
+        # the reference's bf16 math: (u - 8) * scale, rounded, + zero, rounded
+        tg = t.view(rows, groups, group)
+        tg.mul_(scale3[r0:r1]).add_(zero3[r0:r1])
 
     def dequant_into(out):                                                # out [N, K]
-        pairs = out.view(n, groups, group // 2, 2)                        # [N, G, g/2, lo|hi]
-        nib = packed.view(n, groups, group // 2)
-        torch.addcmul(lo_z, nib & 0x0F, lo_s, out=pairs[..., 0])
-        torch.addcmul(lo_z, nib >> 4, lo_s, out=pairs[..., 1])
+        dequant_rows(out, sdt, fill)
 
     fast = None
     if packed.device.type == "cpu" and group in (32, 64, 128, 256):
