@@ -142,7 +142,7 @@ def test_psnr_table_and_grid():
 def test_runtime_failure_is_one_line_exit_1(monkeypatch, capsys, tmp_path):
     def boom(args):
         raise RuntimeError("the device went away")
-    monkeypatch.setattr(cli, "cmd_inspect", boom)
+    monkeypatch.setattr(cli.commands, "cmd_inspect", boom)
     assert cli.main(["inspect", str(tmp_path)]) == 1
     assert capsys.readouterr().err == ("diffquant: error: RuntimeError: the device went away; "
                                        "rerun with --debug for the traceback\n")
@@ -186,7 +186,8 @@ def test_bad_spec_on_the_command_line(tiny, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-RUN = ["--prompt", TINY_PROMPT, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32, "--quiet"]
+RUN = ["--prompt", TINY_PROMPT, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32,
+       "--max-sequence-length", 16, "--quiet"]
 
 
 @contextlib.contextmanager

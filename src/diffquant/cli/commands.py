@@ -1,26 +1,20 @@
-"""The ``diffquant`` command line: generate | quantize | inspect | compare.
-
-Every command takes ``--quantize backend:scheme[@components]`` (see diffquant.spec) where it
-loads a pipeline. Errors print one line, ``diffquant: error: <cause>; <what to do>``, and exit
-with 2 for bad input and 1 for a runtime failure (``--debug`` shows the traceback).
+"""The work behind each ``diffquant`` command: load a pipeline with SPECs applied, run it,
+save it, describe it, compare variants (each in a child ``python -m diffquant generate``).
 
 Example:
-    $ diffquant generate --prompt "a red circle" --quantize torchao:int8wo --out out/a.png
-    $ diffquant quantize pipe/ pipe-int8/ --quantize torchao:int8wo
-    $ diffquant inspect pipe-int8/
+    >>> from diffquant.cli import build_parser
+    >>> args = build_parser().parse_args(["inspect", "pipe_dir"])      # doctest: +SKIP
+    >>> cmd_inspect(args)                                               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
-
-from .errors import CheckpointError, ConfigError, QuantizationError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -29,14 +23,9 @@ class UsageError(Exception):
     """Bad input found by the CLI itself (exit code 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors, as one line
-        hint = f"see '{self.prog} --help'"
-        raise UsageError(f"{message}; {hint}")
-
 
 # -- environment --------------------------------------------------------------------------
-def _quiet_libraries(quiet: bool, debug: bool) -> None:
+def quiet_libraries(quiet: bool, debug: bool) -> None:
     """Silence other libraries' import chatter (and progress bars with --quiet) before import."""
     import logging
     import warnings
@@ -44,6 +33,7 @@ def _quiet_libraries(quiet: bool, debug: bool) -> None:
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_<arg> defaults (>= 4.66)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    _STATE["quiet_loggers"] = not debug
     if debug:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
         return
@@ -52,10 +42,10 @@ def _quiet_libraries(quiet: bool, debug: bool) -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(levelname)s: %(message)s")
     logging.getLogger("diffquant").setLevel(logging.WARNING)
-    _QUIET_LOGGERS.extend(["torchao", "torch", "transformers", "bitsandbytes", "optimum", "modelopt"])
 
 
-_QUIET_LOGGERS: list[str] = []
+_STATE = {"quiet_loggers": False}
+QUIET_LOGGERS = ("torchao", "torch", "transformers", "bitsandbytes", "optimum", "modelopt")
 
 
 def _import_torch() -> None:
@@ -66,34 +56,27 @@ def _import_torch() -> None:
 
     import torch  # noqa: F401
 
-    for name in _QUIET_LOGGERS:
+    for name in QUIET_LOGGERS if _STATE["quiet_loggers"] else ():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _dtype(name: str):
     import torch
 
-    if name == "auto":
-        return None
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise UsageError(f"--dtype {name!r} is not a torch dtype; use bfloat16, float16 or float32")
-    return value
+    return None if name == "auto" else getattr(torch, name)
 
 
 def _device(name: str) -> str:
     import torch
 
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 # -- pipelines ----------------------------------------------------------------------------
 def _model_index(model) -> tuple[str, dict]:
     """(path or id, model_index.json) of ``model`` (None: the shipped default pipeline)."""
     if model is None:
-        from .assets import default_pipeline_path
+        from ..assets import default_pipeline_path
 
         model = str(default_pipeline_path())
     path = Path(model).expanduser()
@@ -103,7 +86,7 @@ def _model_index(model) -> tuple[str, dict]:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{model}: is a file, not a pipeline directory; give the directory "
                          "that holds model_index.json")
-    from .hub import resolve_file
+    from ..hub import resolve_file
 
     index_file = resolve_file(model, "model_index.json")
     if not index_file.is_file():
@@ -117,8 +100,8 @@ def _model_index(model) -> tuple[str, dict]:
 
 def _quant_config(specs: list[str] | None, model: str, index: dict):
     _import_torch()
-    from .hub import resolve_file
-    from .spec import build_quantization_config, parse_spec
+    from ..hub import resolve_file
+    from ..spec import build_quantization_config, parse_spec
 
     if not specs:
         return None
@@ -139,7 +122,7 @@ def load_pipeline(args, specs=None):
     """Load ``args.model`` with ``specs`` applied; returns (pipeline, load seconds)."""
     model, index = _model_index(args.model)
     quant = _quant_config(specs, model, index)
-    from .pipeline import DiffusionPipeline
+    from ..pipeline import DiffusionPipeline
 
     start = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_dtype(args.dtype),
@@ -158,12 +141,9 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
 
     import torch
 
+    # A CPU generator gives the same noise on every device, so images compare across machines.
     kwargs = dict(num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed),
-                  output_type="pil")
-    if args.height:
-        kwargs["height"] = args.height
-    if args.width:
-        kwargs["width"] = args.width
+                  output_type="pil", **{k: getattr(args, k) for k in RUN_SIZES if getattr(args, k)})
     stamps = []
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
         def on_step(_pipe, _step, _t, callback_kwargs):
@@ -179,15 +159,27 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
     return image, per_step
 
 
+# The shipped pipeline was trained at 64x64 with prompts of at most 16 tokens (see assets).
+RUN_SIZES = {"height": 64, "width": 64, "max_sequence_length": 16}
+
+
+def _default_sizes(args) -> None:
+    """Without --model, run at the shipped pipeline's trained sizes unless told otherwise."""
+    if args.model is None:
+        for key, value in RUN_SIZES.items():
+            setattr(args, key, getattr(args, key) or value)
+
+
 # -- commands -----------------------------------------------------------------------------
 def cmd_generate(args) -> int:
+    _default_sizes(args)
     pipe, load_s = load_pipeline(args, args.quantize)
     image, per_step = run_pipeline(pipe, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     if args.stats_json:  # written for `diffquant compare`, which runs each variant in a child
-        from .report import peak_gpu_bytes, peak_rss_bytes, weight_bytes
+        from ..report import peak_gpu_bytes, peak_rss_bytes, weight_bytes
 
         stats = {"load_s": load_s, "peak_rss": peak_rss_bytes(), "peak_gpu": peak_gpu_bytes(),
                  "weight_bytes": weight_bytes(pipe), "s_per_step": per_step}
@@ -213,13 +205,13 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .report import format_table, inspect_rows
+    from ..report import format_table, inspect_rows
+
+    from ..hub import resolve_dir
 
     model, index = _model_index(args.path)
     args.model = model
     pipe, _ = load_pipeline(args)
-    from .hub import resolve_dir
-
     header = ["component", "class", "quantization", "parameters", "on disk", "in memory"]
     print(format_table(header, inspect_rows(pipe, index, resolve_dir(model))))
     return EXIT_OK
@@ -237,9 +229,9 @@ def _child_command(args, model: str, specs: list[str], image: Path, stats: Path)
     cmd = [sys.executable, "-m", "diffquant", "generate", "--model", model, "--prompt", args.prompt,
            "--steps", str(args.steps), "--seed", str(args.seed), "--dtype", args.dtype,
            "--device", args.device, "--out", str(image), "--stats-json", str(stats)]
-    for flag in ("height", "width"):
-        if getattr(args, flag):
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+    for key in RUN_SIZES:
+        if getattr(args, key):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return cmd + [x for s in specs for x in ("--quantize", s)] + (["--quiet"] if args.quiet else [])
 
 
@@ -250,8 +242,9 @@ def cmd_compare(args) -> int:
 
     from PIL import Image
 
-    from .report import compare_table, image_grid
+    from ..report import compare_table, image_grid
 
+    _default_sizes(args)
     model, index = _model_index(args.model)
     variants = [[]] + [v.split("+") for v in args.quantize]
     for specs in variants[1:]:
@@ -279,133 +272,3 @@ def cmd_compare(args) -> int:
     return EXIT_OK
 
 
-# -- parser -------------------------------------------------------------------------------
-EPILOGS = {
-    "generate": """examples:
-  diffquant generate --prompt "a red circle above a blue square"
-  diffquant generate --prompt "a cat" --quantize torchao:int8wo --steps 4 --out out/cat.png
-  diffquant generate --model pipe/ --prompt "a cat" --quantize bnb:nf4@transformer,text_encoder_2""",
-    "quantize": """examples:
-  diffquant quantize pipe/ pipe-int8/ --quantize torchao:int8wo
-  diffquant quantize pipe/ pipe-mixed/ --quantize gguf:q4_0 --quantize quanto:int8@text_encoder_2""",
-    "inspect": """examples:
-  diffquant inspect pipe-int8/""",
-    "compare": """examples:
-  diffquant compare --prompt "a red circle" --quantize torchao:int8wo --quantize bnb:nf4
-  diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0 --out out/grid.png""",
-}
-SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: transformer), "
-             "e.g. torchao:int8wo, bnb:nf4@transformer,text_encoder_2, gguf:q4_0, quanto:int8, "
-             "modelopt:int8")
-
-
-def _common(parser, model_flag=True) -> None:
-    if model_flag:
-        parser.add_argument("--model", default=None, help="pipeline directory or hub id "
-                            "(default: the pipeline shipped with diffquant)")
-    parser.add_argument("--dtype", default="auto", help="torch dtype of the unquantized weights "
-                        "and compute: auto (the library's default), bfloat16, float16, float32")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-
-
-def _run_options(parser) -> None:
-    parser.add_argument("--prompt", required=True, help="text prompt")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--height", type=int, default=None, help="image height (pipeline default)")
-    parser.add_argument("--width", type=int, default=None, help="image width (pipeline default)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    flags = _Parser(add_help=False)
-    flags.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    flags.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    parser = _Parser(prog="diffquant", parents=[flags],
-                     description="Load, run, quantize, save and compare diffusion pipelines.",
-                     epilog="run 'diffquant COMMAND --help' for a command's options and examples")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    fmt = argparse.RawDescriptionHelpFormatter
-
-    gen = sub.add_parser("generate", parents=[flags], help="generate an image", epilog=EPILOGS["generate"],
-                         formatter_class=fmt, description="Generate one image, optionally quantized.")
-    _common(gen)
-    _run_options(gen)
-    gen.add_argument("--quantize", action="append", metavar="SPEC", help=SPEC_HELP)
-    gen.add_argument("--out", default="out/image.png", help="output PNG (default out/image.png)")
-    gen.add_argument("--stats-json", default=None, help=argparse.SUPPRESS)
-    gen.set_defaults(func=cmd_generate)
-
-    qua = sub.add_parser("quantize", parents=[flags], help="write a pre-quantized pipeline copy",
-                         epilog=EPILOGS["quantize"], formatter_class=fmt,
-                         description="Quantize SRC and save it to DST; DST loads with no configuration.")
-    qua.add_argument("src", metavar="SRC", help="pipeline directory or hub id")
-    qua.add_argument("dst", metavar="DST", help="directory to write")
-    qua.add_argument("--quantize", action="append", metavar="SPEC", required=True, help=SPEC_HELP)
-    qua.add_argument("--overwrite", action="store_true", help="save into DST even if it is not empty (save_pretrained replaces the weights)")
-    _common(qua, model_flag=False)
-    qua.set_defaults(func=cmd_quantize)
-
-    ins = sub.add_parser("inspect", parents=[flags], help="list components and their quantization",
-                         epilog=EPILOGS["inspect"], formatter_class=fmt,
-                         description="Show each component: class, quantization, parameters, "
-                                     "bytes on disk and in memory.")
-    ins.add_argument("path", metavar="PATH", help="pipeline directory or hub id")
-    _common(ins, model_flag=False)
-    ins.set_defaults(func=cmd_inspect)
-
-    cmp_ = sub.add_parser("compare", parents=[flags], help="compare quantization schemes",
-                          epilog=EPILOGS["compare"], formatter_class=fmt,
-                          description="Run the unquantized pipeline and each --quantize variant "
-                                      "with the same seed (each in its own process); write an "
-                                      "image grid and print time, memory and PSNR.")
-    _common(cmp_)
-    _run_options(cmp_)
-    cmp_.add_argument("--quantize", action="append", metavar="SPEC", required=True,
-                      help=SPEC_HELP + "; each flag is one variant (combine with '+')")
-    cmp_.add_argument("--out", default="out/compare.png", help="grid PNG (default out/compare.png)")
-    cmp_.set_defaults(func=cmd_compare)
-    return parser
-
-
-# -- entry point --------------------------------------------------------------------------
-def _exit_code(err: BaseException) -> int:
-    if isinstance(getattr(err, "exit_code", None), int):
-        return err.exit_code
-    if isinstance(err, (UsageError, ConfigError, CheckpointError, QuantizationError, FileNotFoundError)):
-        return EXIT_USAGE
-    return EXIT_RUNTIME
-
-
-def _one_line(err: BaseException, code: int) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    if code == EXIT_RUNTIME and not isinstance(err, ChildError):
-        text = f"{type(err).__name__}: {text}"
-        if "; " not in text:
-            text += "; rerun with --debug for the traceback"
-    return text
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (the console script exits with it)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command is None:
-            raise UsageError("no command given; run 'diffquant --help' for the commands "
-                             "(generate, quantize, inspect, compare)")
-        _quiet_libraries(args.quiet, args.debug)
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("diffquant: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
-        if debug:
-            raise
-        code = _exit_code(err)
-        stats = getattr(locals().get("args"), "stats_json", None)
-        if stats:  # a compare child: hand the error to the parent, which prints it once
-            Path(stats).write_text(json.dumps({"error": _one_line(err, code), "code": code}))
-        else:
-            print(f"diffquant: error: {_one_line(err, code)}", file=sys.stderr)
-        return code
