@@ -186,8 +186,7 @@ def test_bad_spec_on_the_command_line(tiny, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-RUN = ["--prompt", TINY_PROMPT, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32,
-       "--max-sequence-length", 16, "--quiet"]
+RUN = ["--prompt", TINY_PROMPT, "--steps", 2, "--seed", 3, "--max-sequence-length", 16, "--quiet"]
 
 
 @contextlib.contextmanager
@@ -269,7 +268,8 @@ def test_compare_and_generate_from_the_saved_copy(tiny, saved, tmp_path):
     """compare quantizes on load in a child; generate reloads the pre-quantized copy with no
     configuration: the same seed gives the same image."""
     grid = tmp_path / "grid.png"
-    proc = dq("compare", "--model", tiny, *RUN, "--quantize", "gguf:q4_0", "--out", grid)
+    proc = dq("compare", "--model", tiny, *RUN, "--height", 32, "--width", 32, "--quantize",
+              "gguf:q4_0", "--out", grid)
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
     assert lines[header].split() == ["variant", "load", "s", "peak", "RSS", "weights", "s/step",
@@ -283,7 +283,7 @@ def test_compare_and_generate_from_the_saved_copy(tiny, saved, tmp_path):
     on_load = np.asarray(Image.open(tmp_path / "grid-1-gguf-q4_0.png"))
     assert psnr(on_load, reference) == pytest.approx(float(q4[-1]), abs=0.01)
 
-    image = tmp_path / "reloaded.png"
+    image = tmp_path / "reloaded.png"  # no --height/--width: the VAE's sample_size, 32
     out = dq("generate", "--model", saved, *RUN, "--out", image).stdout
     assert out.startswith(f"wrote {image} (32x32, 2 steps, seed 3, load ")
     assert np.array_equal(np.asarray(Image.open(image)), on_load)

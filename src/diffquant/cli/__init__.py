@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from . import commands
-from .commands import EXIT_RUNTIME, EXIT_USAGE, RUN_SIZES, ChildError, UsageError
+from .commands import EXIT_RUNTIME, EXIT_USAGE, ChildError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,10 +64,11 @@ def _run_options(parser) -> None:
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    for key, value in RUN_SIZES.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
-                            help=f"{key.replace('_', ' ')} (default {value} for the shipped pipeline, "
-                                 "else the pipeline's own default)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the "
+                        "VAE's sample_size, 1024 for Flux, 64 for the shipped pipeline)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: as height)")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 prompt tokens "
+                        "(default: the T5 tokenizer's model_max_length, at most 512)")
 
 
 def _flags(default) -> argparse.ArgumentParser:

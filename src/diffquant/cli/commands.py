@@ -135,6 +135,25 @@ def load_pipeline(args, specs=None):
     return pipe, time.perf_counter() - start
 
 
+RUN_SIZES = ("height", "width", "max_sequence_length")
+
+
+def run_sizes(pipe, args) -> dict:
+    """--height/--width/--max-sequence-length, defaulting to what the pipeline was built for:
+    its VAE's sample_size (1024 for Flux, diffusers' own default) and its T5 tokenizer's
+    model_max_length (capped at diffusers' 512), so small pipelines run at their own size."""
+    import inspect
+
+    vae_size = dict(getattr(getattr(pipe, "vae", None), "config", None) or {}).get("sample_size")
+    vae_size = vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size
+    tokens = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    defaults = {"height": vae_size, "width": vae_size,
+                "max_sequence_length": min(tokens, 512) if isinstance(tokens, int) else None}
+    accepted = inspect.signature(pipe.__call__).parameters
+    sizes = {k: getattr(args, k) or defaults[k] for k in RUN_SIZES if k in accepted}
+    return {k: v for k, v in sizes.items() if isinstance(v, int)}
+
+
 def run_pipeline(pipe, args) -> tuple[object, float]:
     """One image for ``args.prompt``; returns (PIL image, seconds per denoising step)."""
     import inspect
@@ -143,7 +162,7 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
 
     # A CPU generator gives the same noise on every device, so images compare across machines.
     kwargs = dict(num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed),
-                  output_type="pil", **{k: getattr(args, k) for k in RUN_SIZES if getattr(args, k)})
+                  output_type="pil", **run_sizes(pipe, args))
     stamps = []
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
         def on_step(_pipe, _step, _t, callback_kwargs):
@@ -159,20 +178,8 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
     return image, per_step
 
 
-# The shipped pipeline was trained at 64x64 with prompts of at most 16 tokens (see assets).
-RUN_SIZES = {"height": 64, "width": 64, "max_sequence_length": 16}
-
-
-def _default_sizes(args) -> None:
-    """Without --model, run at the shipped pipeline's trained sizes unless told otherwise."""
-    if args.model is None:
-        for key, value in RUN_SIZES.items():
-            setattr(args, key, getattr(args, key) or value)
-
-
 # -- commands -----------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    _default_sizes(args)
     pipe, load_s = load_pipeline(args, args.quantize)
     image, per_step = run_pipeline(pipe, args)
     out = Path(args.out)
@@ -244,7 +251,6 @@ def cmd_compare(args) -> int:
 
     from ..report import compare_table, image_grid
 
-    _default_sizes(args)
     model, index = _model_index(args.model)
     variants = [[]] + [v.split("+") for v in args.quantize]
     for specs in variants[1:]:
