@@ -108,19 +108,24 @@ def _q6_k_codes(b, most):
     """[R, S, 210] blocks -> signed codes int8 [R, S, 2, 4, 32] (q - 32), in element order.
 
     Element 128h + 32c + l takes the low (c < 2) or high nibble of ql[64h + 32(c % 2) + l] and
-    bits 2c..2c+1 of qh[32h + l] (ggml's dequantize_row_q6_K).
+    bits 2c..2c+1 of qh[32h + l] (ggml's dequantize_row_q6_K). Byte ops run on whole contiguous
+    rows or on int32 words (four bytes at once, masks keep each byte's bits apart).
     """
     r, s = b.shape[:2]
-    ql = b[..., :128].view(r, s, 2, 2, 32)
-    qh = b[..., 128:192].view(r, s, 2, 1, 32)
     shape = (most, s, 2, 4, 32)
+    lo, hi = _nibbles(b, most)                                            # [R, S, 210] each
     q = scratch_buffer(shape, torch.uint8, b.device, "q6_k")[:r]
+    q[:, :, :, :2] = lo[..., :128].view(r, s, 2, 2, 32)
+    q[:, :, :, 2:] = hi[..., :128].view(r, s, 2, 2, 32)
+    qh = scratch_buffer((most, s, 2, 32), torch.uint8, b.device, "q6_k qh")[:r]
+    qh.copy_(b[..., 128:192].view(r, s, 2, 32))
+    qh32 = qh.view(torch.int32)                                           # [R, S, 2, 8]
     high = scratch_buffer(shape, torch.uint8, b.device, "q6_k high")[:r]
-    torch.bitwise_and(ql, 0x0F, out=q[:, :, :, :2])
-    torch.bitwise_right_shift(ql, 4, out=q[:, :, :, 2:])
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(4, 1)
-    torch.bitwise_right_shift(qh, shifts, out=high)                       # [R, S, 2, 4, 32]
-    q.bitwise_or_(high.bitwise_and_(3).bitwise_left_shift_(4))
+    high32 = high.view(torch.int32)                                       # [R, S, 2, 4, 8]
+    for c in range(4):
+        torch.bitwise_right_shift(qh32, 2 * c, out=high32[:, :, :, c])
+    high32.bitwise_and_(0x03030303).bitwise_left_shift_(4)
+    q.view(torch.int32).bitwise_or_(high32)
     return q.view(torch.int8).sub_(32)
 
 

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,19 +61,22 @@ _scratch = threading.local()  # one pool per thread: two threads never share a b
 
 def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                    tag: str = "weight") -> torch.Tensor:
-    """A buffer of ``shape`` that later calls with the same (shape, dtype, device, tag) get back.
+    """A tensor of ``shape`` over memory that later calls with the same (dtype, device, tag) get
+    back; it grows to the largest shape asked for and is never shrunk (``clear_scratch`` frees).
 
-    Layers run one after another, so all layers of one shape share one buffer: the memory cost
-    is one dequantized weight per distinct shape, not one per layer.
+    Layers run one after another, so all layers share one buffer per purpose: the memory cost is
+    one dequantized weight of the largest layer, not one per layer. Fresh allocations of this
+    size cost page faults on every call, which is what this saves.
     """
     pool = getattr(_scratch, "pool", None)
     if pool is None:
         pool = _scratch.pool = {}
-    key = (tuple(shape), dtype, torch.device(device), tag)
-    buf = pool.get(key)
-    if buf is None:
-        buf = pool[key] = torch.empty(shape, dtype=dtype, device=device)
-    return buf
+    key = (dtype, torch.device(device), tag)
+    numel = math.prod(shape)
+    flat = pool.get(key)
+    if flat is None or flat.numel() < numel:
+        flat = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return flat[:numel].view(shape)
 
 
 def clear_scratch() -> None:
@@ -286,9 +290,12 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     def fill(r0, r1, t):                                                  # t [R, K] in scale dtype
         rows = r1 - r0
         most = chunk_rows(n, k, sdt, t.device)
-        codes = scratch_buffer((most, k // 2, 2), torch.uint8, t.device, "int4")[:rows]
-        torch.bitwise_and(packed[r0:r1], 0x0F, out=codes[..., 0])         # column 2j
-        torch.bitwise_right_shift(packed[r0:r1], 4, out=codes[..., 1])    # column 2j + 1
+        # int16 words: low byte <- low nibble (column 2j), high byte <- high nibble (2j + 1)
+        codes = scratch_buffer((most, k // 2), torch.int16, t.device, "int4")[:rows]
+        high = scratch_buffer((most, k // 2), torch.int16, t.device, "int4 high")[:rows]
+        codes.copy_(packed[r0:r1])
+        torch.bitwise_left_shift(codes, 4, out=high).bitwise_and_(0x0F00)
+        codes.bitwise_and_(0x0F).bitwise_or_(high)
         t.copy_(codes.view(torch.int8).sub_(8).view(rows, k))             # u - 8, exact
         # the reference's bf16 math: (u - 8) * scale, rounded, + zero, rounded
         tg = t.view(rows, groups, group)
@@ -320,18 +327,23 @@ def prepare_int8_dynamic(qweight: torch.Tensor, scale: torch.Tensor) -> Int8Dyna
     return Int8DynamicWeight(qweight.t(), scale.reshape(-1).to(torch.float32))
 
 
-def quantize_rows_int8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(x2: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (int8 [M, K], float32 scale [M, 1]): torchao's per-token rule, bit for bit.
 
     amax / 127.5 is taken in x's dtype (as torchao); the product with 1/scale is in float32 and
-    is rounded and clamped in place, so the only full-size temporaries are one float32 and the
-    int8 result.
+    is rounded and clamped in place. With ``reuse`` the float32 temporary and the int8 result
+    live in this thread's scratch buffers (valid until the next call).
     """
+    m, k = x2.shape
     amax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # [M, 1], x dtype
     scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
-    t = torch.mul(x2, 1.0 / scale)                                       # [M, K] float32
-    t.round_().clamp_(-128, 127)
-    return t.to(torch.int8), scale
+    if not reuse:
+        t = torch.mul(x2, 1.0 / scale)                                   # [M, K] float32
+        return t.round_().clamp_(-128, 127).to(torch.int8), scale
+    t = scratch_buffer((m, k), torch.float32, x2.device, "act f32")
+    torch.mul(x2, 1.0 / scale, out=t)
+    q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
+    return q.copy_(t.round_().clamp_(-128, 127)), scale                 # exact integers: a cast
 
 
 def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
@@ -347,8 +359,12 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
     """
     k, n = w.qt.shape
     x2 = x.reshape(-1, k)                                                 # [M, K]
-    xq, xs = quantize_rows_int8(x2)                                       # [M, K], [M, 1]
-    acc = iq.int8_mm(xq, w.qt)                                            # int32 [M, N]
+    xq, xs = quantize_rows_int8(x2, reuse=True)                           # [M, K], [M, 1]
+    if x.device.type == "cpu":
+        acc = scratch_buffer((x2.shape[0], n), torch.int32, x.device, "act int32")
+        torch._int_mm(xq, w.qt, out=acc)                                  # [M, N]
+    else:
+        acc = iq.int8_mm(xq, w.qt)                                        # pads for CUDA's kernel
     y = torch.empty(acc.shape, dtype=x.dtype, device=x.device)
     torch.mul(acc, xs, out=y)                                             # float32 math, x dtype
     if x.dtype == torch.float32 or bias is None:
