@@ -26,8 +26,8 @@ import torch
 
 from ..errors import QuantizationError
 from . import gguf_dequant as gd
-from .fast_linear import (SMALL_ROWS, PreparedWeight, chunk_rows, dequant_rows, int4pack_matmul,
-                          pack_int4_cpu, scratch_buffer)
+from .fast_linear import (INT4_SMALL_ROWS, PreparedWeight, chunk_rows, dequant_rows,
+                          int4pack_matmul, pack_int4_cpu, scratch_buffer)
 from .gguf_dequant import GGMLType
 
 QK_K = gd.QK_K
@@ -175,7 +175,7 @@ def _pair_codes(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-2).reshape(n, -1)
 
 
-def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, ...]]:
     """uint8 blocks [N, bytes] -> [(codes [N, K] in 0..15, scale [N, K/32], zero [N, K/32])]
     such that the weight is the sum over the list of (codes - 8) * scale + zero per 32 columns.
     """
@@ -205,8 +205,14 @@ def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, torch.Te
     return [(codes, d, zero)]
 
 
-def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int = SMALL_ROWS) -> PreparedWeight:
+Q8_0_SMALL_ROWS = 32  # two int4 products per call: the packed path stops paying off sooner
+
+
+def prepare_gguf_weight(blocks: torch.Tensor, qtype,
+                        small_rows: int | None = None) -> PreparedWeight:
     """uint8 blocks [N, bytes] of GGUF type ``qtype`` -> PreparedWeight for ``linear_weight_only``.
+
+    ``small_rows``: up to how many rows the packed kernel is used (default per type, measured).
 
     Example:
         >>> import torch
@@ -228,5 +234,7 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int = SMALL_ROW
                                                  GGMLType.Q8_0):
         packs = [pack_int4_cpu(c, s, z, 32) for c, s, z in int4_codes(blocks, qtype)]
         packed = int4pack_matmul(n, 32, packs)
+    if small_rows is None:
+        small_rows = Q8_0_SMALL_ROWS if qtype == GGMLType.Q8_0 else INT4_SMALL_ROWS
     return PreparedWeight(n, k, dequant_into, None, packed, small_rows, f"gguf {qtype.name}",
                           blocks.device)

@@ -47,9 +47,11 @@ import torch.nn.functional as F
 from ..errors import QuantizationError
 from . import int_quant as iq
 
-# Up to this many rows the packed CPU kernels beat dequantize + matmul (bench/kernels.py measures
-# the crossover; on a 2-thread CPU at 3072x3072 it lies between 16 and 64 rows).
+# Up to this many rows the packed CPU kernels beat dequantize + matmul. Crossovers measured with
+# 2 threads at 3072x3072: int8 ~16 rows (its dequantization is a mere cast), int4 formats ~64-96,
+# GGUF Q8_0 (two int4 products) ~32-48. Re-measure with python -m bench.kernels --rows 16 32 64.
 SMALL_ROWS = 16
+INT4_SMALL_ROWS = 64
 _PACKED_DTYPES = (torch.bfloat16, torch.float16)  # the packed kernels are slow in float32
 _F32_EPS = torch.finfo(torch.float32).eps
 _CHUNK_BYTES = 4 << 20  # a dequantization chunk's float32 temporary: stays in the L2/L3 caches
@@ -142,7 +144,7 @@ class PreparedWeight:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The [N, K] weight in a fresh tensor (the out_scale applied), e.g. for ``dequantize()``."""
+        """The [N, K] weight in a fresh tensor, out_scale applied (for a layer's dequantize)."""
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.device)
         self.dequant_into(out)
         return out if self.out_scale is None else (out * self.out_scale[:, None]).to(dtype)
@@ -270,7 +272,7 @@ def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch
 
 
 def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                        small_rows: int = SMALL_ROWS) -> PreparedWeight:
+                        small_rows: int = INT4_SMALL_ROWS) -> PreparedWeight:
     """torchao int4 (tinygemm numbers): packed uint8 [N, K/2] (column 2j in the low nibble),
     scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero.
 

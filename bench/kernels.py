@@ -1,0 +1,120 @@
+"""Micro-benchmark of the fast quantized linear kernels (``diffquant.ops.fast_linear``).
+
+For each format and number of rows: milliseconds of a bf16 and a float32 ``F.linear``, of the
+format's reference forward (dequantize-then-matmul, as the backend layers do today) and of the
+fast path, with the ratio fast / bf16. The candidates are timed in turn, round after round, and
+the median is reported, so a loaded machine slows them alike.
+
+    python -m bench.kernels                       # 3072x3072 (Flux width), rows 1 16 256 1280
+    python -m bench.kernels --rows 1 64 --formats Q4_0 int8dq --reps 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+# Before torch loads: the thread count for OpenMP/MKL, and passive waiting, since spinning
+# OpenMP workers make timings meaningless on a machine shared with other processes.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from diffquant.ops import fast_gguf as fg  # noqa: E402
+from diffquant.ops import fast_linear as fl  # noqa: E402
+from diffquant.ops import gguf_dequant as gd  # noqa: E402
+from diffquant.ops import int_quant as iq  # noqa: E402
+
+BF16 = torch.bfloat16
+FORMATS = ("int8dq", "int8wo", "int4wo", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+
+
+def _kquant_blocks(n, k, qtype):
+    """Valid Q4_K/Q6_K blocks (gguf-py cannot quantize to them): random codes, sane scales."""
+    block, size = gd.BLOCK_LAYOUT[gd.ggml_type(qtype)]
+    b = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8)
+    for off in {"Q4_K": (0, 2), "Q6_K": (208,)}[qtype]:
+        b[..., off:off + 2] = (torch.rand(n, k // block, 1) * 0.01 + 0.001).half().view(torch.uint8)
+    return b.reshape(n, -1)
+
+
+def build(fmt: str, w: torch.Tensor, bias: torch.Tensor):
+    """w [N, K] float32 -> (reference forward, fast forward, packed-kernel rows), each forward
+    x [M, K] bf16 -> [M, N]."""
+    wb = w.to(BF16)
+    if fmt in ("int8dq", "int8wo"):
+        q, s = iq.int8_quantize_per_channel(wb)
+        if fmt == "int8dq":
+            p = fl.prepare_int8_dynamic(q, s)
+            return (lambda x: iq.int8_dynamic_linear(x, q, s, bias),
+                    lambda x: fl.linear_int8_dynamic(x, p, bias), None)
+        p = fl.prepare_int8_weight(q, s)
+        return (lambda x: iq.int8_weight_only_linear(x, q, s, bias),
+                lambda x: fl.linear_weight_only(x, p, bias), p.small_rows)
+    if fmt == "int4wo":
+        packed, scale, zero = iq.int4_quantize_groupwise(wb, 128)
+        p = fl.prepare_int4_weight(packed, scale, zero)
+        def ref(x):  # Int4WeightOnlyLinear.forward
+            return torch.matmul(x, iq.int4_dequantize(packed, scale, zero, BF16).t()) + bias
+
+        return ref, lambda x: fl.linear_weight_only(x, p, bias), p.small_rows
+    blocks = _kquant_blocks(*w.shape, fmt) if fmt in ("Q4_K", "Q6_K") else gd.quantize(w, fmt)
+    p = fg.prepare_gguf_weight(blocks, fmt)
+    return (lambda x: F.linear(x, gd.dequantize(blocks, fmt, BF16), bias),
+            lambda x: fl.linear_weight_only(x, p, bias), p.small_rows if p.packed else 0)
+
+
+def timed(fns: dict, reps: int) -> dict:
+    """Median milliseconds of each callable, timed in turn for ``reps`` rounds after a warm-up."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def table(fmt: str, n: int, k: int, rows, reps: int) -> str:
+    torch.manual_seed(0)
+    w, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.1
+    wb, bb = w.to(BF16), bias.to(BF16)
+    ref, fast, small = build(fmt, w, bb)
+    path = "int8 x int8 -> int32 matmul" if small is None else \
+        f"packed kernel up to {small} rows" if small else "always dequantize"
+    lines = [f"### {fmt} ({n}x{k}; fast path: {path})", "",
+             "| rows | bf16 ms | fp32 ms | reference ms | fast ms | fast / bf16 |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        x = torch.randn(m, k).to(BF16)
+        xf = x.float()
+        with torch.inference_mode():
+            ms = timed({"bf16": lambda: F.linear(x, wb, bb), "fp32": lambda: F.linear(xf, w, bias),
+                        "ref": lambda: ref(x), "fast": lambda: fast(x)}, reps)
+        lines.append(f"| {m} | {ms['bf16']:.2f} | {ms['fp32']:.2f} | {ms['ref']:.2f} | "
+                     f"{ms['fast']:.2f} | {ms['fast'] / ms['bf16']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=2, default=(3072, 3072), metavar=("N", "K"))
+    ap.add_argument("--rows", type=int, nargs="+", default=(1, 16, 256, 1280))
+    ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps}\n")
+    for fmt in args.formats:
+        print(table(fmt, *args.shape, args.rows, args.reps) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
