@@ -259,3 +259,13 @@ def test_small_rows_threshold_selects_the_path():
     packed = fl.linear_weight_only(x, prepared, small_rows=16)
     assert not torch.equal(packed, dequant)  # bf16 scales: a different rounding, so another path
     assert_bf16_close(packed, dequant, x, w)
+
+
+@pytest.mark.parametrize("qtype", ("Q8_0", "Q4_1"))
+def test_float16_activations_use_the_packed_kernel_with_cast_scales(qtype):
+    blocks = gguf_blocks(32, 64, qtype)
+    w = gd.dequantize(blocks, qtype, torch.float16)
+    x = _x(3, 64, torch.float16)
+    y = fl.linear_weight_only(x, fg.prepare_gguf_weight(blocks, qtype))
+    assert y.dtype == torch.float16
+    assert_bf16_close(y, F.linear(x, w), x, w)

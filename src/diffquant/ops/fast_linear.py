@@ -239,24 +239,25 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
 def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
     """codes [N, K] ints in [0, 15], scale/zero [N, K/group] float -> the int4pack kernel's inputs.
 
-    Returns (packed uint8 [N', K/2], scales_and_zeros float32 [K/group, N', 2]) with N padded to a
-    multiple of 16 (zero codes and scales, sliced off after the matmul).
+    Returns (packed uint8 [N', K/2], scales_and_zeros bf16 [K/group, N', 2]) with N padded to a
+    multiple of 16 (zero codes and scales, sliced off after the matmul). The kernel takes its
+    scales in the activations' dtype; bf16 is the usual one and the smallest to keep.
     """
     n, k = codes.shape
     pad = -n % 16
     codes = F.pad(codes.to(torch.int32), (0, 0, 0, pad))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack([scale.float(), zero.float()], dim=-1)              # [N, G, 2]
-    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()    # [G, N', 2]
-    return packed, sz
+    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return packed, sz                                                     # sz [G, N', 2]
 
 
 def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch.Tensor]:
     """The packed CPU product for ``packs`` = [(packed, scales_and_zeros)], summed over packs.
 
-    Scales are cast once per activation dtype (the kernel wants them in x's dtype).
+    Scales are cast once per other activation dtype (the kernel wants them in x's dtype).
     """
-    cast: dict = {}
+    cast: dict = {torch.bfloat16: packs}
 
     def run(x2):                                                          # [M, K] -> [M, N]
         pieces = cast.get(x2.dtype)
