@@ -25,7 +25,8 @@ mutation = st.one_of(
 )
 
 
-def _mutate(data: bytes, ops) -> bytes:
+def mutate(data: bytes, ops) -> bytes:
+    """Apply (kind, position, value) edits: flip a byte, cut the tail, insert a byte."""
     buf = bytearray(data)
     for kind, pos, val in ops:
         pos = min(pos, len(buf))
@@ -48,7 +49,7 @@ def _read_all(path):
 @given(st.lists(mutation, min_size=1, max_size=4))
 def test_mutated_safetensors_raise_only_diffquant_errors(ops):
     path = _dir / "mutated.safetensors"
-    path.write_bytes(_mutate(GOOD, ops))
+    path.write_bytes(mutate(GOOD, ops))
     try:
         _read_all(path)
     except DiffquantError:

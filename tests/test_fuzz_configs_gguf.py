@@ -12,6 +12,7 @@ import diffquant.quantizers as q
 from diffquant.errors import ConfigError, DiffquantError, QuantizationError
 from diffquant.gguf_file import GGUFFile, write_gguf
 from diffquant.ops.gguf_dequant import GGMLType, quantize
+from tests.test_fuzz_checkpoint import mutate
 
 CONFIG_CLASSES = sorted(set(q.AUTO_QUANTIZATION_CONFIG_MAPPING.values()), key=lambda c: c.__name__)
 module_lists = st.none() | st.lists(st.sampled_from(["proj_out", "blocks.0", "x_embedder", "*norm*",
@@ -61,17 +62,8 @@ GOOD = (_dir / "good.gguf").read_bytes()
 @given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.integers(0, len(GOOD)),
                           st.integers(1, 255)), min_size=1, max_size=4))
 def test_mutated_gguf_raises_only_diffquant_errors(ops):
-    buf = bytearray(GOOD)
-    for kind, pos, val in ops:
-        pos = min(pos, len(buf))
-        if kind == "flip" and pos < len(buf):
-            buf[pos] ^= val
-        elif kind == "cut":
-            del buf[pos:]
-        elif kind == "insert":
-            buf.insert(pos, val)
     path = _dir / "mutated.gguf"
-    path.write_bytes(bytes(buf))
+    path.write_bytes(mutate(GOOD, ops))
     try:
         with GGUFFile(path) as f:
             for name in list(f.tensors):
