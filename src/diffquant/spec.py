@@ -21,9 +21,7 @@ from .errors import ConfigError
 DEFAULT_COMPONENTS = ("transformer",)
 ALIASES = {"bnb": "bitsandbytes"}
 
-# CLI scheme name -> constructor kwargs of diffquant's config class. torchao, gguf and modelopt
-# take the scheme as their quant_type, so their lists come from the config classes themselves
-# when those declare one (see backend_schemes); these are the fallbacks.
+# bitsandbytes has no single scheme field, so its CLI names map to constructor kwargs here.
 _BNB_SCHEMES = {
     "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
     "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
@@ -32,15 +30,10 @@ _BNB_SCHEMES = {
     "int8": {"load_in_8bit": True},
 }
 _BNB_ALIASES = {"8bit": "int8", "llm.int8": "int8", "4bit": "nf4"}
-_FALLBACK_SCHEMES = {
-    "torchao": ["int8wo", "int8dq", "int4wo", "float8wo", "float8dq"],
-    "quanto": ["int8", "int4", "int2", "float8"],
-    "gguf": ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"],
-    "modelopt": ["int8", "int4", "fp8", "nf4", "nvfp4"],
-}
-# Attribute names a config class may use to declare its schemes (first one found wins).
-_SCHEME_ATTRS = ("supported_quant_types", "SUPPORTED_QUANT_TYPES", "_SUPPORTED_QUANT_TYPES",
-                 "QUANT_TYPES", "QUANTIZABLE_TYPES", "QUANT_TYPE_BITS", "supported_weights_dtypes", "SUPPORTED_WEIGHTS_DTYPES")
+# The other backends take the scheme as one field; each backend file declares the values it
+# runs under this module-level name (names, a dict keyed by name, or enum members).
+_DECLARED = {"torchao": "SCHEMES", "gguf": "QUANTIZABLE_TYPES", "modelopt": "QUANT_TYPE_BITS",
+             "quanto": "WEIGHTS_DTYPES"}
 
 
 @dataclass(frozen=True)
@@ -70,24 +63,13 @@ def config_class(backend: str):
 
 
 def backend_schemes(backend: str) -> list[str]:
-    """The CLI scheme names of ``backend``, from its config class where it declares them."""
+    """The CLI scheme names of ``backend``, as its backend file declares them."""
     if backend == "bitsandbytes":
         return list(_BNB_SCHEMES)
-    try:
-        cls = config_class(backend)
-    except ConfigError:
-        return _FALLBACK_SCHEMES.get(backend, [])
-    module = sys.modules.get(cls.__module__)
-    if isinstance(getattr(module, "SCHEMES", None), dict):  # torchao: short names, not the
-        return [k for k in module.SCHEMES if "_only" not in k and "_activation" not in k]  # long aliases
-    for owner, attr in [(o, a) for o in (cls, module) for a in _SCHEME_ATTRS]:
-        declared = getattr(owner, attr, None)
-        if callable(declared):
-            declared = declared()
-        if declared:  # names, or enum members such as GGMLQuantizationType.Q4_0
-            names = [str(s if isinstance(s, str) else getattr(s, "name", s)).lower() for s in declared]
-            return sorted(set(names), key=names.index)
-    return _FALLBACK_SCHEMES.get(backend, [])
+    declared = getattr(sys.modules.get(config_class(backend).__module__), _DECLARED.get(backend, ""), ())
+    names = [str(s if isinstance(s, str) else getattr(s, "name", s)).lower() for s in declared]
+    # torchao also accepts diffusers' long aliases ("int8_weight_only"); list the short names.
+    return [n for n in dict.fromkeys(names) if "_only" not in n and "_activation" not in n]
 
 
 def grammar_help() -> str:

@@ -56,7 +56,7 @@ def _common(parser, model_flag=True) -> None:
         parser.add_argument("--model", default=None, help="pipeline directory or hub id "
                             "(default: the pipeline shipped with diffquant)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="dtype of the unquantized weights and compute (default: as loaded)")
+                        help="dtype of unquantized weights and compute (auto: float32 on CPU, else bfloat16)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
 
 
