@@ -30,13 +30,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; {hint}")
 
 
-
 # -- parser -------------------------------------------------------------------------------
 EPILOGS = {
     "generate": """examples:
   diffquant generate --prompt "a red circle above a blue square"
-  diffquant generate --prompt "a cat" --quantize torchao:int8wo --steps 4 --out out/cat.png
-  diffquant generate --model pipe/ --prompt "a cat" --quantize bnb:nf4@transformer,text_encoder_2""",
+  diffquant generate --prompt "a green triangle" --quantize torchao:int8wo --out out/tri.png
+  diffquant generate --model pipe/ --prompt "a cat" --quantize bnb:nf4@transformer,text_encoder_2
+  diffquant generate --model pipe-int8/ --prompt "a cat"      # pre-quantized: no --quantize""",
     "quantize": """examples:
   diffquant quantize pipe/ pipe-int8/ --quantize torchao:int8wo
   diffquant quantize pipe/ pipe-mixed/ --quantize gguf:q4_0 --quantize quanto:int8@text_encoder_2""",
@@ -44,11 +44,13 @@ EPILOGS = {
   diffquant inspect pipe-int8/""",
     "compare": """examples:
   diffquant compare --prompt "a red circle" --quantize torchao:int8wo --quantize bnb:nf4
-  diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0 --out out/grid.png""",
+  diffquant compare --prompt "a blue square" --quantize gguf:q4_0 --out out/grid.png
+  diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0+quanto:int8@text_encoder_2""",
 }
 SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: transformer), "
              "e.g. torchao:int8wo, bnb:nf4@transformer,text_encoder_2, gguf:q4_0, quanto:int8, "
-             "modelopt:int8")
+             "modelopt:int8 (bnb = bitsandbytes: nf4, fp4, nf4-dq, fp4-dq, int8); an unknown one "
+             "is answered with every backend and scheme")
 
 
 def _common(parser, model_flag=True) -> None:

@@ -23,7 +23,6 @@ class UsageError(Exception):
     """Bad input found by the CLI itself (exit code 2)."""
 
 
-
 # -- environment --------------------------------------------------------------------------
 def quiet_libraries(quiet: bool, debug: bool) -> None:
     """Silence other libraries' import chatter (and progress bars with --quiet) before import."""
@@ -261,7 +260,8 @@ def _child_command(args, model: str, specs: list[str], image: Path, stats: Path)
     for key in RUN_SIZES:
         if getattr(args, key):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    return cmd + [x for s in specs for x in ("--quantize", s)] + (["--quiet"] if args.quiet else [])
+    return cmd + [x for s in specs for x in ("--quantize", s)] + \
+        (["--quiet"] if args.quiet else []) + (["--debug"] if args.debug else [])
 
 
 def cmd_compare(args) -> int:
