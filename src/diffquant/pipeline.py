@@ -182,6 +182,11 @@ class DiffusionPipeline:
                            variant=variant, use_safetensors=use_safetensors,
                            device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage)
         components = {}
+        # Every class and quantization config first: a bad entry, or a config that a component's
+        # library rejects, fails before any component is loaded (and quantized).
+        classes = {n: _resolve_class(index_path, n, entries[n]) for n in expected
+                   if n in entries and n not in kwargs}
+        load_kwargs["quant_configs"] = _resolve_quant_configs(quantization_config, classes)
         from tqdm.auto import tqdm
 
         # One bar over the components, as diffusers shows; the postfix names the one loading
@@ -192,9 +197,8 @@ class DiffusionPipeline:
             if name in kwargs:
                 components[name] = kwargs[name]
             elif name in entries:
-                component_cls = _resolve_class(index_path, name, entries[name])
-                components[name] = None if component_cls is None else \
-                    _load_component(root, index_path, name, component_cls, load_kwargs)
+                components[name] = None if classes[name] is None else \
+                    _load_component(root, index_path, name, classes[name], load_kwargs)
             elif params[name].default is inspect.Parameter.empty:
                 raise ConfigError(f"{index_path}: {pipeline_cls.__name__} needs component {name!r}, "
                                   f"which the file does not list; pass {name}=... to provide it")
@@ -227,11 +231,14 @@ class DiffusionPipeline:
         if not safe_serialization:
             raise ValueError("safe_serialization=False: diffquant writes only safetensors "
                              "(pickle files can run code when loaded)")
-        for name, module in self._modules():
-            quantizer = getattr(module, "hf_quantizer", None)
-            if quantizer is not None and not getattr(quantizer, "is_serializable", True):
-                raise QuantizationError(f"component {name!r} is quantized with a scheme that cannot be "
-                                        "saved; dequantize() it or reload the original checkpoint")
+        for name, module in self._modules():  # refuse before anything is written
+            if not _is_serializable(module):
+                method = module.hf_quantizer.quantization_config.quant_method
+                raise QuantizationError(
+                    f"component {name!r} ({type(module).__name__}) is quantized with "
+                    f"{getattr(method, 'value', method)} by {_library_of(module)}, which cannot save "
+                    "it; dequantize() it, quantize it with a backend that saves (e.g. torchao), or "
+                    "reload the original checkpoint")
         index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
         with atomic_directory(save_directory) as tmp:
             for name, obj in self.components.items():
@@ -353,10 +360,33 @@ class DiffusionPipeline:
         self._progress_bar_config = dict(kwargs)
 
 
+def _is_serializable(module: nn.Module) -> bool:
+    quantizer = getattr(module, "hf_quantizer", None)
+    flag = getattr(quantizer, "is_serializable", True)
+    # diffquant's quantizers have an is_serializable property, transformers' a method
+    return bool(flag() if callable(flag) else flag)
+
+
 def _device_of(module: nn.Module) -> torch.device | None:
     for p in module.parameters():
         return p.device
     return None
+
+
+def _resolve_quant_configs(pipeline_config, classes: dict) -> dict:
+    """{component name: quantization config} for the nn.Module components the config selects."""
+    if pipeline_config is None:
+        return {}
+    from .modeling import ModelMixin
+
+    configs = {}
+    for name, cls in classes.items():
+        if cls is not None and issubclass(cls, nn.Module):
+            config = pipeline_config._resolve_quant_config(is_diffusers=issubclass(cls, ModelMixin),
+                                                           module_name=name)
+            if config is not None:
+                configs[name] = config
+    return configs
 
 
 def _load_component(root: Path, index_path: Path, name: str, component_cls, kw: dict):
@@ -372,11 +402,8 @@ def _load_component(root: Path, index_path: Path, name: str, component_cls, kw: 
     args = {"variant": kw["variant"], "use_safetensors": kw["use_safetensors"]}
     if kw["device_map"] is not None:
         args["device_map"] = kw["device_map"]
-    pipeline_config = kw["quantization_config"]
-    if pipeline_config is not None:
-        config = pipeline_config._resolve_quant_config(is_diffusers=is_ours, module_name=name)
-        if config is not None:
-            args["quantization_config"] = config
+    if name in kw["quant_configs"]:
+        args["quantization_config"] = kw["quant_configs"][name]
     dtype = _component_dtype(kw["torch_dtype"], name)
     if is_ours:
         return component_cls.from_pretrained(folder, torch_dtype=dtype,

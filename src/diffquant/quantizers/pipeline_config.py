@@ -124,18 +124,34 @@ class PipelineQuantizationConfig:
                 raise ConfigError(f"component {module_name!r} is a transformers model, and transformers "
                                   f"has no {self.quant_backend!r} backend; leave it out of "
                                   "components_to_quantize or use quant_mapping")
-            config = self._build(mapping[self.quant_backend], module_name)
+            config = self._build(mapping[self.quant_backend], module_name, is_diffusers)
         else:
             return None
         self.config_mapping[module_name] = config
         return config
 
-    def _build(self, cls, module_name):
+    def _build(self, cls, module_name, is_diffusers=True):
+        if is_diffusers:
+            try:
+                return cls(**self.quant_kwargs)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"component {module_name!r}: {cls.__name__}(**{self.quant_kwargs}) "
+                                  f"failed: {err}") from err
+        what = (f"component {module_name!r} is a transformers model: transformers' "
+                f"{cls.__name__} (backend {self.quant_backend!r})")
+        todo = (f"give it a transformers config object instead, quant_mapping={{{module_name!r}: "
+                f"transformers.{cls.__name__}(...), ...}}, or leave it out of components_to_quantize")
+        # transformers' configs swallow unknown names in **kwargs: one it does not name (diffquant's
+        # QuantoConfig weights_dtype= vs transformers' weights=) would be silently ignored.
+        names, _ = _init_names(cls)
+        bad = sorted(set(self.quant_kwargs) - names)
+        if bad:
+            raise ConfigError(f"{what} does not take quant_kwargs {bad} (it takes {sorted(names)}); "
+                              f"{todo}")
         try:
             return cls(**self.quant_kwargs)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"component {module_name!r}: {cls.__name__}(**{self.quant_kwargs}) "
-                              f"failed: {err}") from err
+            raise ConfigError(f"{what} rejects quant_kwargs {self.quant_kwargs}: {err}; {todo}") from err
 
     def requested_components(self) -> set[str]:
         """Names the caller asked for explicitly (to warn about those a pipeline lacks)."""
