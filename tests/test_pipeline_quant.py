@@ -9,6 +9,7 @@ same quantization.
 What transformers 5.23 can do on a CPU (found out, and pinned by these tests):
 - its TorchAoConfig no longer takes a string quant type ("int8wo" raises ValueError), but with a
   torchao config object (Int8WeightOnlyConfig()) it quantizes a T5 on a CPU, and saves/reloads it;
+  diffquant's global mode translates the name into that object (TorchAoConfig.transformers_kwargs);
 - its QuantoConfig(weights="int8") quantizes and runs on a CPU, but cannot be saved;
 - diffusers 0.42.1 refuses global mode for torchao and quanto (its config signatures differ from
   transformers'), so the diffusers side of the parity test uses quant_mapping.
@@ -86,9 +87,9 @@ def ref_image(plain):
 
 @pytest.fixture(scope="module")
 def global_pq():
-    # a torchao config object is the one quant_type both diffquant's and transformers' take
+    # the DESIGN example: a scheme name, translated to a torchao object for the text encoder
     return PipelineQuantizationConfig(quant_backend="torchao",
-                                      quant_kwargs={"quant_type": Int8WeightOnlyConfig()},
+                                      quant_kwargs={"quant_type": "int8wo"},
                                       components_to_quantize=BOTH)
 
 
@@ -131,41 +132,28 @@ def test_global_mode_quantizes_each_component_with_its_librarys_config(global_pi
     assert 0 < diff < INT8_ATOL, diff
 
 
-def test_global_mode_string_quant_type_is_refused_for_the_text_encoder(pipe_dir, monkeypatch):
-    # transformers 5.23's TorchAoConfig takes only torchao config objects; the error comes before
-    # any component is loaded, and says what to do.
-    import diffquant.pipeline as pipeline_module
-
-    loads = []
-    monkeypatch.setattr(pipeline_module, "_load_component", lambda *a: loads.append(a))
+def test_global_mode_string_quant_type_is_translated_for_the_text_encoder():
+    # transformers 5.23's TorchAoConfig takes only torchao config objects ("int8wo" raises there);
+    # diffquant turns the scheme name into the object, so the DESIGN example works as written.
     pq = PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
                                     components_to_quantize=BOTH)
-    with pytest.raises(ConfigError, match=(
-            r"component 'text_encoder_2' is a transformers model: transformers' TorchAoConfig "
-            r"\(backend 'torchao'\) rejects quant_kwargs \{'quant_type': 'int8wo'\}: String-based "
-            r"quantization type 'int8wo' is no longer supported.*; give it a transformers config "
-            r"object instead, quant_mapping=\{'text_encoder_2': transformers.TorchAoConfig\(\.\.\.\), "
-            r"\.\.\.\}, or leave it out of components_to_quantize")):
-        DiffusionPipeline.from_pretrained(pipe_dir, quantization_config=pq)
-    assert loads == []
-    # the string form still works where only diffquant models are quantized
-    only = PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
-                                      components_to_quantize=["transformer"])
-    assert only._resolve_quant_config(module_name="transformer") == TorchAoConfig("int8wo")
+    assert pq._resolve_quant_config(module_name="transformer") == TorchAoConfig("int8wo")
+    theirs = pq._resolve_quant_config(is_diffusers=False, module_name="text_encoder_2")
+    assert type(theirs) is transformers.TorchAoConfig
+    assert type(theirs.quant_type) is Int8WeightOnlyConfig
+    int4 = PipelineQuantizationConfig(quant_backend="torchao",
+                                      quant_kwargs={"quant_type": "int4wo", "group_size": 64})
+    assert int4._resolve_quant_config(is_diffusers=False, module_name="text_encoder_2").quant_type.group_size == 64
 
 
-def test_global_mode_rejects_kwargs_one_library_names_differently():
+def test_global_mode_translates_kwargs_one_library_names_differently():
     # diffquant's QuantoConfig says weights_dtype=, transformers' says weights= (and would
-    # silently swallow weights_dtype= in its **kwargs)
+    # silently swallow weights_dtype= in its **kwargs): the name is translated
     pq = PipelineQuantizationConfig(quant_backend="quanto", quant_kwargs={"weights_dtype": "int8"},
                                     components_to_quantize=BOTH)
     assert pq._resolve_quant_config(module_name="transformer").weights_dtype == "int8"
-    with pytest.raises(ConfigError, match=(
-            r"component 'text_encoder_2' is a transformers model: transformers' QuantoConfig "
-            r"\(backend 'quanto'\) does not take quant_kwargs \['weights_dtype'\] \(it takes "
-            r"\['activations', 'modules_to_not_convert', 'weights'\]\); give it a transformers config "
-            r"object instead, quant_mapping=\{'text_encoder_2': transformers.QuantoConfig")):
-        pq._resolve_quant_config(is_diffusers=False, module_name="text_encoder_2")
+    theirs = pq._resolve_quant_config(is_diffusers=False, module_name="text_encoder_2")
+    assert type(theirs) is transformers.QuantoConfig and theirs.weights == "int8"
     with pytest.raises(ConfigError, match=(
             r"quant_kwargs \['weights'\] are not accepted by diffquant.quantizers.quanto.QuantoConfig "
             r"\(takes \['modules_to_not_convert', 'weights_dtype'\]\); use quant_mapping")):

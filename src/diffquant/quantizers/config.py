@@ -104,6 +104,15 @@ class QuantizationConfigMixin:
         return (obj, {}) if return_unused_kwargs else obj
 
     @classmethod
+    def transformers_kwargs(cls, quant_kwargs: dict) -> dict:
+        """``quant_kwargs`` for this backend's config class in transformers (the text encoders).
+
+        PipelineQuantizationConfig's global mode uses it, so one set of kwargs quantizes
+        diffquant and transformers components alike; backends whose names differ override it.
+        """
+        return dict(quant_kwargs)
+
+    @classmethod
     def cpu_examples(cls) -> list["QuantizationConfigMixin"]:
         """Example configs of this backend that run on a CPU; the contract tests use every one."""
         return []

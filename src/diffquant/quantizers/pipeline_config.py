@@ -82,22 +82,21 @@ class PipelineQuantizationConfig:
                               f"diffquant backends: {sorted(ours)}")
         # diffusers demands identical __init__ signatures; we only demand that every given
         # kwarg is accepted by both classes, and name the one that is not.
-        classes = [ours[backend]] + ([theirs[backend]] if backend in theirs else [])
-        for cls in classes:
-            names, takes_any = _init_names(cls)
-            bad = sorted(set(self.quant_kwargs) - names)
-            if bad and takes_any and cls is ours[backend]:
-                # a config taking **kwargs (TorchAoConfig's group_size) checks them itself, by name
-                try:
-                    cls(**self.quant_kwargs)
-                except (TypeError, ValueError) as err:
-                    raise ConfigError(f"PipelineQuantizationConfig: quant_kwargs {bad} are not accepted "
-                                      f"by {cls.__module__}.{cls.__name__}: {err}") from err
-                continue
-            if bad and not (takes_any and cls is not ours[backend]):
-                raise ConfigError(f"PipelineQuantizationConfig: quant_kwargs {bad} are not accepted by "
-                                  f"{cls.__module__}.{cls.__name__} (takes {sorted(names)}); "
-                                  "use quant_mapping with a config object per component instead")
+        cls = ours[backend]
+        names, takes_any = _init_names(cls)
+        bad = sorted(set(self.quant_kwargs) - names)
+        if bad and not takes_any:
+            raise ConfigError(f"PipelineQuantizationConfig: quant_kwargs {bad} are not accepted by "
+                              f"{cls.__module__}.{cls.__name__} (takes {sorted(names)}); "
+                              "use quant_mapping with a config object per component instead")
+        try:  # a config taking **kwargs (TorchAoConfig's group_size) checks them itself, by name
+            cls(**self.quant_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"PipelineQuantizationConfig: quant_kwargs {bad or self.quant_kwargs} "
+                              f"are not accepted by {cls.__module__}.{cls.__name__}: {err}") from err
+        # transformers' side is checked when a transformers component resolves (_build): the kwargs
+        # are translated to its names first, so one set of kwargs serves both libraries, where
+        # diffusers demands identical __init__ signatures.
 
     def _validate_mapping(self) -> None:
         if not isinstance(self.quant_mapping, dict):
@@ -141,17 +140,19 @@ class PipelineQuantizationConfig:
                 f"{cls.__name__} (backend {self.quant_backend!r})")
         todo = (f"give it a transformers config object instead, quant_mapping={{{module_name!r}: "
                 f"transformers.{cls.__name__}(...), ...}}, or leave it out of components_to_quantize")
-        # transformers' configs swallow unknown names in **kwargs: one it does not name (diffquant's
-        # QuantoConfig weights_dtype= vs transformers' weights=) would be silently ignored.
+        # our kwargs, in transformers' names (diffquant's QuantoConfig weights_dtype= is its weights=;
+        # a torchao scheme name becomes the torchao config object transformers 5 requires)
+        kwargs = AUTO_QUANTIZATION_CONFIG_MAPPING[self.quant_backend].transformers_kwargs(self.quant_kwargs)
+        # transformers' configs swallow unknown names in **kwargs: refuse one it does not name
         names, _ = _init_names(cls)
-        bad = sorted(set(self.quant_kwargs) - names)
+        bad = sorted(set(kwargs) - names)
         if bad:
             raise ConfigError(f"{what} does not take quant_kwargs {bad} (it takes {sorted(names)}); "
                               f"{todo}")
         try:
-            return cls(**self.quant_kwargs)
+            return cls(**kwargs)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{what} rejects quant_kwargs {self.quant_kwargs}: {err}; {todo}") from err
+            raise ConfigError(f"{what} rejects quant_kwargs {kwargs}: {err}; {todo}") from err
 
     def requested_components(self) -> set[str]:
         """Names the caller asked for explicitly (to warn about those a pipeline lacks)."""

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
+from ..ops import fast_formats as ff
+from ..ops import fast_linear as fl
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod
@@ -65,6 +67,14 @@ class QuantoConfig(QuantizationConfigMixin):
     @property
     def bits(self) -> int:
         return _BITS[self.weights_dtype]
+
+    @classmethod
+    def transformers_kwargs(cls, quant_kwargs: dict) -> dict:
+        """transformers' QuantoConfig calls ``weights_dtype`` ``weights``."""
+        out = dict(quant_kwargs)
+        if "weights_dtype" in out:
+            out["weights"] = out.pop("weights_dtype")
+        return out
 
     @classmethod
     def cpu_examples(cls) -> list["QuantoConfig"]:
@@ -209,9 +219,19 @@ class QuantoLinear(QuantizedLinear):
         return dequantize_bits(self.weight_data, self.weight_scale, self.weight_shift, self.bits,
                                shape)
 
+    def _prepare(self):
+        if self.bits == 8:  # weight_scale [out, 1] * weight_data, or quanto's own int8pack kernel
+            return ff.prepare_row_scaled(self.weight_data, self.weight_scale)
+        return ff.prepare_quanto_bits(self.weight_data, self.weight_scale, self.weight_shift,
+                                      self.bits, (self.out_features, self.in_features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight_scale.dtype)  # quanto computes in its scale (= model) dtype
-        if self.bits != 8:
+        if self.use_fast_path(x):  # same math in reused buffers; packed kernels for few rows
+            w = self.fast_weight(self._prepare, self.weight_data, self.weight_scale,
+                                 *(() if self.bits == 8 else (self.weight_shift,)))
+            out = fl.linear_weight_only(x, w)
+        elif self.bits != 8:
             out = F.linear(x, self.dequantized_weight())
         else:
             _quanto()  # registers torch.ops.quanto

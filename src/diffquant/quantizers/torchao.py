@@ -31,6 +31,8 @@ import logging
 import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
+from ..ops import fast_formats as ff
+from ..ops import fast_linear as fl
 from ..ops import int_quant as iq
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
@@ -164,6 +166,20 @@ class TorchAoConfig(QuantizationConfigMixin):
         return (obj, {}) if return_unused_kwargs else obj
 
     @classmethod
+    def transformers_kwargs(cls, quant_kwargs: dict) -> dict:
+        """transformers 5 takes only torchao config objects: turn a scheme name into its object."""
+        out = dict(quant_kwargs)
+        if not isinstance(out.get("quant_type"), str):
+            return out
+        ours = cls(**quant_kwargs)
+        kind, params = ours.scheme()
+        import torchao.quantization as tq
+
+        make = {"int8wo": tq.Int8WeightOnlyConfig, "int8dq": tq.Int8DynamicActivationInt8WeightConfig,
+                "int4wo": tq.Int4WeightOnlyConfig, "float8wo": tq.Float8WeightOnlyConfig}[kind]
+        return {"quant_type": make(**params), "modules_to_not_convert": ours.modules_to_not_convert}
+
+    @classmethod
     def cpu_examples(cls) -> list["TorchAoConfig"]:
         return [cls("int8wo"), cls("int8dq"), cls("int4wo", group_size=64), cls("float8wo_e4m3")]
 
@@ -240,6 +256,10 @@ class TorchAoLinear(QuantizedLinear):
         return iq.int8_dequantize(self.weight, self.weight_scale, self.compute_dtype or torch.bfloat16)
 
     def forward(self, x):
+        if self.use_fast_path(x):  # same numbers (bf16 rounding for few rows), less time
+            w = self.fast_weight(lambda: fl.prepare_int8_weight(self.weight, self.weight_scale),
+                                 self.weight, self.weight_scale)
+            return fl.linear_weight_only(x, w, self.bias)
         return iq.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 
@@ -251,6 +271,10 @@ class Int8DynamicLinear(TorchAoLinear):
     """int8 per-token activations x int8 per-channel weights, integer matmul (torch._int_mm)."""
 
     def forward(self, x):
+        if self.use_fast_path(x):  # bit-identical to the reference
+            w = self.fast_weight(lambda: fl.prepare_int8_dynamic(self.weight, self.weight_scale),
+                                 self.weight, self.weight_scale)
+            return fl.linear_int8_dynamic(x, w, self.bias)
         return iq.int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
 
 
@@ -277,7 +301,13 @@ class Int4WeightOnlyLinear(TorchAoLinear):
                                   self.weight_scale.dtype)
 
     def forward(self, x):
-        y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
+        if self.use_fast_path(x):  # packed int4 kernel for few rows (built on first such call)
+            w = self.fast_weight(lambda: fl.prepare_int4_weight(
+                self.weight, self.weight_scale, self.weight_zero, lazy=True),
+                self.weight, self.weight_scale, self.weight_zero)
+            y = fl.linear_weight_only(x, w)
+        else:
+            y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
         return y + self.bias if self.bias is not None else y
 
 
@@ -296,6 +326,11 @@ class Float8WeightOnlyLinear(TorchAoLinear):
         return iq.float8_dequantize(self.weight, self.weight_scale, self.compute_dtype or torch.bfloat16)
 
     def forward(self, x):
+        if self.use_fast_path(x):  # the float32 dequantization, into a reused buffer
+            w = self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, self.weight_scale),
+                                 self.weight, self.weight_scale)
+            y = fl.linear_weight_only(x, w)
+            return y + self.bias if self.bias is not None else y
         return iq.float8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 
