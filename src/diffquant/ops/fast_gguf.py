@@ -208,11 +208,12 @@ def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, ...]]:
 Q8_0_SMALL_ROWS = 32  # two int4 products per call: the packed path stops paying off sooner
 
 
-def prepare_gguf_weight(blocks: torch.Tensor, qtype,
-                        small_rows: int | None = None) -> PreparedWeight:
+def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int | None = None,
+                        lazy: bool = False) -> PreparedWeight:
     """uint8 blocks [N, bytes] of GGUF type ``qtype`` -> PreparedWeight for ``linear_weight_only``.
 
     ``small_rows``: up to how many rows the packed kernel is used (default per type, measured).
+    ``lazy``: build the packed kernel's copy on the first few-row call, not now.
 
     Example:
         >>> import torch
@@ -229,12 +230,13 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype,
     def dequant_into(out):                                                # out [N, K]
         dequantize_into(blocks, qtype, out)
 
-    packed = None
+    make = None
     if blocks.device.type == "cpu" and qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K,
                                                  GGMLType.Q8_0):
-        packs = [pack_int4_cpu(c, s, z, 32) for c, s, z in int4_codes(blocks, qtype)]
-        packed = int4pack_matmul(n, 32, packs)
+        def make():
+            packs = [pack_int4_cpu(c, s, z, 32, torch.float16) for c, s, z in int4_codes(blocks, qtype)]
+            return int4pack_matmul(n, 32, packs, half_scales=True)
     if small_rows is None:
         small_rows = Q8_0_SMALL_ROWS if qtype == GGMLType.Q8_0 else INT4_SMALL_ROWS
-    return PreparedWeight(n, k, dequant_into, None, packed, small_rows, f"gguf {qtype.name}",
-                          blocks.device)
+    return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),
+                          small_rows, f"gguf {qtype.name}", blocks.device, make if lazy else None)

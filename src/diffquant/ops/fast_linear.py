@@ -131,7 +131,9 @@ class PreparedWeight:
     ``dequant_into(out)`` writes the [N, K] weight into ``out`` (any float dtype);
     ``out_scale`` ([N] float32 or None) multiplies the matmul result (int8 keeps the reference
     order: matmul on the integers, then the per-channel scale); ``packed(x2d)`` is the packed
-    CPU kernel for few rows (None where the format has no exact mapping or off the CPU).
+    CPU kernel for few rows (None where the format has no exact mapping or off the CPU);
+    ``make_packed()`` builds it on the first few-row call instead (``lazy=True`` of the
+    ``prepare_*`` functions), so only layers called with few rows pay its memory.
     """
 
     out_features: int
@@ -142,6 +144,13 @@ class PreparedWeight:
     small_rows: int = SMALL_ROWS
     name: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    make_packed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
+
+    def packed_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``packed``, built now from ``make_packed`` if it was left for the first use."""
+        if self.packed is None and self.make_packed is not None:
+            self.packed, self.make_packed = self.make_packed(), None
+        return self.packed
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The [N, K] weight in a fresh tensor, out_scale applied (for a layer's dequantize)."""
@@ -170,8 +179,9 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
                                 f"weight expects {w.in_features}")
     x2 = x.reshape(-1, w.in_features)                                    # [M, K]
     limit = w.small_rows if small_rows is None else small_rows
-    if w.packed is not None and x2.shape[0] <= limit and x.dtype in _PACKED_DTYPES \
-            and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+    few = x2.shape[0] <= limit and x.dtype in _PACKED_DTYPES and x.device.type == "cpu" \
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    if few and w.packed_kernel() is not None:
         y = w.packed(_aligned(x2))                                        # [M, N] in x.dtype
     else:
         buf = _weight_buffer(x, (w.out_features, w.in_features))          # [N, K] in x.dtype
@@ -216,7 +226,7 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
     """
     n, k = qweight.shape
     scale = scale.reshape(n).to(torch.float32)
-    q = _aligned(qweight)
+    q = qweight
 
     def dequant_into(out):                                                # out [N, K]
         out.copy_(q)
@@ -230,36 +240,41 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
             unit = ones.get(x2.dtype)
             if unit is None:
                 unit = ones[x2.dtype] = torch.ones(n, dtype=x2.dtype)
-            return torch._weight_int8pack_mm(x2, q, unit)
+            return torch._weight_int8pack_mm(x2, _aligned(q), unit)  # a copy only if misaligned
 
     return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device)
 
 
 # -- int4 with groups of columns, (u - 8) * scale + zero: torch's CPU "int4pack" kernel ---------
-def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
+def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                  dtype: torch.dtype = torch.bfloat16):
     """codes [N, K] ints in [0, 15], scale/zero [N, K/group] float -> the int4pack kernel's inputs.
 
     Returns (packed uint8 [N', K/2], scales_and_zeros bf16 [K/group, N', 2]) with N padded to a
     multiple of 16 (zero codes and scales, sliced off after the matmul). The kernel takes its
-    scales in the activations' dtype; bf16 is the usual one and the smallest to keep.
+    scales in the activations' dtype; bf16 is the usual one and the smallest to keep (``dtype``:
+    float16 for GGUF, whose scales are float16 values).
     """
     n, k = codes.shape
     pad = -n % 16
     codes = F.pad(codes.to(torch.int32), (0, 0, 0, pad))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack([scale.float(), zero.float()], dim=-1)              # [N, G, 2]
-    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).to(torch.bfloat16).contiguous()
+    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).to(dtype).contiguous()
     return packed, sz                                                     # sz [G, N', 2]
 
 
-def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch.Tensor]:
+def int4pack_matmul(n: int, group: int, packs,
+                    half_scales: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The packed CPU product for ``packs`` = [(packed, scales_and_zeros)], summed over packs.
 
     Scales are cast once per other activation dtype (the kernel wants them in x's dtype).
+    ``half_scales`` (GGUF, whose scales are float16): bf16 activations run in float16, where
+    the scales are exact, unless a value overflows float16 (then in bf16, scales rounded).
     """
-    cast: dict = {torch.bfloat16: packs}
+    cast: dict = {packs[0][1].dtype: packs}
 
-    def run(x2):                                                          # [M, K] -> [M, N]
+    def product(x2):
         pieces = cast.get(x2.dtype)
         if pieces is None:
             pieces = cast[x2.dtype] = [(p, sz.to(x2.dtype)) for p, sz in packs]
@@ -269,13 +284,21 @@ def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch
             y = part if y is None else y.add_(part)
         return y if y.shape[1] == n else y[:, :n].contiguous()
 
+    def run(x2):                                                          # [M, K] -> [M, N]
+        if half_scales and x2.dtype == torch.bfloat16:
+            y = product(_aligned(x2.to(torch.float16)))
+            if torch.isfinite(y).all():
+                return y.to(torch.bfloat16)
+        return product(x2)
+
     return run
 
 
 def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                        small_rows: int = INT4_SMALL_ROWS) -> PreparedWeight:
+                        small_rows: int = INT4_SMALL_ROWS, lazy: bool = False) -> PreparedWeight:
     """torchao int4 (tinygemm numbers): packed uint8 [N, K/2] (column 2j in the low nibble),
-    scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero.
+    scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero. ``lazy``: the packed
+    kernel's copy (~0.6 B/weight) is made on the first few-row call, not now.
 
     Example:
         >>> import torch
@@ -307,12 +330,13 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     def dequant_into(out):                                                # out [N, K]
         dequant_rows(out, sdt, fill)
 
-    fast = None
+    make = None
     if packed.device.type == "cpu" and group in (32, 64, 128, 256):
-        codes = iq.int4_unpack(packed)                                    # [N, K] in [0, 15]
-        fast = int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
-    return PreparedWeight(n, k, dequant_into, None, fast, small_rows, f"int4 g{group}",
-                          packed.device)
+        def make():
+            codes = iq.int4_unpack(packed)                                # [N, K] in [0, 15]
+            return int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
+    return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),
+                          small_rows, f"int4 g{group}", packed.device, make if lazy else None)
 
 
 # -- int8 dynamic: per-token int8 activations x per-channel int8 weights ---------------------------

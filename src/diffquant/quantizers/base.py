@@ -33,6 +33,33 @@ class QuantizedLinear(nn.Module):
     def load_piece(self, name: str, tensor: torch.Tensor, *, pre_quantized: bool, dtype, device):
         raise NotImplementedError
 
+    # -- the fast CPU path (ops/fast_linear.py): derived at first use, never in the state dict ----
+    _fast = None  # (stored tensors it derives from, their versions, the prepared weight)
+
+    def fast_weight(self, build, *tensors: torch.Tensor):
+        """``build()``'s prepared weight, cached until one of ``tensors`` (the stored pieces it
+        derives from) is replaced or changed in place, or the layer is moved or cast."""
+        versions = tuple(0 if t.is_inference() else t._version for t in tensors)
+        cached = self._fast
+        if cached is None or cached[1] != versions or any(a is not b for a, b in
+                                                          zip(cached[0], tensors)):
+            cached = self._fast = (tensors, versions, build())
+        return cached[2]
+
+    @staticmethod
+    def use_fast_path(x: torch.Tensor) -> bool:
+        """The fast kernels are measured and tested on CPUs; other devices keep the reference
+        (their libraries' own) path, and so do autograd and tracing by torch.compile."""
+        return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
+            and not torch.compiler.is_compiling()
+
+    def _apply(self, fn, recurse=True):
+        self._fast = None  # it holds the tensors from before the move or cast
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fast": None}  # closures do not pickle; rebuilt on use
+
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 

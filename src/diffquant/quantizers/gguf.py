@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
+from ..ops.fast_gguf import prepare_gguf_weight
+from ..ops.fast_linear import linear_weight_only
 from ..ops.gguf_dequant import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
                                 ggml_type, logical_shape, quantize)
 from .auto import register_quantizer
@@ -157,8 +159,12 @@ class GGUFLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        weight = self.dequantized_weight()                                # [out, in]
         bias = self.bias.to(dtype) if self.bias is not None else None
+        if self.use_fast_path(x):  # dequantize into a reused buffer; int4 kernel for few rows
+            w = self.fast_weight(lambda: prepare_gguf_weight(self.weight, self.qtype, lazy=True),
+                                 self.weight, self.weight_qtype)
+            return linear_weight_only(x.to(dtype), w, bias).to(x.dtype)
+        weight = self.dequantized_weight()                                # [out, in]
         return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:

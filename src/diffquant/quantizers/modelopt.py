@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
+from ..ops import fast_formats as ff
+from ..ops import fast_linear as fl
 from ..ops import modelopt_math as mm
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
@@ -375,8 +377,24 @@ class ModelOptLinear(QuantizedLinear):
                                      block, shape, dtype)
         return mm.dequantize_nvfp4(self.weight, wq._scale, wq._double_scale, block, shape, dtype)
 
+    def _fast_prepared(self):
+        """FP8/INT8 with one scale per row or per tensor: the same dequantization, chunked into
+        a reused buffer, for every row count (bit-identical to modelopt's own output, which the
+        int8 packed kernel is not); block scales keep the reference path."""
+        scale = getattr(self.weight_quantizer, "_scale", None)
+        if self.scheme not in ("FP8", "INT8") or self.attrs.get("block_sizes") or scale is None \
+                or scale.numel() not in (1, self.out_features) or self.weight.dim() != 2:
+            return None
+        dtype = self.compute_dtype or torch.float32
+        return self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, scale.to(dtype), small_rows=0),
+                                self.weight, scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out); the weight is dequantized per call (modelopt's CPU fallback)
+        w = self._fast_prepared() if self.use_fast_path(x) else None
+        if w is not None:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return fl.linear_weight_only(x, w, bias)
         weight = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)

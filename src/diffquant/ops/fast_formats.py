@@ -1,0 +1,96 @@
+"""More stored layouts -> ``fast_linear.PreparedWeight``: row-scaled 8-bit weights whose
+reference multiplies the scale into the weight (quanto int8/float8, modelopt INT8/FP8, torchao
+float8), and quanto's bit-packed int4/int2 groups (dequantize path only).
+
+Each dequantize path repeats its reference's float ops in the reference's dtype, chunk by chunk,
+so the weight it writes is bit-identical; the packed few-row kernels are held to bf16 rounding.
+
+Example:
+    >>> import torch
+    >>> from diffquant.ops.fast_linear import linear_weight_only
+    >>> q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    >>> w = prepare_row_scaled(q, torch.rand(32, 1, dtype=torch.bfloat16))
+    >>> linear_weight_only(torch.randn(3, 64, dtype=torch.bfloat16), w).shape
+    torch.Size([3, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fast_linear import (SMALL_ROWS, PreparedWeight, _aligned, chunk_rows, dequant_rows,
+                          scratch_buffer)
+
+
+def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
+                       small_rows: int = SMALL_ROWS) -> PreparedWeight:
+    """q int8 or float8 [N, K], scale [N, 1] or one value, of the reference's math dtype ->
+    w = q.to(scale.dtype) * scale, as quanto (``weight._scale * weight._data``) and modelopt
+    (``q.to(dtype) * scale.to(dtype)``) compute it.
+
+    int8 with K % 16 == 0 also gets the packed kernel quanto itself calls for bf16 activations,
+    ``torch._weight_int8pack_mm(x, q, scale)`` (scale in x's dtype).
+    """
+    n, k = q.shape
+    sdt = scale.dtype
+    rows_scale = scale.reshape(-1, 1) if scale.numel() == n else None     # [N, 1] or None
+    one = None if rows_scale is not None else scale.reshape(())          # per-tensor scale
+
+    def fill(r0, r1, t):                                                  # t [R, K] in sdt
+        t.copy_(q[r0:r1])
+        t.mul_(rows_scale[r0:r1] if rows_scale is not None else one)
+
+    def dequant_into(out):                                                # out [N, K]
+        dequant_rows(out, sdt, fill)
+
+    packed = None
+    if q.dtype == torch.int8 and q.device.type == "cpu" and k % 16 == 0:
+        per_row = scale.reshape(-1).expand(n)                             # [N]
+        cast: dict = {}
+
+        def packed(x2):                                                   # [M, K] -> [M, N]
+            s = cast.get(x2.dtype)
+            if s is None:
+                s = cast[x2.dtype] = per_row.to(x2.dtype).contiguous()
+            return torch._weight_int8pack_mm(x2, _aligned(q), s)
+
+    return PreparedWeight(n, k, dequant_into, None, packed, small_rows, f"{q.dtype} row-scaled",
+                          q.device)
+
+
+def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int,
+                        shape: tuple[int, int]) -> PreparedWeight:
+    """quanto int4/int2 -> PreparedWeight; w = scale * code - shift per group, as quanto.
+
+    The weight [N, K] is R = N*K/g groups of g columns (``scale``/``shift`` [R, 1]); group row
+    i + j*P sits in bits j*bits.. of byte row i of ``packed`` [P, g] (quanto's packing along
+    dim 0). No packed kernel: int4pack would need zero = 8 * scale - shift rounded to bf16,
+    a rounding of its own that quanto's two-step bf16 math (scale * code, then - shift) has not;
+    near-cancelling outputs then drift past bf16 rounding of quanto's own result.
+    """
+    n, k = shape
+    r_all = scale.shape[0]
+    g = n * k // r_all                                                    # group size
+    per = r_all // n                                                      # groups per row
+    mask, p = (1 << bits) - 1, packed.shape[0]
+    sdt = scale.dtype
+
+    def fill(r0, r1, t):                                                  # t [R, K] in sdt
+        a, b = r0 * per, r1 * per                                         # group rows a:b
+        tv = t.view(b - a, g)
+        most = chunk_rows(n, k, sdt, t.device) * per
+        codes = scratch_buffer((most, g), torch.uint8, t.device, "quanto codes")
+        for j in range(8 // bits):
+            lo, hi = max(a, j * p), min(b, (j + 1) * p)
+            if lo >= hi:
+                continue
+            c = codes[: hi - lo]
+            torch.bitwise_right_shift(packed[lo - j * p: hi - j * p], bits * j, out=c)
+            tv[lo - a: hi - a].copy_(c.bitwise_and_(mask))
+        tv.mul_(scale[a:b]).sub_(shift[a:b])                              # quanto's op order
+
+    def dequant_into(out):                                                # out [N, K]
+        dequant_rows(out, sdt, fill)
+
+    return PreparedWeight(n, k, dequant_into, None, None, 0, f"quanto int{bits} g{g}",
+                          packed.device)
