@@ -111,12 +111,18 @@ def test_granular_config_uses_transformers_classes_for_text_encoders():
     assert type(pq.quant_mapping["text_encoder"]) is transformers.QuantoConfig
     ao = transformers_config(parse_spec("torchao:int8wo@text_encoder"), "text_encoder")
     assert type(ao.quant_type).__name__ == "Int8WeightOnlyConfig"
+    ao = transformers_config(parse_spec("torchao:int4wo@text_encoder"), "text_encoder")
+    assert type(ao.quant_type).__name__ == "Int4WeightOnlyConfig"
+    bnb8 = transformers_config(parse_spec("bnb:int8@text_encoder"), "text_encoder")
+    assert type(bnb8) is transformers.BitsAndBytesConfig and bnb8.load_in_8bit
 
 
 @pytest.mark.parametrize("specs, match", [
     (["torchao:int8wo", "gguf:q4_0"], "component 'transformer' is named by two SPECs"),
     (["gguf:q4_0@text_encoder"], "component 'text_encoder' is a transformers model and "
-                                 "transformers cannot quantize it with gguf:q4_0"),
+                                 "transformers has no backend that quantizes it this way; "
+                                 "quantize text_encoder with bnb:nf4, quanto:int8 or torchao:int8wo"),
+    (["modelopt:int8@text_encoder_2"], "component 'text_encoder_2' is a transformers model"),
     (["gguf:q4_0@unet"], "component 'unet' is not in this pipeline; name one of text_encoder, "
                          "text_encoder_2, transformer, vae"),
     (["gguf:q4_0@scheduler"], "component 'scheduler' is not a model"),

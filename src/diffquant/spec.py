@@ -106,17 +106,20 @@ def parse_spec(text: str) -> QuantSpec:
     return QuantSpec(text, backend, scheme, components)
 
 
+def _kwargs(spec: QuantSpec) -> dict:
+    """Constructor kwargs of diffquant's config class for ``spec``."""
+    if spec.backend == "bitsandbytes":
+        return dict(_BNB_SCHEMES[spec.scheme])
+    if spec.backend == "quanto":
+        return {"weights_dtype": spec.scheme}
+    if spec.backend in ("gguf", "modelopt"):  # their type names are upper case: Q4_0, INT8
+        return {"quant_type": spec.scheme.upper()}
+    return {"quant_type": spec.scheme}
+
+
 def diffquant_config(spec: QuantSpec):
     """diffquant's config object for ``spec`` (for diffquant models such as the transformer)."""
-    cls = config_class(spec.backend)
-    if spec.backend == "bitsandbytes":
-        kwargs = dict(_BNB_SCHEMES[spec.scheme])
-    elif spec.backend == "quanto":
-        kwargs = {"weights_dtype": spec.scheme}
-    elif spec.backend in ("gguf", "modelopt"):
-        kwargs = {"quant_type": spec.scheme.upper()}
-    else:
-        kwargs = {"quant_type": spec.scheme}
+    cls, kwargs = config_class(spec.backend), _kwargs(spec)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -125,37 +128,27 @@ def diffquant_config(spec: QuantSpec):
             from err
 
 
-def _torchao_object(scheme: str):
-    """transformers' TorchAoConfig takes a torchao config object, not a name."""
-    import torchao.quantization as tq
-
-    table = {"int8wo": "Int8WeightOnlyConfig", "int8dq": "Int8DynamicActivationInt8WeightConfig",
-             "int4wo": "Int4WeightOnlyConfig", "float8wo": "Float8WeightOnlyConfig",
-             "float8dq": "Float8DynamicActivationFloat8WeightConfig"}
-    name = table.get(scheme)
-    if name is None or not hasattr(tq, name):
-        return None
-    return getattr(tq, name)()
+# transformers' GgufConfig only reads .gguf files; it cannot quantize a model while loading it.
+_NOT_IN_TRANSFORMERS = {"gguf", "modelopt"}
 
 
 def transformers_config(spec: QuantSpec, component: str):
-    """transformers' config object for ``spec`` on a transformers model (a text encoder)."""
+    """transformers' config object for ``spec`` on a transformers model (a text encoder), built
+    from the same kwargs in transformers' names (the backend's ``transformers_kwargs``)."""
     from .quantizers.pipeline_config import transformers_config_mapping
 
-    mapping = transformers_config_mapping()
-    kwargs = None
-    if spec.backend == "bitsandbytes" and "bitsandbytes_4bit" in mapping:
-        return mapping["bitsandbytes_4bit"](**_BNB_SCHEMES[spec.scheme])
-    if spec.backend == "quanto" and "quanto" in mapping:
-        return mapping["quanto"](weights=spec.scheme)
-    if spec.backend == "torchao" and "torchao" in mapping:
-        obj = _torchao_object(spec.scheme)
-        kwargs = {"quant_type": obj} if obj is not None else None
-        if kwargs:
-            return mapping["torchao"](**kwargs)
+    key = spec.backend
+    if spec.backend == "bitsandbytes":
+        key = "bitsandbytes_8bit" if spec.scheme == "int8" else "bitsandbytes_4bit"
+    cls = None if spec.backend in _NOT_IN_TRANSFORMERS else transformers_config_mapping().get(key)
+    why = "transformers has no backend that quantizes it this way"
+    if cls is not None:
+        try:
+            return cls(**config_class(spec.backend).transformers_kwargs(_kwargs(spec)))
+        except (TypeError, ValueError, KeyError, ImportError) as err:
+            why = f"transformers' {cls.__name__} refused it ({err})"
     raise ConfigError(f"--quantize {spec.text!r}: component {component!r} is a transformers model and "
-                      f"transformers cannot quantize it with {spec.backend}:{spec.scheme}; "
-                      f"quantize {component} with bnb:nf4, quanto:int8 or torchao:int8wo, "
+                      f"{why}; quantize {component} with bnb:nf4, quanto:int8 or torchao:int8wo, "
                       "or leave it out of the SPEC")
 
 

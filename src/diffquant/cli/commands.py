@@ -286,8 +286,11 @@ def cmd_compare(args) -> int:
             proc = subprocess.run(_child_command(args, model, specs, image, stats))
             data = json.loads(stats.read_text()) if stats.is_file() else {}
             if proc.returncode != 0 or "error" in data:
-                raise ChildError(f"variant {label!r}: {data.get('error', f'exit code {proc.returncode}')}",
-                                 data.get("code", proc.returncode or EXIT_RUNTIME))
+                died = (f"its process died with signal {-proc.returncode} (out of memory?); run it "
+                        "alone with 'diffquant generate'") if proc.returncode < 0 else \
+                    f"its process exited with {proc.returncode}; rerun with --debug"
+                raise ChildError(f"variant {label!r}: {data.get('error', died)}",
+                                 data.get("code", EXIT_RUNTIME))
             images.append(Image.open(image).convert("RGB"))
             results.append(data)
     out = Path(args.out)
