@@ -169,3 +169,19 @@ def test_gguf_float16_packed_path_falls_back_to_bf16_on_overflow():
     w = layer.dequantized_weight().float()
     assert ((y.float() - ref.float()).abs() <= x.float().abs() @ w.abs().t() * 2.0**-7 + 1).all()
     assert F.cosine_similarity(y.float(), ref.float()).item() > 0.999
+
+
+def test_quantize_on_load_reads_into_a_reused_buffer_but_keeps_no_view_of_it(tmp_path):
+    """modeling._assign_from reads weights quantized on load into one reused buffer; a backend
+    that keeps a view of it (GGUF keeps rows that do not fit its blocks as BF16 bytes) gets a
+    copy, so later reads do not overwrite the layer."""
+    from diffquant.quantizers.gguf import GGUFQuantizationConfig
+    from tests.toy import ToyModel, save_toy
+
+    ref = save_toy(tmp_path, width=48, hidden=64)   # proj_in: rows of 48, not blocks of 32
+    model = ToyModel.from_pretrained(tmp_path, quantization_config=GGUFQuantizationConfig(
+        BF16, quant_type="Q4_0"), torch_dtype=BF16)
+    assert model.proj_in.qtype.name == "BF16" and model.blocks[0].qtype.name == "Q4_0"
+    assert torch.equal(model.proj_in.dequantized_weight().to(BF16), ref.proj_in.weight.detach())
+    ptrs = [m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert len(set(ptrs)) == len(ptrs)

@@ -114,12 +114,23 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key][0]
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """Read ``key`` into a new tensor that owns its (aligned) memory."""
+    def tensor(self, key: str, scratch: dict | None = None) -> torch.Tensor:
+        """Read ``key`` into a new tensor that owns its (aligned) memory.
+
+        With ``scratch`` (a dict the caller keeps across calls), read into one buffer reused by
+        every call instead: the result is valid until the next such call. Fresh memory costs a
+        page fault per 4 KiB, which makes a read from the page cache ~4x slower.
+        """
         if key not in self._entries:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}")
         dtype, shape, begin, end = self._entries[key]
-        out = torch.empty(shape, dtype=dtype)
+        if scratch is None:
+            out = torch.empty(shape, dtype=dtype)
+        else:
+            buf = scratch.get("buffer")
+            if buf is None or buf.numel() < end - begin:
+                buf = scratch["buffer"] = torch.empty(end - begin, dtype=torch.uint8)
+            out = buf[: end - begin].view(dtype).view(shape)
         if end > begin:
             buf = out.view(-1).view(torch.uint8).numpy()
             self._fh.seek(self._data_start + begin)
@@ -210,8 +221,10 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._files[self._key_to_file[key]].dtype(key)
 
-    def tensor(self, key: str) -> torch.Tensor:
-        return self._files[self._key_to_file[key]].tensor(key)
+    def tensor(self, key: str, scratch: dict | None = None) -> torch.Tensor:
+        """``key``'s tensor; see ``SafetensorsFile.tensor`` for ``scratch``."""
+        file = self._files[self._key_to_file[key]]
+        return file.tensor(key, scratch) if scratch is not None else file.tensor(key)
 
     @property
     def metadata(self) -> dict:

@@ -66,6 +66,15 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+def _unshare(model: nn.Module, key: str, buffer: torch.Tensor) -> None:
+    """Copy any tensor of ``key``'s module that still views ``buffer`` (the reused read buffer)."""
+    owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+    ptr = buffer.untyped_storage().data_ptr()
+    for name, t in list(owner.named_parameters()) + list(owner.named_buffers()):
+        if not t.is_meta and t.device.type == "cpu" and t.untyped_storage().data_ptr() == ptr:
+            _set_tensor(owner, name, t.detach().clone())
+
+
 def _stored_dtype(model: nn.Module, ckpt: Checkpoint) -> torch.dtype | None:
     """The float dtype of the tensors no backend quantizes (biases, norms) in ``ckpt``."""
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -177,10 +186,17 @@ class ModelMixin(nn.Module):
         expected = dict(self.named_parameters())
         expected.update(self.named_buffers())
         unexpected = []
+        # Weights quantized on load are read into one reused buffer (fresh memory page-faults);
+        # whatever a backend keeps of it (a view) is copied out below.
+        scratch = {} if quantizer is not None and not quantizer.pre_quantized \
+            and isinstance(ckpt, Checkpoint) else None
         for key in ckpt.keys():
             if quantizer is not None and quantizer.check_if_quantized_param(self, key, ckpt):
                 target = self._target_dtype(key, dtype)
-                quantizer.create_quantized_param(self, key, ckpt.tensor(key), target, device)
+                value = ckpt.tensor(key, scratch) if scratch is not None else ckpt.tensor(key)
+                quantizer.create_quantized_param(self, key, value, target, device)
+                if scratch:
+                    _unshare(self, key, scratch["buffer"])
                 continue
             if key not in expected:
                 unexpected.append(key)

@@ -28,11 +28,40 @@ _F32_EPS = torch.finfo(torch.float32).eps  # torchao uses float32's eps for int8
 
 
 # -- int8, symmetric, one scale per row -----------------------------------------------------
+_CHUNK = 1 << 20  # elements per float32 chunk of the 2-d path: 4 MB, stays in the caches
+
+
 def int8_quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., K] float -> (q int8 [..., K], scale float32 [..., 1]), one scale per row."""
+    if w.dim() == 2 and w.numel() > _CHUNK and w.device.type == "cpu":
+        return _int8_quantize_rows_chunked(w)
     amax = w.abs().amax(dim=-1, keepdim=True)           # [..., 1] in w.dtype, as torchao
     scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
     q = torch.clamp(torch.round(w * (1.0 / scale)), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def _int8_quantize_rows_chunked(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same numbers for a big weight [N, K] on a CPU, without its float32 copies.
+
+    The one-line form makes four whole-weight temporaries (|w|, then w * (1 / scale) in float32,
+    rounded, clamped: ~13 B/weight) and its mixed-dtype product is not vectorised. Here the rows
+    run through one float32 chunk: a plain cast, then single-dtype ops in place, then a cast.
+    """
+    n, k = w.shape
+    # max |w| per row, exact; two reductions without an |w| copy beat vector_norm(inf) 4x
+    amax = torch.maximum(w.amax(dim=-1, keepdim=True), w.amin(dim=-1, keepdim=True).neg_())
+    scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)       # [N, 1]
+    inv = 1.0 / scale
+    q = torch.empty(n, k, dtype=torch.int8)
+    rows = max(1, _CHUNK // k)
+    t = torch.empty(min(rows, n), k, dtype=torch.float32)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        c = t[: r1 - r0]
+        c.copy_(w[r0:r1])                               # exact widening
+        c.mul_(inv[r0:r1]).round_().clamp_(-128, 127)
+        q[r0:r1].copy_(c)                               # exact integers
     return q, scale
 
 
