@@ -262,10 +262,11 @@ def test_small_rows_threshold_selects_the_path():
 
 
 @pytest.mark.parametrize("qtype", ("Q8_0", "Q4_1"))
-def test_float16_activations_use_the_packed_kernel_with_cast_scales(qtype):
+def test_float16_activations_take_the_dequantize_path(qtype):
+    """torch's packed kernels run 10-100x slower in float16 than in bf16 on CPUs without FP16
+    arithmetic, so float16 activations dequantize whatever their row count."""
     blocks = gguf_blocks(32, 64, qtype)
     w = gd.dequantize(blocks, qtype, torch.float16)
     x = _x(3, 64, torch.float16)
     y = fl.linear_weight_only(x, fg.prepare_gguf_weight(blocks, qtype))
-    assert y.dtype == torch.float16
-    assert_bf16_close(y, F.linear(x, w), x, w)
+    assert y.dtype == torch.float16 and torch.equal(y, F.linear(x, w))

@@ -234,8 +234,8 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int | None = No
     if blocks.device.type == "cpu" and qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K,
                                                  GGMLType.Q8_0):
         def make():
-            packs = [pack_int4_cpu(c, s, z, 32, torch.float16) for c, s, z in int4_codes(blocks, qtype)]
-            return int4pack_matmul(n, 32, packs, half_scales=True)
+            packs = [pack_int4_cpu(c, s, z, 32) for c, s, z in int4_codes(blocks, qtype)]
+            return int4pack_matmul(n, 32, packs)
     if small_rows is None:
         small_rows = Q8_0_SMALL_ROWS if qtype == GGMLType.Q8_0 else INT4_SMALL_ROWS
     return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),

@@ -52,7 +52,9 @@ from . import int_quant as iq
 # GGUF Q8_0 (two int4 products) ~32-48. Re-measure with python -m bench.kernels --rows 16 32 64.
 SMALL_ROWS = 16
 INT4_SMALL_ROWS = 64
-_PACKED_DTYPES = (torch.bfloat16, torch.float16)  # the packed kernels are slow in float32
+# the packed kernels are slow in float32, and 10-100x slower in float16 than in bf16 (no FP16
+# arithmetic on AVX-512 CPUs before Sapphire Rapids): float16 activations take the dequantize path
+_PACKED_DTYPES = (torch.bfloat16,)
 _F32_EPS = torch.finfo(torch.float32).eps
 _CHUNK_BYTES = 4 << 20  # a dequantization chunk's float32 temporary: stays in the L2/L3 caches
 
@@ -246,35 +248,32 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
 
 
 # -- int4 with groups of columns, (u - 8) * scale + zero: torch's CPU "int4pack" kernel ---------
-def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                  dtype: torch.dtype = torch.bfloat16):
+def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
     """codes [N, K] ints in [0, 15], scale/zero [N, K/group] float -> the int4pack kernel's inputs.
 
     Returns (packed uint8 [N', K/2], scales_and_zeros bf16 [K/group, N', 2]) with N padded to a
     multiple of 16 (zero codes and scales, sliced off after the matmul). The kernel takes its
-    scales in the activations' dtype; bf16 is the usual one and the smallest to keep (``dtype``:
-    float16 for GGUF, whose scales are float16 values).
+    scales in the activations' dtype; bf16 is the usual one and the smallest to keep.
     """
     n, k = codes.shape
     pad = -n % 16
     codes = F.pad(codes.to(torch.int32), (0, 0, 0, pad))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack([scale.float(), zero.float()], dim=-1)              # [N, G, 2]
-    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).to(dtype).contiguous()
+    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).to(torch.bfloat16).contiguous()
     return packed, sz                                                     # sz [G, N', 2]
 
 
-def int4pack_matmul(n: int, group: int, packs,
-                    half_scales: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch.Tensor]:
     """The packed CPU product for ``packs`` = [(packed, scales_and_zeros)], summed over packs.
 
-    Scales are cast once per other activation dtype (the kernel wants them in x's dtype).
-    ``half_scales`` (GGUF, whose scales are float16): bf16 activations run in float16, where
-    the scales are exact, unless a value overflows float16 (then in bf16, scales rounded).
+    Scales are cast once per other activation dtype (the kernel wants them in x's dtype). Keep
+    activations in bf16: the kernel's float16 variant is 20-100x slower on AVX-512 CPUs without
+    FP16 arithmetic (measured at 3072x3072, 1-64 rows).
     """
     cast: dict = {packs[0][1].dtype: packs}
 
-    def product(x2):
+    def run(x2):                                                          # [M, K] -> [M, N]
         pieces = cast.get(x2.dtype)
         if pieces is None:
             pieces = cast[x2.dtype] = [(p, sz.to(x2.dtype)) for p, sz in packs]
@@ -283,13 +282,6 @@ def int4pack_matmul(n: int, group: int, packs,
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p, group, sz)
             y = part if y is None else y.add_(part)
         return y if y.shape[1] == n else y[:, :n].contiguous()
-
-    def run(x2):                                                          # [M, K] -> [M, N]
-        if half_scales and x2.dtype == torch.bfloat16:
-            y = product(_aligned(x2.to(torch.float16)))
-            if torch.isfinite(y).all():
-                return y.to(torch.bfloat16)
-        return product(x2)
 
     return run
 

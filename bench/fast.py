@@ -1,0 +1,254 @@
+"""Forward speed and quantize-on-load cost, diffquant vs diffusers, in one markdown table set.
+
+    python -m bench.fast            # Flux-width transformer (3072, 2 + 3 blocks, 1.16B params),
+                                    # 1024 image + 256 text tokens: tens of minutes on 2 threads
+    python -m bench.fast --quick    # width 1024, 1 + 1 blocks, 256 + 64 tokens: a few minutes
+
+Every number comes from its own child process (``--child JOB``), run one at a time, with 2 torch
+threads and ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting OpenMP threads steal the cores of a shared
+machine). A forward job loads the model, warms it up once on 16 image tokens (lazy packed forms,
+reused buffers, first-call kernel choices) and reports the best of ``repeats`` timed forwards. A
+load job resets the peak-RSS counter after its imports, loads with the checkpoint in the page
+cache, and reports seconds, peak minus baseline, the model's bytes, and whether any mapping of the
+checkpoint file is left. GGUF models come, in both libraries, from ``from_single_file`` of one
+``.gguf`` written by ``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.model import SIZES, ensure_checkpoint, make_inputs, warm_page_cache
+
+THREADS = 2
+# label -> (diffquant config, diffusers config); None = unquantized bf16, "n/a" = not comparable
+SCHEMES = {
+    "bf16": (None, None),
+    "torchao int8wo": ("torchao:int8wo", "torchao:Int8WeightOnlyConfig"),
+    "torchao int8dq": ("torchao:int8dq", "torchao:Int8DynamicActivationInt8WeightConfig"),
+    "torchao int4wo (g128)": ("torchao:int4wo", "n/a"),
+    "quanto int8": ("quanto:int8", "quanto:int8"),
+    "gguf Q8_0": ("gguf:Q8_0", "gguf:Q8_0"),
+    "gguf Q4_0": ("gguf:Q4_0", "gguf:Q4_0"),
+}
+
+
+# -- child side -------------------------------------------------------------------------------
+def _config(lib: str, spec: str | None):
+    import torch
+
+    if spec is None:
+        return None
+    backend, name = spec.split(":")
+    if lib == "diffquant":
+        import diffquant as dq
+
+        return {"torchao": lambda: dq.TorchAoConfig(name), "quanto": lambda: dq.QuantoConfig(name),
+                "gguf": lambda: dq.GGUFQuantizationConfig(torch.bfloat16)}[backend]()
+    import diffusers
+
+    if backend == "torchao":
+        import torchao.quantization as tq
+
+        return diffusers.TorchAoConfig(getattr(tq, name)())
+    if backend == "quanto":
+        return diffusers.QuantoConfig(weights_dtype=name)
+    return diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+
+
+def _load(job: dict, config):
+    import torch
+
+    if job["lib"] == "diffquant":
+        from diffquant import FluxTransformer2DModel
+    else:
+        from diffusers import FluxTransformer2DModel
+    if job.get("gguf"):
+        return FluxTransformer2DModel.from_single_file(job["gguf"], config=job["checkpoint"],
+                                                       quantization_config=config,
+                                                       torch_dtype=torch.bfloat16)
+    return FluxTransformer2DModel.from_pretrained(job["checkpoint"], quantization_config=config,
+                                                  torch_dtype=torch.bfloat16)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _inputs(size, image_tokens: int, text_tokens: int) -> dict:
+    import torch
+
+    inputs = make_inputs(dataclasses.replace(size, text_tokens=text_tokens), image_tokens)
+    return {k: v.to(torch.bfloat16) if k in ("hidden_states", "encoder_hidden_states",
+                                              "pooled_projections") else v
+            for k, v in inputs.items()}
+
+
+def run_child(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    config = _config(job["lib"], job["spec"])
+    if job["lib"] == "diffusers":
+        from diffusers import FluxTransformer2DModel  # noqa: F401 - resolve the lazy import
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM: the peak from here on is the load's
+    base = _status("VmRSS")
+    start = time.perf_counter()
+    model = _load(job, config)
+    from bench.worker import footprint  # opens torchao's tensor subclasses to their storage
+
+    out = {"load_s": time.perf_counter() - start, "peak_delta": _status("VmHWM") - base,
+           "model_bytes": footprint(model)["model_bytes"]}
+    with open("/proc/self/maps") as fh:
+        out["mapped"] = sum(job["checkpoint"] in line or ".safetensors" in line for line in fh)
+    if job.get("export"):
+        from diffquant.single_file import export_gguf
+
+        tmp = Path(job["export"]).with_suffix(".tmp.gguf")
+        export_gguf(model, tmp, qtype=job["qtype"])
+        os.replace(tmp, job["export"])
+    if job["kind"] == "forward":
+        size = SIZES[job["size"]]
+        with torch.no_grad():
+            model(**_inputs(size, 16, job["text"]), return_dict=False)  # warm-up
+            inputs = _inputs(size, job["image"], job["text"])
+            best = float("inf")
+            for _ in range(job["repeats"]):
+                t0 = time.perf_counter()
+                model(**inputs, return_dict=False)
+                best = min(best, time.perf_counter() - t0)
+        out["forward_s"] = best
+    return out
+
+
+# -- parent side ------------------------------------------------------------------------------
+def child(job: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE",
+               MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "bench.fast", "--child", json.dumps(job)]
+    print(f"  {job['lib']:9s} {job['label']:22s} {job['kind']} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:120]}
+
+
+def _fmt(r: dict | None, key: str = "forward_s") -> str:
+    if r is None:
+        return "n/a"
+    return f"err: {r['error']}" if "error" in r else f"{r[key]:.2f}"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or "forward_s" not in a or "forward_s" not in b:
+        return ""
+    return f"{a['forward_s'] / b['forward_s']:.2f}x"
+
+
+def speed_table(res: dict) -> list[str]:
+    rows = ["| scheme | diffquant s/forward | vs bf16 | diffusers s/forward | vs bf16 | "
+            "diffquant / diffusers |", "|---|---|---|---|---|---|"]
+    dq_bf16, df_bf16 = res[("diffquant", "bf16")], res[("diffusers", "bf16")]
+    for label in SCHEMES:
+        a, b = res.get(("diffquant", label)), res.get(("diffusers", label))
+        rows.append(f"| {label} | {_fmt(a)} | {_ratio(a, dq_bf16)} | {_fmt(b)} | "
+                    f"{_ratio(b, df_bf16)} | {_ratio(a, b)} |")
+    return rows
+
+
+def load_table(res: dict, file_bytes: int) -> list[str]:
+    rows = ["| torchao int8wo quantize-on-load | load s | GB/s | peak - baseline | quantized "
+            "model | peak / model | checkpoint mappings left |", "|---|---|---|---|---|---|---|"]
+    for lib in ("diffquant", "diffusers"):
+        r = res[(lib, "load")]
+        if "error" in r:
+            rows.append(f"| {lib} | err: {r['error']} ||||||")
+            continue
+        rows.append(f"| {lib} | {r['load_s']:.2f} | {file_bytes / r['load_s'] / 1e9:.2f} | "
+                    f"{r['peak_delta'] / 1e9:.2f} GB | {r['model_bytes'] / 1e9:.2f} GB | "
+                    f"{r['peak_delta'] / r['model_bytes']:.2f}x | {r['mapped']} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fast", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="width-1024 transformer, minutes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+    size = SIZES["quick" if args.quick else "full"]
+    image, text, repeats = (256, 64, 2) if args.quick else (1024, 256, 1)
+    timeout = 600 if args.quick else 1800
+    ckpt = ensure_checkpoint(size, log=lambda m: print(m, file=sys.stderr))
+    file_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    base = {"checkpoint": str(ckpt), "size": size.name, "image": image, "text": text,
+            "repeats": repeats}
+    ggufs = {}
+    for qtype in ("Q8_0", "Q4_0"):
+        path = ckpt.parent / "fast-gguf" / f"transformer-{qtype}.gguf"
+        path.parent.mkdir(exist_ok=True)
+        if not path.is_file():
+            r = _export(base, path, qtype, timeout)
+            if "error" in r:
+                print(f"export {qtype}: {r['error']}", file=sys.stderr)
+        ggufs[qtype] = str(path)
+    warm_page_cache(ckpt)
+    res = {}
+    for lib in ("diffquant", "diffusers"):
+        res[(lib, "load")] = child({**base, "kind": "load", "lib": lib, "label": "torchao int8wo",
+                                    "spec": SCHEMES["torchao int8wo"][lib == "diffusers"]}, timeout)
+    for label, specs in SCHEMES.items():
+        for lib, spec in zip(("diffquant", "diffusers"), specs):
+            if spec == "n/a":
+                continue
+            job = {**base, "kind": "forward", "lib": lib, "label": label, "spec": spec}
+            if spec and spec.startswith("gguf"):
+                job["gguf"] = ggufs[spec.split(":")[1]]
+            res[(lib, label)] = child(job, timeout)
+    print(_header(size, image, text))
+    print("\n".join(speed_table(res)))
+    print()
+    print("\n".join(load_table(res, file_bytes)))
+    return 0
+
+
+def _export(base: dict, path: Path, qtype: str, timeout: float) -> dict:
+    """Quantize the checkpoint to ``qtype`` with diffquant and write the .gguf both libraries load."""
+    job = {**base, "kind": "export", "lib": "diffquant", "label": f"export {qtype}",
+           "spec": None, "export": str(path), "qtype": qtype}
+    return child(job, timeout)
+
+
+def _header(size, image: int, text: int) -> str:
+    import platform
+
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"Flux-width transformer {size.name}: width {size.width}, {size.double} double + "
+            f"{size.single} single blocks; {image} image + {text} text tokens, batch 1, bf16; "
+            f"{THREADS} threads, OMP_WAIT_POLICY=PASSIVE; {platform.processor() or platform.machine()}"
+            f", torch {torch.__version__}; load average {load:.1f} (shared machine)\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
