@@ -270,6 +270,15 @@ def test_inspect(saved, capsys):
     assert rows["scheduler"][1:3] == ["FlowMatchEulerDiscreteScheduler", "-"]
 
 
+def test_generate_defaults_to_the_shipped_pipeline(tmp_path, capsys):
+    """No --model: the shipped pipeline, at its own 64x64 (its VAE's sample_size)."""
+    out = tmp_path / "shipped.png"
+    capsys.readouterr()
+    assert main_in_process("generate", "--prompt", TINY_PROMPT, "--steps", 1, "--out", out, "-q") == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (64x64, 1 step, seed 0, load ")
+    assert Image.open(out).size == (64, 64)
+
+
 def test_compare_and_generate_from_the_saved_copy(tiny, saved, tmp_path):
     """compare quantizes on load in a child; generate reloads the pre-quantized copy with no
     configuration: the same seed gives the same image."""

@@ -213,7 +213,8 @@ def cmd_generate(args) -> int:
                  "weight_bytes": weight_bytes(pipe), "s_per_step": per_step}
         Path(args.stats_json).write_text(json.dumps(stats))
     else:
-        print(f"wrote {out} ({image.width}x{image.height}, {args.steps} steps, seed {args.seed}, "
+        steps = f"{args.steps} step" + "s" * (args.steps != 1)
+        print(f"wrote {out} ({image.width}x{image.height}, {steps}, seed {args.seed}, "
               f"load {load_s:.1f}s, {per_step:.2f}s/step)")
     return EXIT_OK
 
