@@ -14,14 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import diffusers
-from diffusers.configuration_utils import ConfigMixin as DConfigMixin
-from diffusers.configuration_utils import register_to_config as d_register_to_config
 from diffusers.quantizers.bitsandbytes import bnb_quantizer as d_bnb
 
 from diffquant import BitsAndBytesConfig, CheckpointError, ConfigError
 from diffquant.quantizers import DiffusersAutoQuantizer
 from diffquant.quantizers.bitsandbytes import BnB4BitLinear, BnB8BitLinear
-from tests.toy import ToyModel, save_toy, toy_input
+from tests.toy import DiffusersToyModel, ToyModel, save_toy, toy_input
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -29,20 +27,7 @@ EXAMPLES = BitsAndBytesConfig.cpu_examples()
 IDS = ["nf4", "fp4", "nf4-dq", "int8"]
 
 
-class DiffusersToy(diffusers.ModelMixin, DConfigMixin):
-    """tests.toy.ToyModel written against diffusers, to load the same checkpoints there."""
-
-    config_name = "config.json"
-
-    @d_register_to_config
-    def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
-        super().__init__()
-        self.proj_in = nn.Linear(width, hidden)
-        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, width, bias=False)
-
-    forward = ToyModel.forward
+DiffusersToy = DiffusersToyModel
 
 
 @pytest.fixture

@@ -10,13 +10,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import diffusers
-from diffusers.configuration_utils import ConfigMixin as DConfigMixin
-from diffusers.configuration_utils import register_to_config as d_register_to_config
 
 from diffquant import CheckpointError, ConfigError, QuantoConfig
 from diffquant.quantizers import DiffusersAutoQuantizer
 from diffquant.quantizers.quanto import QuantoLinear, aligned, group_size_for, unpack_bits
-from tests.toy import ToyModel, save_toy, toy_input
+from tests.toy import DiffusersToyModel, ToyModel, save_toy, toy_input
 
 quanto = pytest.importorskip("optimum.quanto")
 
@@ -25,18 +23,7 @@ DTYPES = ["int8", "float8", "int4", "int2"]
 EXACT = {"int8": True, "float8": True, "int4": False, "int2": True}
 
 
-class DiffusersToy(diffusers.ModelMixin, DConfigMixin):
-    """tests.toy.ToyModel written against diffusers, to load the same checkpoints there."""
-
-    @d_register_to_config
-    def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
-        super().__init__()
-        self.proj_in = nn.Linear(width, hidden)
-        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, width, bias=False)
-
-    forward = ToyModel.forward
+DiffusersToy = DiffusersToyModel
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from diffquant.errors import CheckpointError, ConfigError, QuantizationError
 from diffquant.ops import int_quant as iq
 from diffquant.quantizers.base import QuantizedLinear
 from diffquant.quantizers.torchao import LAYERS
-from tests.toy import ToyModel, save_toy, toy_input
+from tests.toy import DiffusersToyModel, ToyModel, save_toy, toy_input
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -146,18 +146,7 @@ def test_float8_all_zero_row_stays_zero():
 
 
 # -- checkpoints written by diffusers 0.42.1 with torchao ------------------------------------------
-class DiffusersToy(diffusers.ModelMixin, diffusers.ConfigMixin):
-    """tests/toy.py's ToyModel, built with diffusers' classes (same names, same math)."""
-
-    @diffusers.configuration_utils.register_to_config
-    def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
-        super().__init__()
-        self.proj_in = nn.Linear(width, hidden)
-        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, width, bias=False)
-
-    forward = ToyModel.forward
+DiffusersToy = DiffusersToyModel
 
 
 @pytest.mark.parametrize("make,safe", [(tq.Int8WeightOnlyConfig, True), (tq.Int8WeightOnlyConfig, False),

@@ -40,3 +40,33 @@ def save_toy(directory, dtype=torch.bfloat16, seed=0, **config):
 def toy_input(width=128, rows=4, dtype=torch.bfloat16, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, width, generator=g).to(dtype)
+
+
+def _diffusers_toy_class():
+    import diffusers
+    from diffusers.configuration_utils import register_to_config as d_register_to_config
+
+    class DiffusersToyModel(diffusers.ModelMixin, diffusers.ConfigMixin):
+        """ToyModel written against diffusers (same names, same math), to load the same checkpoints."""
+
+        config_name = "config.json"
+
+        @d_register_to_config
+        def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
+            super().__init__()
+            self.proj_in = nn.Linear(width, hidden)
+            self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+            self.norm = nn.LayerNorm(hidden)
+            self.proj_out = nn.Linear(hidden, width, bias=False)
+
+        forward = ToyModel.forward
+
+    return DiffusersToyModel
+
+
+def __getattr__(name):
+    # diffusers is imported only by the tests that compare against it
+    if name == "DiffusersToyModel":
+        globals()[name] = cls = _diffusers_toy_class()
+        return cls
+    raise AttributeError(name)
