@@ -193,3 +193,17 @@ def test_casting_a_quantized_model_is_refused(quantized):
 def test_low_cpu_mem_usage_false_is_refused(config, toy):
     with pytest.raises(ValueError, match=r"low_cpu_mem_usage=False cannot be used with quantization"):
         ToyModel.from_pretrained(toy[0], quantization_config=config, low_cpu_mem_usage=False)
+
+
+def test_save_refuses_a_backend_that_cannot_serialize(toy, tmp_path, monkeypatch):
+    from diffquant import TorchAoConfig
+    from diffquant.errors import QuantizationError
+    from diffquant.quantizers.torchao import TorchAoQuantizer
+
+    model = ToyModel.from_pretrained(toy[0], quantization_config=TorchAoConfig("int8wo"))
+    monkeypatch.setattr(TorchAoQuantizer, "is_serializable", property(lambda self: False))
+    torch.manual_seed(0)
+    ToyModel(width=16, hidden=32).save_pretrained(tmp_path)  # an earlier checkpoint at that path
+    with pytest.raises(QuantizationError, match=r"quantized with torchao \(.*int8wo.*\), which cannot be saved"):
+        model.save_pretrained(tmp_path)
+    assert ToyModel.from_pretrained(tmp_path).config.hidden == 32  # untouched
