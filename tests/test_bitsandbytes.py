@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import diffusers
@@ -19,7 +19,7 @@ from diffusers.quantizers.bitsandbytes import bnb_quantizer as d_bnb
 from diffquant import BitsAndBytesConfig, CheckpointError, ConfigError
 from diffquant.quantizers import DiffusersAutoQuantizer
 from diffquant.quantizers.bitsandbytes import BnB4BitLinear, BnB8BitLinear
-from tests.toy import DiffusersToyModel, ToyModel, save_toy, toy_input
+from tests.toy import DiffusersToyModel, ToyModel, assert_missing_piece_is_named, save_toy, toy_input
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -192,14 +192,7 @@ def test_diffusers_checkpoint_loads_in_diffquant(cfg, toy_dir, tmp_path, diffuse
                                         (EXAMPLES[0], "proj_in.weight.quant_state.bitsandbytes__nf4"),
                                         (EXAMPLES[3], "proj_out.SCB")], ids=["nf4-dq", "nf4", "int8"])
 def test_missing_piece_is_named(cfg, piece, toy_dir, tmp_path):
-    ToyModel.from_pretrained(toy_dir, quantization_config=cfg,
-                             torch_dtype=torch.bfloat16).save_pretrained(tmp_path)
-    path = tmp_path / "diffusion_pytorch_model.safetensors"
-    tensors = load_file(path)
-    del tensors[piece]
-    save_file(tensors, path)
-    with pytest.raises(CheckpointError, match=f"missing {piece}; "):
-        ToyModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert_missing_piece_is_named(toy_dir, cfg, piece, tmp_path)
 
 
 def test_wrong_quant_type_and_dtype_are_refused(toy_dir, tmp_path):

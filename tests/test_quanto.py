@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import diffusers
@@ -14,7 +14,7 @@ import diffusers
 from diffquant import CheckpointError, ConfigError, QuantoConfig
 from diffquant.quantizers import DiffusersAutoQuantizer
 from diffquant.quantizers.quanto import QuantoLinear, aligned, group_size_for, unpack_bits
-from tests.toy import DiffusersToyModel, ToyModel, save_toy, toy_input
+from tests.toy import DiffusersToyModel, ToyModel, assert_missing_piece_is_named, save_toy, toy_input
 
 quanto = pytest.importorskip("optimum.quanto")
 
@@ -171,14 +171,7 @@ def test_unaligned_int8_data_is_realigned():
                                        ("int4", "proj_out.weight._shift"),
                                        ("int2", "proj_in.weight._data._data")])
 def test_missing_piece_is_named(wd, piece, toy_dir, tmp_path):
-    ToyModel.from_pretrained(toy_dir, quantization_config=QuantoConfig(wd),
-                             torch_dtype=torch.bfloat16).save_pretrained(tmp_path)
-    path = tmp_path / "diffusion_pytorch_model.safetensors"
-    tensors = load_file(path)
-    del tensors[piece]
-    save_file(tensors, path)
-    with pytest.raises(CheckpointError, match=f"missing {piece}; "):
-        ToyModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert_missing_piece_is_named(toy_dir, QuantoConfig(wd), piece, tmp_path)
 
 
 def test_mismatched_config_is_refused(toy_dir, tmp_path):

@@ -42,6 +42,23 @@ def toy_input(width=128, rows=4, dtype=torch.bfloat16, seed=1):
     return torch.randn(rows, width, generator=g).to(dtype)
 
 
+def assert_missing_piece_is_named(source, config, piece, tmp_path):
+    """Quantize ``source`` with ``config``, save, delete stored tensor ``piece``: reload names it."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from diffquant.errors import CheckpointError
+
+    ToyModel.from_pretrained(source, quantization_config=config,
+                             torch_dtype=torch.bfloat16).save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    del tensors[piece]
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=f"missing {piece}; "):
+        ToyModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+
+
 def _diffusers_toy_class():
     import diffusers
     from diffusers.configuration_utils import register_to_config as d_register_to_config
