@@ -24,7 +24,6 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .checkpoint import Checkpoint, find_weights, write_sharded
-from .configuration import ConfigMixin
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .hub import resolve_dir, split_hub_kwargs
 

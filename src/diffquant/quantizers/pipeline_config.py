@@ -75,7 +75,7 @@ class PipelineQuantizationConfig:
             self._validate_mapping()
 
     def _validate_backend(self) -> None:
-        ours, theirs = AUTO_QUANTIZATION_CONFIG_MAPPING, transformers_config_mapping()
+        ours = AUTO_QUANTIZATION_CONFIG_MAPPING
         backend = self.quant_backend
         if backend not in ours:
             raise ConfigError(f"PipelineQuantizationConfig: quant_backend={backend!r} is unknown; "
