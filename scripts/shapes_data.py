@@ -171,7 +171,13 @@ def _bpe_vocab_and_merges(words):
                                   initial_alphabet=list("abcdefghijklmnopqrstuvwxyz"))
     tok.train_from_iterator([" ".join(words)], trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    vocab = model["vocab"]
+    # The trainer numbers the single-character word ends ("a</w>", "d</w>", ...) in hash order,
+    # which changes from run to run; sort them so the ids (and a trained embedding) stay valid.
+    ends = sorted(t for t in vocab if len(t) == 5 and t.endswith("</w>"))
+    for tok_, id_ in zip(ends, sorted(vocab[t] for t in ends)):
+        vocab[tok_] = id_
+    vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     vocab["<|startoftext|>"] = len(vocab)   # specials last, as in OpenAI's CLIP vocabulary
     vocab["<|endoftext|>"] = len(vocab)

@@ -12,7 +12,10 @@ yellow background"; see scripts/shapes_data.py) at 64x64. Phases, each with a wa
    caption ids (see shapes_data.LAYOUTS for why the transformer sees tight layouts).
 3. Transformer (FluxTransformer2DModel, 16 packed image tokens) trained jointly with the tiny
    CLIP and T5 text encoders on the rectified-flow loss ||(noise - x0) - v(x_t, t)||^2,
-   x_t = (1 - t) x0 + t noise, t ~ logit-normal; the EMA weights ship.
+   x_t = (1 - t) x0 + t noise, t ~ logit-normal; the EMA weights ship. Half of the two-object
+   captions are swapped for their converse ("B below A"), and small heads (scripts/text_aux.py,
+   not shipped) make the text encoders state which object is on top / left: without them the
+   model learned colours and the relation's axis but drew "above" and "below" alike.
 4. Decoder fine-tune with the encoder frozen (so the cached latents stay valid), on slightly
    noised latents so it forgives the transformer's errors. It needs nothing from phase 3, so
    ``--only-decoder`` runs it in a second process while phase 3 trains.
@@ -29,8 +32,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import os
 import sys
@@ -401,7 +402,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=REPO / "src/diffquant/assets/default")
     ap.add_argument("--work", type=Path, default=Path("/tmp/diffquant_default_train"))
     ap.add_argument("--vae-minutes", type=float, default=10.0)
-    ap.add_argument("--minutes", type=float, default=20.0, help="denoiser budget")
+    ap.add_argument("--minutes", type=float, default=40.0, help="denoiser budget")
     ap.add_argument("--decoder-minutes", type=float, default=25.0)
     ap.add_argument("--only-decoder", action="store_true",
                     help="run phase 4 alone (beside a run in its denoiser phase), then stop")
