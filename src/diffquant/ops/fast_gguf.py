@@ -105,28 +105,31 @@ def _dq_q4_k(b, t, sc, most):
 
 
 def _q6_k_codes(b, most):
-    """[R, S, 210] blocks -> signed codes int8 [R, S, 2, 4, 32] (q - 32), in element order.
+    """[R, S, 210] blocks -> signed codes int8 [R, S, 2, 4, 32] (q - 32) in element order (a
+    permuted view of a [4, R, S, 2, 32] buffer).
 
     Element 128h + 32c + l takes the low (c < 2) or high nibble of ql[64h + 32(c % 2) + l] and
-    bits 2c..2c+1 of qh[32h + l] (ggml's dequantize_row_q6_K). Byte ops run on whole contiguous
-    rows or on int32 words (four bytes at once, masks keep each byte's bits apart).
+    bits 2c..2c+1 of qh[32h + l] (ggml's dequantize_row_q6_K). The bytes are first copied
+    c-major, so every bit operation then runs on contiguous int32 words (four bytes at once,
+    masks keep each byte's bits apart); ops on short strided runs are several times slower.
     """
     r, s = b.shape[:2]
-    shape = (most, s, 2, 4, 32)
-    lo, hi = _nibbles(b, most)                                            # [R, S, 210] each
-    q = scratch_buffer(shape, torch.uint8, b.device, "q6_k")[:r]
-    q[:, :, :, :2] = lo[..., :128].view(r, s, 2, 2, 32)
-    q[:, :, :, 2:] = hi[..., :128].view(r, s, 2, 2, 32)
+    ql = scratch_buffer((2, most, s, 2, 32), torch.uint8, b.device, "q6_k ql")[:, :r]
+    ql.copy_(b[..., :128].view(r, s, 2, 2, 32).permute(3, 0, 1, 2, 4))  # [c % 2, R, S, h, l]
     qh = scratch_buffer((most, s, 2, 32), torch.uint8, b.device, "q6_k qh")[:r]
-    qh.copy_(b[..., 128:192].view(r, s, 2, 32))
-    qh32 = qh.view(torch.int32)                                           # [R, S, 2, 8]
-    high = scratch_buffer(shape, torch.uint8, b.device, "q6_k high")[:r]
-    high32 = high.view(torch.int32)                                       # [R, S, 2, 4, 8]
+    qh.copy_(b[..., 128:192].view(r, s, 2, 32))                          # [R, S, h, l]
+    ql32, qh32 = ql.view(torch.int32), qh.view(torch.int32)
+    q = scratch_buffer((4, most, s, 2, 32), torch.uint8, b.device, "q6_k")[:, :r]
+    q32 = q.view(torch.int32)                                            # [c, R, S, h, l / 4]
+    torch.bitwise_and(ql32, 0x0F0F0F0F, out=q32[:2])
+    torch.bitwise_right_shift(ql32, 4, out=q32[2:]).bitwise_and_(0x0F0F0F0F)
+    high = scratch_buffer((4, most, s, 2, 32), torch.uint8, b.device, "q6_k high")[:, :r]
+    high32 = high.view(torch.int32)
     for c in range(4):
-        torch.bitwise_right_shift(qh32, 2 * c, out=high32[:, :, :, c])
+        torch.bitwise_right_shift(qh32, 2 * c, out=high32[c])
     high32.bitwise_and_(0x03030303).bitwise_left_shift_(4)
-    q.view(torch.int32).bitwise_or_(high32)
-    return q.view(torch.int8).sub_(32)
+    q32.bitwise_or_(high32)
+    return q.view(torch.int8).sub_(32).permute(1, 2, 3, 0, 4)           # [R, S, h, c, l]
 
 
 def _scales_q6_k(b):
@@ -137,9 +140,8 @@ def _scales_q6_k(b):
 
 def _dq_q6_k(b, t, sc, most):
     r, s = b.shape[:2]
-    tv = t.view(r, s, 16, 16)
-    tv.copy_(_q6_k_codes(b, most).view(r, s, 16, 16))
-    tv.mul_(sc[0])
+    t.view(r, s, 2, 4, 32).copy_(_q6_k_codes(b, most))
+    t.view(r, s, 16, 16).mul_(sc[0])
 
 
 # type -> (bytes per block, scales of the whole weight, chunk fill)
