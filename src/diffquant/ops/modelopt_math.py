@@ -1,4 +1,8 @@
-"""Dequantization of NVIDIA ModelOpt's compressed weights, as plain torch functions.
+"""NVIDIA ModelOpt's compressed weight formats, as plain functions over tensors.
+
+Which format a weight quantizer's attributes select (``scheme_of``, as ``mtq.compress`` picks
+its QTensor class), compressing a weight with modelopt's own TensorQuantizer (``compress``) and
+dequantizing it in plain torch (``dequantize`` and one function per format).
 
 ModelOpt's ``mtq.compress`` stores a linear layer's weight as packed data plus buffers on its
 ``weight_quantizer`` (``_amax``, ``_scale``, and for the double-scaled formats ``_double_scale``
@@ -29,6 +33,13 @@ import math
 
 import torch
 
+from ..errors import QuantizationError
+
+CPU_SCHEMES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")
+# Buffers each compressed format keeps on its weight_quantizer (besides the optional _amax).
+SCHEME_PIECES = {"FP8": ("_scale",), "INT8": ("_scale",), "INT4": ("_scale",),
+                 "NF4": ("_scale", "_double_scale", "_scale_zeros"),
+                 "NVFP4": ("_scale", "_double_scale")}
 # modelopt's NF4 code book (bfloat16, as in modelopt.torch.quantization.qtensor.nf4_tensor).
 NF4_TABLE = torch.tensor([-1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0000,
                           0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0000],
@@ -99,3 +110,76 @@ def dequantize_nvfp4(q: torch.Tensor, scale: torch.Tensor, double_scale: torch.T
     block_scale = scale.to(torch.float32) * double_scale.to(q.device)  # (out, in / block)
     blocks = values.view(*values.shape[:-1], -1, block_size) * block_scale.unsqueeze(-1)
     return blocks.reshape(shape).to(dtype)
+
+
+def scheme_of(attrs: dict, where: str) -> str:
+    """FP8 | INT8 | INT4 | NF4 | NVFP4 from a weight quantizer's attributes (as mtq.compress)."""
+    bits, blocks = attrs.get("num_bits", 8), attrs.get("block_sizes") or {}
+    if blocks.get("type") == "dynamic" and blocks.get("scale_bits") == [8, 0]:
+        scheme = None  # MXFP4/MXFP8
+    elif bits == [4, 3]:
+        scheme = "FP8"
+    elif bits == 8:
+        scheme = "INT8"
+    elif bits == 4 and blocks.get("scale_bits") == 8 and blocks.get("scale_block_sizes"):
+        scheme = "NF4"
+    elif bits == [2, 1] and blocks.get("scale_bits") == [4, 3]:
+        scheme = "NVFP4"
+    elif bits == 4 and blocks:
+        scheme = "INT4"
+    else:
+        scheme = None
+    if scheme is None:
+        raise QuantizationError(
+            f"{where}: weight quantizer {attrs} has no compressed format diffquant can store. "
+            f"Supported (on every device, CPU included): {', '.join(CPU_SCHEMES)}; INT4 needs "
+            "block_quantize, NF4 and NVFP4 also scale_block_quantize")
+    if scheme in ("INT4", "NF4", "NVFP4") and any(int(k) not in (-1, 1) for k in blocks
+                                                  if not isinstance(k, str)):
+        raise QuantizationError(f"{where}: {scheme} blocks must run along the last axis "
+                                f"(channel_quantize=-1), got block_sizes={blocks}")
+    return scheme
+
+
+def compress(weight: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, dict]:
+    """(packed weight, weight_quantizer buffers) exactly as ``mtq.quantize`` + ``mtq.compress``.
+
+    Runs modelopt's TensorQuantizer on this one tensor: max calibration, then real quantization.
+    Needs the modelopt package (``quantizers/modelopt.py`` checks for it with a clear error).
+    """
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    cfg = dict(attrs, fake_quant=False)
+    for key in ("num_bits",):
+        cfg[key] = tuple(cfg[key]) if isinstance(cfg.get(key), list) else cfg.get(key, 8)
+    blocks = cfg.get("block_sizes")
+    if blocks and isinstance(blocks.get("scale_bits"), list):
+        cfg["block_sizes"] = dict(blocks, scale_bits=tuple(blocks["scale_bits"]))
+    tq = TensorQuantizer(QuantizerAttributeConfig(**cfg)).to(weight.device)
+    with torch.no_grad():
+        tq.disable_quant()
+        tq.enable_calib()
+        tq(weight)                      # max calibrator sees the weight -> _amax
+        tq.load_calib_amax()
+        tq.enable_quant()
+        tq.disable_calib()
+        packed = tq(weight)             # a modelopt QTensor; scales land in tq's buffers
+    return packed._quantized_data, {name: buf for name, buf in tq.named_buffers()}
+
+
+def dequantize(scheme: str, q: torch.Tensor, buffers, block_sizes: dict | None, shape,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``shape`` weight of any format; ``buffers`` has the weight_quantizer's pieces
+    (``_scale``, ``_double_scale``, ``_scale_zeros``) as attributes."""
+    blocks = block_sizes or {}
+    if scheme in ("FP8", "INT8"):
+        int_blocks = {k: v for k, v in blocks.items() if isinstance(k, int)}
+        return dequantize_scaled(q, buffers._scale, int_blocks or None, shape, dtype)
+    block = blocks[-1 if -1 in blocks else 1]
+    if scheme == "INT4":
+        return dequantize_int4(q, buffers._scale, block, shape, dtype)
+    if scheme == "NF4":
+        return dequantize_nf4(q, buffers._scale, buffers._double_scale, buffers._scale_zeros,
+                              block, shape, dtype)
+    return dequantize_nvfp4(q, buffers._scale, buffers._double_scale, block, shape, dtype)

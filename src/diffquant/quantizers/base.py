@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import QuantizationError
+from ..errors import CheckpointError, QuantizationError
 from ..modeling import matches_any
 
 
@@ -68,6 +68,51 @@ class QuantizedLinear(nn.Module):
                f"bias={self.bias is not None}"
 
 
+class PiecesLinear(QuantizedLinear):
+    """A QuantizedLinear whose stored pieces have dotted on-disk names ("weight.absmax",
+    "weight._data") that nn.Module cannot register: ``pieces`` maps each on-disk name to the
+    buffer holding it (bitsandbytes and quanto store their layers so)."""
+
+    def _init_pieces(self, pieces: dict[str, str]) -> None:
+        self.pieces = dict(pieces)
+        for attr in self.pieces.values():
+            self.register_buffer(attr, None)  # None until loaded: a missing piece stays visible
+        self._loaded: set[str] = set()
+
+    def required_pieces(self) -> list[str]:
+        return list(self.pieces)
+
+    def missing_pieces(self) -> list[str]:
+        return [p for p in self.required_pieces() if p not in self._loaded]
+
+    def _put(self, name: str, tensor: torch.Tensor) -> None:
+        setattr(self, self.pieces[name], tensor)
+        self._loaded.add(name)
+
+    def _is_piece(self, rel: str) -> bool:
+        """Whether state-dict key ``rel`` (relative to this layer) goes to ``load_piece``."""
+        return rel in self.pieces
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rel = key[len(prefix):]
+            if rel == "bias" and self.bias is not None:
+                self.bias = torch.nn.Parameter(state_dict[key].detach().clone(), requires_grad=False)
+            elif self._is_piece(rel):
+                self.load_piece(rel, state_dict[key].clone(), pre_quantized=True, dtype=None,
+                                device=None)
+        missing_keys.extend(prefix + p for p in self.missing_pieces())
+
+    def check_complete(self, name: str, backend: str) -> None:
+        """Raise naming every piece of layer ``name`` the ``backend`` checkpoint did not hold."""
+        missing = self.missing_pieces()
+        if missing:
+            keys = ", ".join(f"{name}.{p}" for p in missing)
+            raise CheckpointError(f"{backend} checkpoint is missing {keys}; every quantized layer "
+                                  f"needs {self.required_pieces()}; re-save the model")
+
+
 def owner_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     """The deepest module owning ``key`` and the key relative to it ("a.b.weight.absmax")."""
     parts = key.split(".")
@@ -118,13 +163,18 @@ class DiffusersQuantizer:
         """The quantized replacement of ``module`` (built on meta, filled while loading)."""
         raise NotImplementedError
 
+    def _layer_of(self, model: nn.Module, key: str) -> tuple[nn.Module | None, str]:
+        """The module that loads ``key`` and the key relative to it; backends whose layers own
+        keys held by a child module (modelopt's ``weight_quantizer._scale``) override it."""
+        return owner_of(model, key)
+
     def check_if_quantized_param(self, model: nn.Module, key: str, checkpoint=None) -> bool:
-        module, rel = owner_of(model, key)
+        module, rel = self._layer_of(model, key)
         return isinstance(module, QuantizedLinear) and rel != "bias"
 
     def create_quantized_param(self, model: nn.Module, key: str, tensor: torch.Tensor, dtype,
                                device) -> None:
-        module, rel = owner_of(model, key)
+        module, rel = self._layer_of(model, key)
         if device is not None:
             tensor = tensor.to(device)
         module.load_piece(rel, tensor, pre_quantized=self.pre_quantized, dtype=dtype, device=device)
@@ -179,4 +229,5 @@ def require(package: str, extra: str):
                                       f"pip install 'diffquant[{extra}]' ({err})") from err
 
 
-__all__ = ["DiffusersQuantizer", "QuantizedLinear", "QuantizationError", "owner_of", "require"]
+__all__ = ["DiffusersQuantizer", "PiecesLinear", "QuantizedLinear", "QuantizationError", "owner_of",
+           "require"]

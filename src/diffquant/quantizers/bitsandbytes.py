@@ -29,7 +29,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from .auto import register_quantizer
-from .base import DiffusersQuantizer, QuantizedLinear, require
+from .base import DiffusersQuantizer, PiecesLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod, dtype_to_str, str_to_dtype
 
 logger = logging.getLogger(__name__)
@@ -147,26 +147,14 @@ class BitsAndBytesConfig(QuantizationConfigMixin):
                 cls(load_in_8bit=True)]
 
 
-class _PiecesLinear(QuantizedLinear):
-    """A layer whose buffers are saved under dotted names ("weight.absmax") that bitsandbytes
-    uses but nn.Module cannot register; ``PIECES`` maps each on-disk name to its buffer."""
+class _PiecesLinear(PiecesLinear):
+    """A bitsandbytes layer: ``PIECES`` maps each on-disk name ("weight.absmax") to its buffer;
+    saved in bitsandbytes' key order, with its constant pieces."""
 
     PIECES: dict[str, str] = {}
 
-    def _init_pieces(self):
-        for attr in self.PIECES.values():
-            self.register_buffer(attr, None)  # None until loaded: a missing piece stays visible
-        self._loaded: set[str] = set()
-
-    def required_pieces(self) -> list[str]:
-        return list(self.PIECES)
-
-    def missing_pieces(self) -> list[str]:
-        return [p for p in self.required_pieces() if p not in self._loaded]
-
-    def _put(self, name: str, tensor: torch.Tensor) -> None:
-        setattr(self, self.PIECES[name], tensor)
-        self._loaded.add(name)
+    def _is_piece(self, rel: str) -> bool:
+        return "." not in rel or rel.startswith("weight.")
 
     def _disk_name(self, name: str) -> str:
         return name
@@ -183,17 +171,6 @@ class _PiecesLinear(QuantizedLinear):
                 destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         for name, t in self._constant_pieces().items():
             destination[prefix + name] = t
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rel = key[len(prefix):]
-            if rel == "bias" and self.bias is not None:
-                self.bias = torch.nn.Parameter(state_dict[key].detach().clone(), requires_grad=False)
-            elif "." not in rel or rel.startswith("weight."):
-                self.load_piece(rel, state_dict[key].clone(), pre_quantized=True, dtype=None,
-                                device=None)
-        missing_keys.extend(prefix + p for p in self.missing_pieces())
 
     def _bad_piece(self, name: str):
         raise CheckpointError(f"{type(self).__name__}: unexpected tensor {name!r} for a "
@@ -213,7 +190,7 @@ class BnB4BitLinear(_PiecesLinear):
         super().__init__(in_features, out_features, bias, compute_dtype)
         self.quant_type, self.double_quant = quant_type, double_quant
         self.quant_storage, self.bnb_compute_dtype = quant_storage, bnb_compute_dtype
-        self._init_pieces()
+        self._init_pieces(self.PIECES)
         self._meta: dict | None = None  # the blob's non-tensor fields (shape, dtype, blocksize...)
         self._qs_cache = (None, None)
 
@@ -299,7 +276,7 @@ class BnB8BitLinear(_PiecesLinear):
     def __init__(self, in_features, out_features, bias, compute_dtype=None, *, threshold=6.0):
         super().__init__(in_features, out_features, bias, compute_dtype)
         self.threshold = threshold
-        self._init_pieces()
+        self._init_pieces(self.PIECES)
 
     def _constant_pieces(self):
         # bitsandbytes writes the (only remaining) row-major format id for older readers
@@ -366,11 +343,8 @@ class _BnBQuantizer(DiffusersQuantizer):
 
     def postprocess_model(self, model, **kwargs) -> None:
         for name, module in model.named_modules():
-            missing = module.missing_pieces() if isinstance(module, _PiecesLinear) else []
-            if missing:
-                keys = ", ".join(f"{name}.{p}" for p in missing)
-                raise CheckpointError(f"bitsandbytes checkpoint is missing {keys}; every quantized "
-                                      f"layer needs {module.required_pieces()}; re-save the model")
+            if isinstance(module, _PiecesLinear):
+                module.check_complete(name, "bitsandbytes")
 
 
 @register_quantizer("bitsandbytes_4bit", BitsAndBytesConfig)

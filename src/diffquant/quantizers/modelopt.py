@@ -32,6 +32,7 @@ from ..errors import CheckpointError, ConfigError, QuantizationError
 from ..ops import fast_formats as ff
 from ..ops import fast_linear as fl
 from ..ops import modelopt_math as mm
+from ..ops.modelopt_math import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
 from .config import QuantizationConfigMixin, QuantizationMethod
@@ -40,11 +41,6 @@ logger = logging.getLogger(__name__)
 
 QUANT_TYPE_BITS = {"FP8": [4, 3], "INT8": 8, "INT4": 4, "NF4": 4, "NVFP4": [2, 1]}
 QUANT_TYPE_SCALE_BITS = {"NF4": 8, "NVFP4": [4, 3]}
-CPU_SCHEMES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")
-# Buffers each compressed format keeps on its weight_quantizer (besides the optional _amax).
-SCHEME_PIECES = {"FP8": ("_scale",), "INT8": ("_scale",), "INT4": ("_scale",),
-                 "NF4": ("_scale", "_double_scale", "_scale_zeros"),
-                 "NVFP4": ("_scale", "_double_scale")}
 
 
 def _canonical(value, key=None):
@@ -266,61 +262,12 @@ def resolve_quantizer(quant_cfg, quantizer_name: str, module: nn.Module) -> dict
     return _canonical(attrs) if enabled else None
 
 
-def scheme_of(attrs: dict, where: str) -> str:
-    """FP8 | INT8 | INT4 | NF4 | NVFP4 from a weight quantizer's attributes (as mtq.compress)."""
-    bits, blocks = attrs.get("num_bits", 8), attrs.get("block_sizes") or {}
-    if blocks.get("type") == "dynamic" and blocks.get("scale_bits") == [8, 0]:
-        scheme = None  # MXFP4/MXFP8
-    elif bits == [4, 3]:
-        scheme = "FP8"
-    elif bits == 8:
-        scheme = "INT8"
-    elif bits == 4 and blocks.get("scale_bits") == 8 and blocks.get("scale_block_sizes"):
-        scheme = "NF4"
-    elif bits == [2, 1] and blocks.get("scale_bits") == [4, 3]:
-        scheme = "NVFP4"
-    elif bits == 4 and blocks:
-        scheme = "INT4"
-    else:
-        scheme = None
-    if scheme is None:
-        raise QuantizationError(
-            f"{where}: weight quantizer {attrs} has no compressed format diffquant can store. "
-            f"Supported (on every device, CPU included): {', '.join(CPU_SCHEMES)}; INT4 needs "
-            "block_quantize, NF4 and NVFP4 also scale_block_quantize")
-    if scheme in ("INT4", "NF4", "NVFP4") and any(int(k) not in (-1, 1) for k in blocks
-                                                  if not isinstance(k, str)):
-        raise QuantizationError(f"{where}: {scheme} blocks must run along the last axis "
-                                f"(channel_quantize=-1), got block_sizes={blocks}")
-    return scheme
-
-
 # -- the layer ---------------------------------------------------------------------------------
 def modelopt_compress(weight: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, dict]:
-    """(packed weight, weight_quantizer buffers) exactly as ``mtq.quantize`` + ``mtq.compress``.
-
-    Runs modelopt's TensorQuantizer on this one tensor: max calibration, then real quantization.
-    """
+    """(packed weight, weight_quantizer buffers) exactly as ``mtq.quantize`` + ``mtq.compress``
+    (``ops.modelopt_math.compress``), or an error saying how to install modelopt."""
     require("modelopt.torch.quantization", "modelopt")
-    from modelopt.torch.quantization.config import QuantizerAttributeConfig
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    cfg = dict(attrs, fake_quant=False)
-    for key in ("num_bits",):
-        cfg[key] = tuple(cfg[key]) if isinstance(cfg.get(key), list) else cfg.get(key, 8)
-    blocks = cfg.get("block_sizes")
-    if blocks and isinstance(blocks.get("scale_bits"), list):
-        cfg["block_sizes"] = dict(blocks, scale_bits=tuple(blocks["scale_bits"]))
-    tq = TensorQuantizer(QuantizerAttributeConfig(**cfg)).to(weight.device)
-    with torch.no_grad():
-        tq.disable_quant()
-        tq.enable_calib()
-        tq(weight)                      # max calibrator sees the weight -> _amax
-        tq.load_calib_amax()
-        tq.enable_quant()
-        tq.disable_calib()
-        packed = tq(weight)             # a modelopt QTensor; scales land in tq's buffers
-    return packed._quantized_data, {name: buf for name, buf in tq.named_buffers()}
+    return mm.compress(weight, attrs)
 
 
 class ModelOptLinear(QuantizedLinear):
@@ -363,19 +310,9 @@ class ModelOptLinear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The dense (out, in) weight in the compute dtype."""
-        shape, dtype = (self.out_features, self.in_features), self.compute_dtype or torch.float32
-        wq, blocks = self.weight_quantizer, self.attrs.get("block_sizes") or {}
-        if self.scheme in ("FP8", "INT8"):
-            int_blocks = {k: v for k, v in blocks.items() if isinstance(k, int)}
-            return mm.dequantize_scaled(self.weight, wq._scale, int_blocks or None, shape, dtype)
-        if self.scheme == "INT4":
-            return mm.dequantize_int4(self.weight, wq._scale, blocks[-1 if -1 in blocks else 1],
-                                      shape, dtype)
-        block = blocks[-1 if -1 in blocks else 1]
-        if self.scheme == "NF4":
-            return mm.dequantize_nf4(self.weight, wq._scale, wq._double_scale, wq._scale_zeros,
-                                     block, shape, dtype)
-        return mm.dequantize_nvfp4(self.weight, wq._scale, wq._double_scale, block, shape, dtype)
+        return mm.dequantize(self.scheme, self.weight, self.weight_quantizer,
+                             self.attrs.get("block_sizes"), (self.out_features, self.in_features),
+                             self.compute_dtype or torch.float32)
 
     def _fast_prepared(self):
         """FP8/INT8 with one scale per row or per tensor: the same dequantization, chunked into
@@ -391,13 +328,11 @@ class ModelOptLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out); the weight is dequantized per call (modelopt's CPU fallback)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
         w = self._fast_prepared() if self.use_fast_path(x) else None
         if w is not None:
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
             return fl.linear_weight_only(x, w, bias)
-        weight = self.dequantized_weight().to(x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scheme={self.scheme}"
@@ -442,23 +377,17 @@ class NVIDIAModelOptQuantizer(DiffusersQuantizer):
                               scheme, attrs)
 
     def _layer_of(self, model, key: str):
+        # "<layer>.weight_quantizer._scale" belongs to <layer>, not to its weight_quantizer child
         layer_name, sep, _ = key.rpartition(".weight_quantizer.")
         module, rel = owner_of(model, key)
         if sep and isinstance(model.get_submodule(layer_name), ModelOptLinear):
             return model.get_submodule(layer_name), key[len(layer_name) + 1:]
         return (module, rel) if isinstance(module, ModelOptLinear) else (None, rel)
 
-    def check_if_quantized_param(self, model, key, checkpoint=None) -> bool:
-        layer, rel = self._layer_of(model, key)
-        return layer is not None and rel != "bias"
-
     def create_quantized_param(self, model, key, tensor, dtype, device) -> None:
-        layer, rel = self._layer_of(model, key)
-        if device is not None:
-            tensor = tensor.to(device)
-        layer.load_piece(rel, tensor, pre_quantized=self.pre_quantized, dtype=dtype, device=device)
+        super().create_quantized_param(model, key, tensor, dtype, device)
         if dtype is not None:
-            layer.compute_dtype = dtype
+            self._layer_of(model, key)[0].compute_dtype = dtype
 
     def postprocess_model(self, model, **kwargs) -> None:
         for name, module in model.named_modules():
@@ -467,7 +396,3 @@ class NVIDIAModelOptQuantizer(DiffusersQuantizer):
 
     def scheme_name(self) -> str:
         return f"modelopt {self.quantization_config.quant_type}"
-
-    @property
-    def is_trainable(self) -> bool:
-        return False

@@ -31,7 +31,7 @@ from ..errors import CheckpointError, ConfigError
 from ..ops import fast_formats as ff
 from ..ops import fast_linear as fl
 from .auto import register_quantizer
-from .base import DiffusersQuantizer, QuantizedLinear, require
+from .base import DiffusersQuantizer, PiecesLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-class QuantoLinear(QuantizedLinear):
+class QuantoLinear(PiecesLinear):
     """A quanto-quantized linear layer with plain buffers under quanto's serialized names."""
 
     def __init__(self, in_features, out_features, bias, compute_dtype=None, *, weights_dtype="int8"):
@@ -142,22 +142,12 @@ class QuantoLinear(QuantizedLinear):
         self.group_size = group_size_for(weights_dtype, in_features)
         data = "weight._data" if self.bits == 8 else "weight._data._data"
         shift = () if self.bits == 8 else ("weight._shift",)
-        self.pieces = {data: "weight_data", "weight._scale": "weight_scale",
-                       **{s: "weight_shift" for s in shift},
-                       "input_scale": "input_scale", "output_scale": "output_scale"}
-        for attr in self.pieces.values():
-            self.register_buffer(attr, None)  # None until loaded, so a missing piece shows
-        self._loaded: set[str] = set()
+        self._init_pieces({data: "weight_data", "weight._scale": "weight_scale",
+                           **{s: "weight_shift" for s in shift},
+                           "input_scale": "input_scale", "output_scale": "output_scale"})
 
     def required_pieces(self) -> list[str]:
         return [p for p in self.pieces if not p.endswith("put_scale")]
-
-    def missing_pieces(self) -> list[str]:
-        return [p for p in self.required_pieces() if p not in self._loaded]
-
-    def _put(self, name, tensor):
-        setattr(self, self.pieces[name], tensor)
-        self._loaded.add(name)
 
     def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
         if not pre_quantized:
@@ -200,17 +190,6 @@ class QuantoLinear(QuantizedLinear):
             t = getattr(self, attr)
             if t is not None:
                 destination[prefix + name] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rel = key[len(prefix):]
-            if rel == "bias" and self.bias is not None:
-                self.bias = torch.nn.Parameter(state_dict[key].detach().clone(), requires_grad=False)
-            elif rel in self.pieces:
-                self.load_piece(rel, state_dict[key].clone(), pre_quantized=True, dtype=None,
-                                device=None)
-        missing_keys.extend(prefix + p for p in self.missing_pieces())
 
     def dequantized_weight(self) -> torch.Tensor:
         shape = (self.out_features, self.in_features)
@@ -274,11 +253,7 @@ class QuantoQuantizer(DiffusersQuantizer):
         for name, module in model.named_modules():
             if not isinstance(module, QuantoLinear):
                 continue
-            missing = module.missing_pieces()
-            if missing:
-                keys = ", ".join(f"{name}.{p}" for p in missing)
-                raise CheckpointError(f"quanto checkpoint is missing {keys}; every quantized layer "
-                                      f"needs {module.required_pieces()}; re-save the model")
+            module.check_complete(name, "quanto")
             for piece in ("input_scale", "output_scale"):  # optional: ones, as quanto makes them
                 if piece not in module._loaded:
                     s = module.weight_scale
