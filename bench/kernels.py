@@ -1,12 +1,15 @@
 """Micro-benchmark of the fast quantized linear kernels (``diffquant.ops.fast_linear``).
 
 For each format and number of rows: milliseconds of a bf16 and a float32 ``F.linear``, of the
-format's reference forward (dequantize-then-matmul, as the backend layers do today) and of the
-fast path, with the ratio fast / bf16. The candidates are timed in turn, round after round, and
-the median is reported, so a loaded machine slows them alike.
+format's reference forward (dequantize-then-matmul, as the backend layers do today), of the
+fast path, and of the layer diffusers runs for the same scheme, built with its library from the
+same weights (``bench/kernel_refs.py``: torchao, diffusers' GGUFLinear, optimum.quanto), with the
+ratios fast / bf16 and fast / library. The candidates are timed in turn, round after round, and
+the median is reported, so a loaded machine slows them alike. Under each table, how far the fast
+output is from the library's (max |fast - library| / max |library|), so like is compared with like.
 
     python -m bench.kernels                       # 3072x3072 (Flux width), rows 1 16 256 1280
-    python -m bench.kernels --rows 1 64 --formats Q4_0 int8dq --reps 9
+    python -m bench.kernels --rows 1 64 --formats Q4_0 int8dq quanto-int4 --reps 9
 """
 
 from __future__ import annotations
@@ -29,13 +32,18 @@ from diffquant.ops import fast_linear as fl  # noqa: E402
 from diffquant.ops import gguf_dequant as gd  # noqa: E402
 from diffquant.ops import int_quant as iq  # noqa: E402
 
+from .kernel_refs import agreement, int4_group, library_layer  # noqa: E402
+
 BF16 = torch.bfloat16
-FORMATS = ("int8dq", "int8wo", "int4wo", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+FORMATS = ("int8dq", "int8wo", "int4wo", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K",
+           "quanto int8", "quanto int4")
 
 
 def _kquant_blocks(n, k, qtype):
     """Valid Q4_K/Q6_K blocks (gguf-py cannot quantize to them): random codes, sane scales."""
     block, size = gd.BLOCK_LAYOUT[gd.ggml_type(qtype)]
+    if k % block:
+        raise ValueError(f"{qtype} needs K to be a multiple of {block}, got K={k}")
     b = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8)
     for off in {"Q4_K": (0, 2), "Q6_K": (208,)}[qtype]:
         b[..., off:off + 2] = (torch.rand(n, k // block, 1) * 0.01 + 0.001).half().view(torch.uint8)
@@ -43,29 +51,54 @@ def _kquant_blocks(n, k, qtype):
 
 
 def build(fmt: str, w: torch.Tensor, bias: torch.Tensor):
-    """w [N, K] float32 -> (reference forward, fast forward, packed-kernel rows), each forward
-    x [M, K] bf16 -> [M, N]."""
+    """w [N, K] float32 -> (reference forward, fast forward, packed-kernel rows, library forward
+    or "n/a: reason"), each forward x [M, K] bf16 -> [M, N]."""
+    ref, fast, small, blocks = _build(fmt, w, bias)
+    return ref, fast, small, library_layer(fmt, w, bias, blocks)
+
+
+def _build(fmt, w, bias):
     wb = w.to(BF16)
     if fmt in ("int8dq", "int8wo"):
         q, s = iq.int8_quantize_per_channel(wb)
         if fmt == "int8dq":
             p = fl.prepare_int8_dynamic(q, s)
             return (lambda x: iq.int8_dynamic_linear(x, q, s, bias),
-                    lambda x: fl.linear_int8_dynamic(x, p, bias), None)
+                    lambda x: fl.linear_int8_dynamic(x, p, bias), None, None)
         p = fl.prepare_int8_weight(q, s)
         return (lambda x: iq.int8_weight_only_linear(x, q, s, bias),
-                lambda x: fl.linear_weight_only(x, p, bias), p.small_rows)
+                lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None)
     if fmt == "int4wo":
-        packed, scale, zero = iq.int4_quantize_groupwise(wb, 128)
+        packed, scale, zero = iq.int4_quantize_groupwise(wb, int4_group(w.shape[1]))
         p = fl.prepare_int4_weight(packed, scale, zero)
         def ref(x):  # Int4WeightOnlyLinear.forward
             return torch.matmul(x, iq.int4_dequantize(packed, scale, zero, BF16).t()) + bias
 
-        return ref, lambda x: fl.linear_weight_only(x, p, bias), p.small_rows
+        return ref, lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None
+    if fmt.startswith("quanto"):
+        return _build_quanto(fmt, wb, bias) + (None,)
     blocks = _kquant_blocks(*w.shape, fmt) if fmt in ("Q4_K", "Q6_K") else gd.quantize(w, fmt)
     p = fg.prepare_gguf_weight(blocks, fmt)
     return (lambda x: F.linear(x, gd.dequantize(blocks, fmt, BF16), bias),
-            lambda x: fl.linear_weight_only(x, p, bias), p.small_rows if p.packed else 0)
+            lambda x: fl.linear_weight_only(x, p, bias), p.small_rows if p.packed else 0, blocks)
+
+
+def _build_quanto(fmt, wb, bias):
+    """diffquant's QuantoLinear quantizing wb (quanto's own quantization); the reference is the
+    same layer with its fast path off (quanto's qbytes_mm for int8, dequantize + matmul int4)."""
+    from diffquant.quantizers.quanto import QuantoLinear
+
+    def layer(fast):
+        m = QuantoLinear(wb.shape[1], wb.shape[0], True, weights_dtype=fmt.split()[1])
+        m.load_piece("weight", wb, pre_quantized=False, dtype=None, device=None)
+        m.bias = torch.nn.Parameter(bias, requires_grad=False)
+        if not fast:
+            m.use_fast_path = lambda x: False
+        return m
+
+    fast = layer(True)
+    p = fast._prepare()
+    return layer(False), fast, p.small_rows if p.packed else 0
 
 
 def timed(fns: dict, reps: int) -> dict:
@@ -85,20 +118,38 @@ def table(fmt: str, n: int, k: int, rows, reps: int) -> str:
     torch.manual_seed(0)
     w, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.1
     wb, bb = w.to(BF16), bias.to(BF16)
-    ref, fast, small = build(fmt, w, bb)
+    try:
+        ref, fast, small, lib = build(fmt, w, bb)
+    except (ValueError, RuntimeError) as e:  # a shape the format cannot hold (K-quants: K % 256)
+        return f"### {fmt} ({n}x{k}): n/a: {str(e).splitlines()[0]}"
     path = "int8 x int8 -> int32 matmul" if small is None else \
         f"packed kernel up to {small} rows" if small else "always dequantize"
     lines = [f"### {fmt} ({n}x{k}; fast path: {path})", "",
-             "| rows | bf16 ms | fp32 ms | reference ms | fast ms | fast / bf16 |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| rows | bf16 ms | fp32 ms | reference ms | fast ms | library ms | fast / bf16 "
+             "| fast / library |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    agree = []
+    # quanto's int4 CPU layer fails under inference_mode, so quanto is timed under no_grad; the
+    # scratch buffers made under inference_mode by earlier tables are inference tensors, which
+    # cannot be written outside it (diffquant's own fast path fails there too): start afresh.
+    mode = torch.no_grad if fmt.startswith("quanto") else torch.inference_mode
+    fl.clear_scratch()
     for m in rows:
         x = torch.randn(m, k).to(BF16)
         xf = x.float()
-        with torch.inference_mode():
-            ms = timed({"bf16": lambda: F.linear(x, wb, bb), "fp32": lambda: F.linear(xf, w, bias),
-                        "ref": lambda: ref(x), "fast": lambda: fast(x)}, reps)
+        fns = {"bf16": lambda: F.linear(x, wb, bb), "fp32": lambda: F.linear(xf, w, bias),
+               "ref": lambda: ref(x), "fast": lambda: fast(x)}
+        if callable(lib):
+            fns["lib"] = lambda: lib(x)
+        with mode():
+            if callable(lib):
+                agree.append(f"{m} rows {agreement(fast(x), lib(x)):.4f}")
+            ms = timed(fns, reps)
+        libs = (f"{ms['lib']:.2f}", f"{ms['fast'] / ms['lib']:.2f}") if callable(lib) else \
+            (lib, "n/a")
         lines.append(f"| {m} | {ms['bf16']:.2f} | {ms['fp32']:.2f} | {ms['ref']:.2f} | "
-                     f"{ms['fast']:.2f} | {ms['fast'] / ms['bf16']:.2f} |")
+                     f"{ms['fast']:.2f} | {libs[0]} | {ms['fast'] / ms['bf16']:.2f} | {libs[1]} |")
+    if agree:
+        lines += ["", "max |fast - library| / max |library|: " + ", ".join(agree)]
     return "\n".join(lines)
 
 
@@ -106,7 +157,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=2, default=(3072, 3072), metavar=("N", "K"))
     ap.add_argument("--rows", type=int, nargs="+", default=(1, 16, 256, 1280))
-    ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS,
+                    type=lambda f: f.replace("-", " "))  # quanto-int8 = "quanto int8"
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
     args = ap.parse_args(argv)
