@@ -30,8 +30,8 @@ def test_config_round_trip_and_defaults():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match=r"quant_type='Q4_K': expected None .* or one of"):
-        GGUFQuantizationConfig(quant_type="Q4_K")
+    with pytest.raises(ConfigError, match=r"quant_type='Q3_K': expected None .* or one of"):
+        GGUFQuantizationConfig(quant_type="Q3_K")
     with pytest.raises(ConfigError, match=r"compute_dtype=torch.int8: expected a float dtype"):
         GGUFQuantizationConfig(torch.int8)
     with pytest.raises(ConfigError, match=r"compute_dtype='fp99': expected a torch dtype"):

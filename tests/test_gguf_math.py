@@ -51,8 +51,8 @@ def test_float_types_match_gguf_numpy(qtype):
     np.testing.assert_array_equal(dequantize(torch.from_numpy(raw), qtype).numpy(), expected)
 
 
-@pytest.mark.parametrize("qtype", [t for t in QUANTIZABLE_TYPES if BLOCK_LAYOUT[t][0] > 1],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [t for t in QUANTIZABLE_TYPES if 1 < BLOCK_LAYOUT[t][0] < 256],
+                         ids=lambda t: t.name)  # gguf-py has no K-quant quantizer: test_gguf_kquant.py
 def test_quantize_matches_gguf_numpy(qtype):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((5, 128)).astype(np.float32) * 3
@@ -151,7 +151,7 @@ def test_shapes_and_errors():
     with pytest.raises(QuantizationError, match=r"row length 48 is not a multiple of the block size 32"):
         quantize(torch.zeros(2, 48), "Q8_0")
     with pytest.raises(QuantizationError, match=r"can load this type but not quantize to it"):
-        quantize(torch.zeros(2, 256), "Q4_K")
+        quantize(torch.zeros(2, 256), "Q2_K")
     with pytest.raises(QuantizationError, match=r"GGUF type 'Q9_9' is not supported"):
         dequantize(torch.zeros(2, 34, dtype=torch.uint8), "Q9_9")
     with pytest.raises(QuantizationError, match=r"35 bytes per row is not a multiple of the block size 34"):

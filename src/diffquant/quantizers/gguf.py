@@ -3,8 +3,9 @@
 Like diffusers, a GGUF model keeps each linear weight as the file's raw ggml blocks and
 dequantizes them to ``compute_dtype`` in every forward. diffquant goes further:
 
-- ``quant_type="Q8_0"`` (or Q4_0, Q4_1, Q5_0, Q5_1) quantizes a full-precision checkpoint while
-  loading it with ``from_pretrained`` (diffusers only loads pre-quantized ``.gguf`` files);
+- ``quant_type="Q8_0"`` (or Q6_K, Q5_0, Q5_1, Q4_K, Q4_0, Q4_1) quantizes a full-precision
+  checkpoint while loading it with ``from_pretrained`` (diffusers only loads pre-quantized
+  ``.gguf`` files);
 - a GGUF model saves with ``save_pretrained`` and reloads with ``from_pretrained``, no config
   needed; ``export_gguf`` writes a ``.gguf`` file that diffusers and llama.cpp tools read.
 
@@ -57,8 +58,9 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
         compute_dtype: dtype the weights are dequantized to in forward (diffusers' default:
             torch.float32).
         quant_type: None (default, as diffusers): only load pre-quantized GGUF weights; or a
-            GGUF type name ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32") to
-            quantize a full-precision checkpoint while loading it.
+            GGUF type name ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16",
+            "F32") to quantize a full-precision checkpoint while loading it (K types need rows
+            that are a multiple of 256; other layers stay in the checkpoint's float type).
         modules_to_not_convert: module names or globs kept in full precision.
 
     Example:
@@ -94,10 +96,10 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
 
     @property
     def bits(self) -> int:
-        """Weight width hint: 8 for Q8_0, 5 for Q5_*, 4 for Q4_*, 16/32 for floats, 0 if unknown."""
+        """Weight width hint: 8 for Q8_0, 6 for Q6_K, 5 for Q5_*, 4 for Q4_*, 16/32 for floats."""
         if self.quant_type is None:
             return 0  # pre-quantized: each tensor of the file has its own type
-        return {"Q8": 8, "Q5": 5, "Q4": 4, "F1": 16, "BF": 16, "F3": 32}[self.quant_type[:2]]
+        return {"Q8": 8, "Q6": 6, "Q5": 5, "Q4": 4, "F1": 16, "BF": 16, "F3": 32}[self.quant_type[:2]]
 
     @classmethod
     def cpu_examples(cls) -> list["GGUFQuantizationConfig"]:
