@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import logging
@@ -31,66 +30,28 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .configuration import DIFFUSERS_FORMAT_VERSION, read_json
-from .errors import CheckpointError, ConfigError, QuantizationError
+from .errors import ConfigError, QuantizationError
 from .hub import resolve_dir, split_hub_kwargs
+from .pipeline_components import DIFFUSERS_CLASSES  # noqa: F401 (read by the CLI)
+from .pipeline_components import (PIPELINE_CLASSES, import_class, is_plain_folder_name,
+                                  is_serializable, library_of, load_component, resolve_class,
+                                  resolve_quant_configs)
+# save_pretrained looks this name up here at call time, so tests can swap it for a spy
+from .pipeline_components import save_component as _save_component
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model_index.json"
-# diffusers-library classes diffquant implements: class name -> module.
-DIFFUSERS_CLASSES = {
-    "FluxTransformer2DModel": "diffquant.models.transformer_flux",
-    "AutoencoderKL": "diffquant.models.autoencoder_kl",
-    "FlowMatchEulerDiscreteScheduler": "diffquant.schedulers.flow_match_euler",
-}
-PIPELINE_CLASSES = {"FluxPipeline": "diffquant.pipelines.flux"}
 
 
-def _import(name: str, table: dict):
-    return getattr(importlib.import_module(table[name]), name)
+def _check_pipeline_quant_config(quantization_config) -> None:
+    from .quantizers.pipeline_config import PipelineQuantizationConfig
 
-
-def _is_plain_folder_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
-        and not os.path.isabs(name) and ":" not in name
-
-
-def _resolve_class(index_path: Path, name: str, entry):
-    """The class of component ``name`` from its ``[library, class]`` entry (None for [null, null])."""
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-        raise ConfigError(f"{index_path}: key {name!r} should be [library, class], got {entry!r}")
-    library, class_name = entry
-    if library is None and class_name is None:
-        return None
-    if library in ("diffusers", "diffquant"):
-        if class_name not in DIFFUSERS_CLASSES:
-            raise ConfigError(f"{index_path}: key {name!r} names class {class_name!r} of library "
-                              f"{library!r}, which diffquant does not implement; known classes: "
-                              f"{sorted(DIFFUSERS_CLASSES)}. Pass the component yourself "
-                              f"({name}=...) to override it")
-        return _import(class_name, DIFFUSERS_CLASSES)
-    if library == "transformers":
-        import transformers
-
-        cls = getattr(transformers, str(class_name), None)
-        if cls is None:
-            raise ConfigError(f"{index_path}: key {name!r} names class {class_name!r}, which "
-                              f"transformers {transformers.__version__} does not have")
-        return cls
-    raise ConfigError(f"{index_path}: key {name!r} names library {library!r}; expected "
-                      "'diffusers' or 'transformers'")
-
-
-def _library_of(obj) -> str:
-    """The library a component is recorded under in model_index.json (ours load as diffusers')."""
-    root = type(obj).__module__.split(".")[0]
-    return "diffusers" if root == "diffquant" else root
-
-
-def _component_dtype(torch_dtype, name: str):
-    if isinstance(torch_dtype, dict):
-        return torch_dtype.get(name, torch_dtype.get("default"))
-    return torch_dtype
+    if quantization_config is not None and not isinstance(quantization_config,
+                                                           PipelineQuantizationConfig):
+        raise ValueError(f"quantization_config: a pipeline takes a PipelineQuantizationConfig, got "
+                         f"{type(quantization_config).__name__}; wrap it, e.g. "
+                         "PipelineQuantizationConfig(quant_mapping={'transformer': config})")
 
 
 def _check_device_map(device_map):
@@ -144,67 +105,81 @@ class DiffusionPipeline:
         Example:
             >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", transformer=my_model)  # doctest: +SKIP
         """
-        from .quantizers.pipeline_config import PipelineQuantizationConfig
-
-        if quantization_config is not None and not isinstance(quantization_config,
-                                                               PipelineQuantizationConfig):
-            raise ValueError(f"quantization_config: a pipeline takes a PipelineQuantizationConfig, got "
-                             f"{type(quantization_config).__name__}; wrap it, e.g. "
-                             "PipelineQuantizationConfig(quant_mapping={'transformer': config})")
+        _check_pipeline_quant_config(quantization_config)
         _check_device_map(device_map)
         hub_kwargs = split_hub_kwargs(kwargs)
         root = resolve_dir(pretrained_model_name_or_path, **hub_kwargs)
         index_path = root / INDEX_NAME
         index = read_json(index_path, what="pipeline index")
         pipeline_cls = cls._pipeline_class(index, index_path)
-        params = inspect.signature(pipeline_cls.__init__).parameters
-        expected = [n for n in params if n != "self" and params[n].kind not in
-                    (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
         entries = {k: v for k, v in index.items() if not k.startswith("_")}
+        pipeline_cls._check_components(index_path, entries, kwargs, quantization_config)
+        load_kwargs = dict(torch_dtype=torch_dtype, quantization_config=quantization_config,
+                           variant=variant, use_safetensors=use_safetensors,
+                           device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage)
+        # Every class and quantization config first: a bad entry, or a config that a component's
+        # library rejects, fails before any component is loaded (and quantized).
+        classes = {n: resolve_class(index_path, n, entries[n]) for n in pipeline_cls._expected()
+                   if n in entries and n not in kwargs}
+        load_kwargs["quant_configs"] = resolve_quant_configs(quantization_config, classes)
+        components = pipeline_cls._load_components(root, index_path, entries, classes, kwargs,
+                                                   load_kwargs)
+        pipe = pipeline_cls(**components)
+        pipe.name_or_path = str(pretrained_model_name_or_path)
+        return pipe
+
+    @classmethod
+    def _expected(cls) -> list[str]:
+        """The component names ``__init__`` takes, in its order."""
+        params = inspect.signature(cls.__init__).parameters
+        return [n for n in params if n != "self" and params[n].kind not in
+                (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+    @classmethod
+    def _check_components(cls, index_path: Path, entries: dict, kwargs: dict,
+                          quantization_config) -> None:
+        """Refuse unsafe folder names and unknown arguments; warn about what will be ignored."""
+        expected = cls._expected()
         for name in entries:
-            if not _is_plain_folder_name(name):
+            if not is_plain_folder_name(name):
                 raise ConfigError(f"{index_path}: component key {name!r} is not a plain folder name; "
                                   "component names must not contain '/', '\\' or '..'")
         ignored = sorted(set(entries) - set(expected))
         if ignored:
             logger.warning("%s: %s does not take components %s; ignoring them", index_path,
-                           pipeline_cls.__name__, ignored)
+                           cls.__name__, ignored)
         unknown_kwargs = sorted(set(kwargs) - set(expected))
         if unknown_kwargs:
-            raise TypeError(f"{pipeline_cls.__name__}.from_pretrained: unknown arguments {unknown_kwargs}; "
+            raise TypeError(f"{cls.__name__}.from_pretrained: unknown arguments {unknown_kwargs}; "
                             f"components are {expected}")
         if quantization_config is not None:
             lacking = sorted(quantization_config.requested_components() - set(entries))
             for name in lacking:
                 logger.warning("quantization_config names component %r, which %s (%s) does not "
-                               "have; it is ignored", name, pipeline_cls.__name__, index_path)
-        load_kwargs = dict(torch_dtype=torch_dtype, quantization_config=quantization_config,
-                           variant=variant, use_safetensors=use_safetensors,
-                           device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage)
-        components = {}
-        # Every class and quantization config first: a bad entry, or a config that a component's
-        # library rejects, fails before any component is loaded (and quantized).
-        classes = {n: _resolve_class(index_path, n, entries[n]) for n in expected
-                   if n in entries and n not in kwargs}
-        load_kwargs["quant_configs"] = _resolve_quant_configs(quantization_config, classes)
+                               "have; it is ignored", name, cls.__name__, index_path)
+
+    @classmethod
+    def _load_components(cls, root: Path, index_path: Path, entries: dict, classes: dict,
+                         kwargs: dict, load_kwargs: dict) -> dict:
+        """Each component ``__init__`` takes: passed in ``kwargs``, or loaded from its folder."""
         from tqdm.auto import tqdm
 
+        params = inspect.signature(cls.__init__).parameters
+        components = {}
         # One bar over the components, as diffusers shows; the postfix names the one loading
         # (and quantizing) now. TQDM_DISABLE=1 silences it.
-        bar = tqdm(expected, desc="Loading pipeline components...")
+        bar = tqdm(cls._expected(), desc="Loading pipeline components...")
         for name in bar:
             bar.set_postfix_str(name, refresh=False)
             if name in kwargs:
                 components[name] = kwargs[name]
             elif name in entries:
                 components[name] = None if classes[name] is None else \
-                    _load_component(root, index_path, name, classes[name], load_kwargs)
+                    load_component(root, index_path, name, classes[name], load_kwargs)
             elif params[name].default is inspect.Parameter.empty:
-                raise ConfigError(f"{index_path}: {pipeline_cls.__name__} needs component {name!r}, "
+                raise ConfigError(f"{index_path}: {cls.__name__} needs component {name!r}, "
                                   f"which the file does not list; pass {name}=... to provide it")
-        pipe = pipeline_cls(**components)
-        pipe.name_or_path = str(pretrained_model_name_or_path)
-        return pipe
+        return components
 
     @classmethod
     def _pipeline_class(cls, index: dict, index_path: Path):
@@ -214,7 +189,7 @@ class DiffusionPipeline:
         if name not in PIPELINE_CLASSES:
             raise ConfigError(f"{index_path}: key '_class_name' is {name!r}; diffquant implements "
                               f"{sorted(PIPELINE_CLASSES)}")
-        return _import(name, PIPELINE_CLASSES)
+        return import_class(name, PIPELINE_CLASSES)
 
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -232,11 +207,11 @@ class DiffusionPipeline:
             raise ValueError("safe_serialization=False: diffquant writes only safetensors "
                              "(pickle files can run code when loaded)")
         for name, module in self._modules():  # refuse before anything is written
-            if not _is_serializable(module):
+            if not is_serializable(module):
                 method = module.hf_quantizer.quantization_config.quant_method
                 raise QuantizationError(
                     f"component {name!r} ({type(module).__name__}) is quantized with "
-                    f"{getattr(method, 'value', method)} by {_library_of(module)}, which cannot save "
+                    f"{getattr(method, 'value', method)} by {library_of(module)}, which cannot save "
                     "it; dequantize() it, quantize it with a backend that saves (e.g. torchao), or "
                     "reload the original checkpoint")
         index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
@@ -246,7 +221,7 @@ class DiffusionPipeline:
                     index[name] = [None, None]
                     continue
                 _save_component(obj, tmp / name, variant, max_shard_size)
-                index[name] = [_library_of(obj), type(obj).__name__]
+                index[name] = [library_of(obj), type(obj).__name__]
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
 
@@ -360,72 +335,7 @@ class DiffusionPipeline:
         self._progress_bar_config = dict(kwargs)
 
 
-def _is_serializable(module: nn.Module) -> bool:
-    quantizer = getattr(module, "hf_quantizer", None)
-    flag = getattr(quantizer, "is_serializable", True)
-    # diffquant's quantizers have an is_serializable property, transformers' a method
-    return bool(flag() if callable(flag) else flag)
-
-
 def _device_of(module: nn.Module) -> torch.device | None:
     for p in module.parameters():
         return p.device
     return None
-
-
-def _resolve_quant_configs(pipeline_config, classes: dict) -> dict:
-    """{component name: quantization config} for the nn.Module components the config selects."""
-    if pipeline_config is None:
-        return {}
-    from .modeling import ModelMixin
-
-    configs = {}
-    for name, cls in classes.items():
-        if cls is not None and issubclass(cls, nn.Module):
-            config = pipeline_config._resolve_quant_config(is_diffusers=issubclass(cls, ModelMixin),
-                                                           module_name=name)
-            if config is not None:
-                configs[name] = config
-    return configs
-
-
-def _load_component(root: Path, index_path: Path, name: str, component_cls, kw: dict):
-    folder = root / name
-    if not folder.is_dir():
-        raise CheckpointError(f"{index_path}: component {name!r} ({component_cls.__name__}) has no "
-                              f"folder {folder}; restore the folder or pass {name}=... yourself")
-    if not issubclass(component_cls, nn.Module):  # schedulers, tokenizers: never quantized
-        return component_cls.from_pretrained(folder)
-    from .modeling import ModelMixin
-
-    is_ours = issubclass(component_cls, ModelMixin)
-    args = {"variant": kw["variant"], "use_safetensors": kw["use_safetensors"]}
-    if kw["device_map"] is not None:
-        args["device_map"] = kw["device_map"]
-    if name in kw["quant_configs"]:
-        args["quantization_config"] = kw["quant_configs"][name]
-    dtype = _component_dtype(kw["torch_dtype"], name)
-    if is_ours:
-        return component_cls.from_pretrained(folder, torch_dtype=dtype,
-                                             low_cpu_mem_usage=kw["low_cpu_mem_usage"], **args)
-    if args["variant"] is None:
-        args.pop("variant")
-    if dtype is not None:  # transformers 5 names it dtype; None means "auto" there, as in diffusers
-        args["dtype"] = dtype
-    return component_cls.from_pretrained(folder, **args)
-
-
-def _save_component(obj, folder: Path, variant, max_shard_size) -> None:
-    from .modeling import ModelMixin
-
-    if isinstance(obj, ModelMixin):
-        folder.mkdir()
-        obj.write_into(folder, variant=variant, max_shard_size=max_shard_size or "10GB")
-    elif isinstance(obj, nn.Module):
-        extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
-        obj.save_pretrained(folder, variant=variant, **extra)
-    elif hasattr(obj, "save_pretrained"):
-        obj.save_pretrained(folder)
-    else:
-        raise ConfigError(f"component at {folder.name!r} is a {type(obj).__name__}, which has no "
-                          "save_pretrained; it cannot be written into a pipeline directory")

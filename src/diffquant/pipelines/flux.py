@@ -229,25 +229,39 @@ class FluxPipeline(DiffusionPipeline):
         device = self._execution_device
         encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
                       max_sequence_length=max_sequence_length)
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt, prompt_2, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, **encode)
-        do_true_cfg = true_cfg_scale > 1 and (negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None))
-        if do_true_cfg:
-            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = \
-                self.encode_prompt(negative_prompt, negative_prompt_2,
-                                   prompt_embeds=negative_prompt_embeds,
-                                   pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
+        embeds = self.encode_prompt(prompt, prompt_2, prompt_embeds=prompt_embeds,
+                                    pooled_prompt_embeds=pooled_prompt_embeds, **encode)
+        negative = None  # true CFG: the negative prompt's (embeds, pooled, text ids)
+        if true_cfg_scale > 1 and (negative_prompt is not None or (
+                negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)):
+            negative = self.encode_prompt(negative_prompt, negative_prompt_2,
+                                          prompt_embeds=negative_prompt_embeds,
+                                          pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
         latents, image_ids = self.prepare_latents(
             batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4, height,
-            width, prompt_embeds.dtype, device, generator, latents)          # [B, S, C*4], [S, 3]
+            width, embeds[0].dtype, device, generator, latents)              # [B, S, C*4], [S, 3]
         timesteps = self._timesteps(num_inference_steps, sigmas, latents.shape[1], device)
         self._num_timesteps = len(timesteps)
         guidance = None
         if self.transformer.config.guidance_embeds:  # guidance-distilled (dev): a model input
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
             guidance = guidance.expand(latents.shape[0])
+        latents = self._denoise(latents, image_ids, timesteps, embeds, negative, guidance,
+                                true_cfg_scale, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs)
+        image = latents if output_type == "latent" else self._decode(latents, height, width,
+                                                                     output_type)
+        self.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
+
+    def _denoise(self, latents, image_ids, timesteps, embeds, negative, guidance, true_cfg_scale,
+                 callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """The flow-matching Euler loop over ``timesteps``: packed latents [B, S, C*4] in and out.
+
+        ``embeds`` and ``negative`` are encode_prompt's (embeds, pooled, text ids); with
+        ``negative`` (true CFG) each step also predicts for it and extrapolates away from it.
+        """
+        prompt_embeds, pooled_prompt_embeds, text_ids = embeds
 
         def predict(embeds, pooled, ids, timestep):
             return self.transformer(hidden_states=latents, timestep=timestep / 1000,
@@ -260,9 +274,8 @@ class FluxPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
                 noise_pred = predict(prompt_embeds, pooled_prompt_embeds, text_ids, timestep)
-                if do_true_cfg:
-                    neg = predict(negative_prompt_embeds, negative_pooled_prompt_embeds,
-                                  negative_text_ids, timestep)
+                if negative is not None:
+                    neg = predict(*negative, timestep)
                     noise_pred = neg + true_cfg_scale * (noise_pred - neg)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
@@ -272,10 +285,7 @@ class FluxPipeline(DiffusionPipeline):
                     latents = out.pop("latents", latents)
                     prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
                 bar.update()
-        image = latents if output_type == "latent" else self._decode(latents, height, width,
-                                                                     output_type)
-        self.maybe_free_model_hooks()
-        return FluxPipelineOutput(images=image) if return_dict else (image,)
+        return latents
 
     def _decode(self, latents, height, width, output_type):
         latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # [B, C, h, w]
