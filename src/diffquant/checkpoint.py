@@ -36,7 +36,21 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-class SafetensorsFile:
+class FileReader:
+    """Base of the readers holding a file open between reads (``self._fh``): close() and
+    ``with`` support (a reader of several files overrides close)."""
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsFile(FileReader):
     """One .safetensors file, header validated, tensors read one at a time on request."""
 
     def __init__(self, path: str | os.PathLike):
@@ -139,15 +153,6 @@ class SafetensorsFile:
                 self._fail(f"tensor {key!r} ends early ({got} of {end - begin} bytes)")
         return out
 
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _check_inside(directory: Path, name: str, source: Path) -> Path:
     """A file name taken from an index must stay inside ``directory``."""
@@ -175,7 +180,7 @@ def read_index(index_path: Path) -> dict[str, Path]:
     return result
 
 
-class Checkpoint:
+class Checkpoint(FileReader):
     """The tensors of one model directory (single file, shards + index, or a .bin)."""
 
     def __init__(self, files: dict[str, "SafetensorsFile | _BinFile"], key_to_file: dict[str, str]):
@@ -234,12 +239,6 @@ class Checkpoint:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class _BinFile:

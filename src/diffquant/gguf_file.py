@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import FileReader
 from .errors import CheckpointError, QuantizationError
 from .ops.gguf_dequant import GGMLType, byte_shape, dequantize
 
@@ -85,7 +86,7 @@ class _Cursor:
                               "the file is corrupt or from a newer GGUF version")
 
 
-class GGUFFile:
+class GGUFFile(FileReader):
     """An open GGUF file: ``metadata`` (dict), ``tensors`` (name -> GGUFTensorInfo), ``read``."""
 
     def __init__(self, path: str | os.PathLike):
@@ -174,15 +175,6 @@ class GGUFFile:
     def read_dequantized(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Tensor ``name`` decoded to ``dtype`` in its logical shape."""
         return dequantize(self.read(name), self.tensors[name].qtype, dtype)
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _prod(shape) -> int:
