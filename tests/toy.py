@@ -11,16 +11,21 @@ from diffquant.configuration import ConfigMixin, register_to_config
 from diffquant.modeling import ModelMixin
 
 
+def _build_layers(model: nn.Module, width: int, hidden: int, depth: int) -> None:
+    """The toy's layers; ToyModel and its diffusers twin build the same names and shapes."""
+    model.proj_in = nn.Linear(width, hidden)
+    model.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+    model.norm = nn.LayerNorm(hidden)
+    model.proj_out = nn.Linear(hidden, width, bias=False)
+
+
 class ToyModel(ModelMixin, ConfigMixin):
     _keep_in_fp32_modules = []
 
     @register_to_config
     def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
         super().__init__()
-        self.proj_in = nn.Linear(width, hidden)
-        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.norm = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, width, bias=False)
+        _build_layers(self, width, hidden, depth)
 
     def forward(self, x):
         h = self.proj_in(x)
@@ -71,10 +76,7 @@ def _diffusers_toy_class():
         @d_register_to_config
         def __init__(self, width: int = 128, hidden: int = 256, depth: int = 2):
             super().__init__()
-            self.proj_in = nn.Linear(width, hidden)
-            self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-            self.norm = nn.LayerNorm(hidden)
-            self.proj_out = nn.Linear(hidden, width, bias=False)
+            _build_layers(self, width, hidden, depth)
 
         forward = ToyModel.forward
 
