@@ -10,6 +10,8 @@ its state dict is its on-disk format) and ``make_layer``; the defaults do the re
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -128,6 +130,7 @@ class DiffusersQuantizer:
     """Base quantizer. ``pre_quantized`` says whether the checkpoint already holds quantized data."""
 
     requires_calibration = False
+    default_torch_dtype: torch.dtype | None = None  # diffusers' choice when none is given
     layer_types: tuple = (nn.Linear,)  # module types a backend converts
 
     def __init__(self, quantization_config, pre_quantized: bool = True, **kwargs):
@@ -141,6 +144,13 @@ class DiffusersQuantizer:
         """Raise if the backend's library is missing or the scheme cannot run here."""
 
     def update_torch_dtype(self, torch_dtype):
+        """``torch_dtype``, or ``default_torch_dtype`` when None; kept as ``self.torch_dtype``."""
+        if torch_dtype is None and self.default_torch_dtype is not None:
+            torch_dtype = self.default_torch_dtype
+            logging.getLogger(type(self).__module__).info(
+                "%s: torch_dtype not given, using %s as diffusers does",
+                self.quantization_config.quant_method.value, torch_dtype)
+        self.torch_dtype = torch_dtype
         return torch_dtype
 
     def update_device_map(self, device_map):

@@ -23,16 +23,12 @@ Example:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod, dtype_to_str, str_to_dtype
-
-logger = logging.getLogger(__name__)
 
 _STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 _QUANT_TYPES = ("fp4", "nf4")
@@ -323,6 +319,8 @@ class BnB8BitLinear(_PiecesLinear):
 
 
 class _BnBQuantizer(DiffusersQuantizer):
+    default_torch_dtype = torch.float16
+
     def __init__(self, quantization_config, pre_quantized: bool = True, **kwargs):
         super().__init__(quantization_config, pre_quantized=pre_quantized, **kwargs)
         self.torch_dtype = None
@@ -333,13 +331,6 @@ class _BnBQuantizer(DiffusersQuantizer):
             raise QuantizationError("BitsAndBytesConfig.llm_int8_has_fp16_weight=True keeps 16-bit "
                                     "weights for training; diffquant loads bitsandbytes for "
                                     "inference only, set it to False")
-
-    def update_torch_dtype(self, torch_dtype):
-        if torch_dtype is None:
-            logger.info("bitsandbytes: torch_dtype not given, using torch.float16 as diffusers does")
-            torch_dtype = torch.float16
-        self.torch_dtype = torch_dtype
-        return torch_dtype
 
     def postprocess_model(self, model, **kwargs) -> None:
         for name, module in model.named_modules():

@@ -22,8 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
@@ -33,8 +31,6 @@ from ..ops import fast_linear as fl
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod
-
-logger = logging.getLogger(__name__)
 
 WEIGHTS_DTYPES = ("float8", "int8", "int4", "int2")
 _BITS = {"float8": 8, "int8": 8, "int4": 4, "int2": 2}
@@ -234,15 +230,10 @@ class QuantoQuantizer(DiffusersQuantizer):
         ...         quantization_config=QuantoConfig("int8"), torch_dtype=torch.bfloat16)
     """
 
+    default_torch_dtype = torch.float32
+
     def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
         _quanto()
-
-    def update_torch_dtype(self, torch_dtype):
-        if torch_dtype is None:
-            logger.info("quanto: torch_dtype not given, using torch.float32 as diffusers does")
-            torch_dtype = torch.float32
-        self.torch_dtype = torch_dtype
-        return torch_dtype
 
     def make_layer(self, name, module):
         with torch.device("meta"):  # the bias is filled from the checkpoint

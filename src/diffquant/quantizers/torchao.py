@@ -382,6 +382,8 @@ def torchao_pieces(name: str, tensor: torch.Tensor, kind: str, where: str) -> li
 class TorchAoQuantizer(DiffusersQuantizer):
     """Swaps nn.Linear for plain-buffer torchao layers; reads diffusers' torchao checkpoints too."""
 
+    default_torch_dtype = torch.bfloat16
+
     def __init__(self, quantization_config, pre_quantized: bool = True, **kwargs):
         super().__init__(quantization_config, pre_quantized=pre_quantized, **kwargs)
         self.kind, self.params = quantization_config.scheme()
@@ -396,12 +398,6 @@ class TorchAoQuantizer(DiffusersQuantizer):
                 import torchao  # noqa: F401
             except ImportError:
                 pass
-
-    def update_torch_dtype(self, torch_dtype):
-        if torch_dtype is None:
-            logger.info("torchao: torch_dtype not given; using torch.bfloat16 as diffusers does")
-            return torch.bfloat16
-        return torch_dtype
 
     def make_layer(self, name, module):
         if self.kind == "int4wo" and module.in_features % self.params["group_size"]:
