@@ -212,6 +212,19 @@ def test_buffer_reuse_does_not_leak_between_calls_or_layers():
     assert fl.scratch_buffer((64, 32), BF16, torch.device("cpu")).data_ptr() == buf.data_ptr()
 
 
+def test_buffers_made_under_inference_mode_serve_later_no_grad_calls():
+    # the pool outlives the mode it was first filled in; an inference tensor there would make
+    # every later call outside inference_mode fail ("Inplace update to inference tensor")
+    fl.clear_scratch()
+    w = fg.prepare_gguf_weight(gguf_blocks(32, 64, "Q4_0", seed=3), "Q4_0")
+    x = _x(w.small_rows + 16, 64, seed=4)                                  # the buffer path
+    with torch.inference_mode():
+        first = fl.linear_weight_only(x, w)
+    with torch.no_grad():
+        assert torch.equal(fl.linear_weight_only(x, w), first)
+    assert torch.equal(fl.linear_weight_only(x, w), first)
+
+
 def test_threads_get_their_own_buffers():
     weights = [fg.prepare_gguf_weight(gguf_blocks(32, 64, "Q8_0", seed=s), "Q8_0") for s in (1, 2)]
     x = _x(40, 64)

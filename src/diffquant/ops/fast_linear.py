@@ -79,7 +79,10 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     numel = math.prod(shape)
     flat = pool.get(key)
     if flat is None or flat.numel() < numel:
-        flat = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+        # A tensor made under inference_mode is an inference tensor: writing it later outside
+        # that mode (under no_grad, say) raises. The pool outlives the mode, so it never is one.
+        with torch.inference_mode(False):
+            flat = pool[key] = torch.empty(numel, dtype=dtype, device=device)
     return flat[:numel].view(shape)
 
 
