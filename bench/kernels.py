@@ -80,7 +80,7 @@ def _build(fmt, w, bias):
     blocks = _kquant_blocks(*w.shape, fmt) if fmt in ("Q4_K", "Q6_K") else gd.quantize(w, fmt)
     p = fg.prepare_gguf_weight(blocks, fmt)
     return (lambda x: F.linear(x, gd.dequantize(blocks, fmt, BF16), bias),
-            lambda x: fl.linear_weight_only(x, p, bias), p.small_rows if p.packed else 0, blocks)
+            lambda x: fl.linear_weight_only(x, p, bias), p.small_rows if (p.packed or p.make_packed) else 0, blocks)
 
 
 def _build_quanto(fmt, wb, bias):
@@ -98,7 +98,7 @@ def _build_quanto(fmt, wb, bias):
 
     fast = layer(True)
     p = fast._prepare()
-    return layer(False), fast, p.small_rows if p.packed else 0
+    return layer(False), fast, p.small_rows if (p.packed or p.make_packed) else 0
 
 
 def timed(fns: dict, reps: int) -> dict:

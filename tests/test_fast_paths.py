@@ -174,3 +174,24 @@ def test_quantize_on_load_reads_into_a_reused_buffer_but_keeps_no_view_of_it(tmp
     assert torch.equal(model.proj_in.dequantized_weight().to(BF16), ref.proj_in.weight.detach())
     ptrs = [m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, GGUFLinear)]
     assert len(set(ptrs)) == len(ptrs)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_quanto_int4_few_rows_equal_quantos_own_layer(rows):
+    # quanto's own int4 layer (bf16 scales, groups of 128) runs torch's int4pack kernel on a
+    # CPU; diffquant's few-row path feeds that kernel the same codes, scales and zeros
+    from optimum.quanto import freeze, qint4, quantize
+
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Linear(K, N).to(BF16))
+    w, b = theirs[0].weight.detach().clone(), theirs[0].bias.detach().clone()
+    quantize(theirs, weights=qint4)
+    freeze(theirs)
+    assert type(theirs[0].weight).__name__ == "TinyGemmWeightQBitsTensor"
+    ours = _quanto("int4")
+    ours.load_piece("weight", w, pre_quantized=False, dtype=BF16, device=None)
+    ours.bias = nn.Parameter(b, requires_grad=False)
+    x = _x(rows)
+    with torch.no_grad():  # quanto's int4 layer fails under inference_mode
+        assert torch.equal(ours(x), theirs(x))
+    assert ours._fast[2].packed is not None  # the packed kernel ran

@@ -1,6 +1,6 @@
 """More stored layouts -> ``fast_linear.PreparedWeight``: row-scaled 8-bit weights whose
 reference multiplies the scale into the weight (quanto int8/float8, modelopt INT8/FP8, torchao
-float8), and quanto's bit-packed int4/int2 groups (dequantize path only).
+float8), and quanto's bit-packed int4/int2 groups.
 
 Each dequantize path repeats its reference's float ops in the reference's dtype, chunk by chunk,
 so the weight it writes is bit-identical; the packed few-row kernels are held to bf16 rounding.
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .fast_linear import (SMALL_ROWS, PreparedWeight, _aligned, chunk_rows, dequant_rows,
-                          scratch_buffer)
+from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, chunk_rows,
+                          dequant_rows, int4pack_matmul, pack_int4_cpu, scratch_buffer)
 
 
 def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
@@ -64,9 +64,14 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
 
     The weight [N, K] is R = N*K/g groups of g columns (``scale``/``shift`` [R, 1]); group row
     i + j*P sits in bits j*bits.. of byte row i of ``packed`` [P, g] (quanto's packing along
-    dim 0). No packed kernel: int4pack would need zero = 8 * scale - shift rounded to bf16,
-    a rounding of its own that quanto's two-step bf16 math (scale * code, then - shift) has not;
-    near-cancelling outputs then drift past bf16 rounding of quanto's own result.
+    dim 0).
+
+    Few rows, int4 in groups of 128 with bf16 scales on a CPU: the int4pack kernel with
+    zero = 8 * scale - shift rounded to bf16, which is exactly what quanto's own layer runs there
+    (its ``TinyGemmWeightQBitsTensor``, at every row count): the same outputs as quanto's,
+    within bf16 rounding of the dequantize path. Other groups, int2 and float16/32 scales have
+    no such layer in quanto; they always dequantize. The packed copy is made on the first
+    few-row call.
     """
     n, k = shape
     r_all = scale.shape[0]
@@ -92,5 +97,20 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
     def dequant_into(out):                                                # out [N, K]
         dequant_rows(out, sdt, fill)
 
-    return PreparedWeight(n, k, dequant_into, None, None, 0, f"quanto int{bits} g{g}",
-                          packed.device)
+    make = None
+    if bits == 4 and g == 128 and sdt == torch.bfloat16 and packed.device.type == "cpu":
+        def make():
+            codes = _quanto_codes(packed, bits, r_all).view(n, k)
+            zero = (-shift) + 8 * scale                                   # bf16 math, as quanto
+            return int4pack_matmul(n, g, [pack_int4_cpu(codes, scale.view(n, per),
+                                                        zero.view(n, per), g)])
+
+    return PreparedWeight(n, k, dequant_into, None, None, INT4_SMALL_ROWS if make else 0,
+                          f"quanto int{bits} g{g}", packed.device, make)
+
+
+def _quanto_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """quanto's packing [P, g] -> codes uint8 [rows, g]: group row i + j*P from bits j*bits."""
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(8 // bits)]
+    return torch.cat(parts)[:rows]
