@@ -12,6 +12,8 @@ load job resets the peak-RSS counter after its imports, loads with the checkpoin
 cache, and reports seconds, peak minus baseline, the model's bytes, and whether any mapping of the
 checkpoint file is left. GGUF models come, in both libraries, from ``from_single_file`` of one
 ``.gguf`` written by ``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load).
+Last, ``bench.kernels`` at the model's width times one linear layer per format at 1 row and at
+the step's rows, against bf16 and against the library layer diffusers runs.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ SCHEMES = {
     "torchao int8dq": ("torchao:int8dq", "torchao:Int8DynamicActivationInt8WeightConfig"),
     "torchao int4wo (g128)": ("torchao:int4wo", "n/a"),
     "quanto int8": ("quanto:int8", "quanto:int8"),
+    "quanto int4": ("quanto:int4", "quanto:int4"),
     "gguf Q8_0": ("gguf:Q8_0", "gguf:Q8_0"),
+    "gguf Q6_K": ("gguf:Q6_K", "gguf:Q6_K"),
+    "gguf Q4_K": ("gguf:Q4_K", "gguf:Q4_K"),
+    "gguf Q4_1": ("gguf:Q4_1", "gguf:Q4_1"),
     "gguf Q4_0": ("gguf:Q4_0", "gguf:Q4_0"),
 }
+GGUF_TYPES = [spec.split(":")[1] for spec, _ in SCHEMES.values() if spec and spec.startswith("gguf")]
 
 
 # -- child side -------------------------------------------------------------------------------
@@ -196,14 +203,14 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return 0
     size = SIZES["quick" if args.quick else "full"]
-    image, text, repeats = (256, 64, 2) if args.quick else (1024, 256, 1)
+    image, text, repeats = (256, 64, 2) if args.quick else (1024, 256, 2)
     timeout = 600 if args.quick else 1800
     ckpt = ensure_checkpoint(size, log=lambda m: print(m, file=sys.stderr))
     file_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     base = {"checkpoint": str(ckpt), "size": size.name, "image": image, "text": text,
             "repeats": repeats}
     ggufs = {}
-    for qtype in ("Q8_0", "Q4_0"):
+    for qtype in GGUF_TYPES:
         path = ckpt.parent / "fast-gguf" / f"transformer-{qtype}.gguf"
         path.parent.mkdir(exist_ok=True)
         if not path.is_file():
@@ -228,7 +235,22 @@ def main(argv=None) -> int:
     print("\n".join(speed_table(res)))
     print()
     print("\n".join(load_table(res, file_bytes)))
+    print()
+    print(_kernel_tables(size.width, image + text, timeout), end="")
     return 0
+
+
+def _kernel_tables(width: int, rows: int, timeout: float) -> str:
+    """bench.kernels at the model's width, 1 row (the embedders and modulation linears) and the
+    step's rows, each format against bf16 and against the library layer diffusers runs."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "bench.kernels", "--shape", str(width), str(width),
+           "--rows", "1", str(rows), "--reps", "5"]
+    print("  kernels ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        return f"bench.kernels failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}\n"
+    return "One linear layer per format (`python -m bench.kernels`):\n\n" + proc.stdout
 
 
 def _export(base: dict, path: Path, qtype: str, timeout: float) -> dict:
