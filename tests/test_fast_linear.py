@@ -105,6 +105,15 @@ def test_int8_weight_only(m, n, k):
             assert_bf16_close(y, ref, x, iq.int8_dequantize(q, s, torch.float32))
     assert (prepared.packed is None) == (k % 16 != 0)
 
+def test_int8_weight_only_float32_scales_round_as_torchao():
+    # a scale quantized from float32 weights is not a bf16 value; torchao multiplies by it cast
+    # to the activations' dtype, and so must the dequantize path
+    q, s = iq.int8_quantize_per_channel(_x(48, 64, seed=1).float() * 1.37)
+    assert not torch.equal(s.to(BF16).float(), s)
+    x = _x(100, 64)
+    assert torch.equal(fl.linear_weight_only(x, fl.prepare_int8_weight(q, s)),
+                       iq.int8_weight_only_linear(x, q, s))
+
 
 def test_int8_bitsandbytes_scale_convention():
     """bitsandbytes stores SCB = row absmax: the same kernel with scale = SCB / 127."""
