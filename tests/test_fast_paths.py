@@ -7,7 +7,6 @@ the state dict, and it follows in-place changes of the stored tensors.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffquant.ops import fast_linear as fl

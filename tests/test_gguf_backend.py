@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffquant import GGUFQuantizationConfig
 from diffquant.errors import CheckpointError, ConfigError, QuantizationError
-from diffquant.ops.gguf_dequant import dequantize, quantize
 from diffquant.quantizers import DiffusersAutoQuantizer
 from diffquant.quantizers.gguf import GGUFLinear, GGUFQuantizer
-from tests.toy import ToyModel, save_toy, toy_input
+from tests.toy import ToyModel, gguf_reference, save_toy, toy_input
 
 
 def test_config_round_trip_and_defaults():
@@ -40,19 +38,6 @@ def test_config_errors():
         GGUFQuantizationConfig.from_dict({"quant_method": "gguf", "bits": 4})
 
 
-def _reference(ref: ToyModel, x, qtype, compute_dtype):
-    """The toy's forward with every linear weight replaced by dequantize(quantize(w))."""
-    def lin(layer, h):
-        w = dequantize(quantize(layer.weight, qtype), qtype, compute_dtype)
-        b = layer.bias.to(compute_dtype) if layer.bias is not None else None
-        return F.linear(h.to(compute_dtype), w, b).to(h.dtype)
-
-    h = lin(ref.proj_in, x)
-    for block in ref.blocks:
-        h = h + F.gelu(lin(block, h))
-    return lin(ref.proj_out, ref.norm(h))
-
-
 @pytest.mark.parametrize("config", GGUFQuantizationConfig.cpu_examples(), ids=lambda c: c.quant_type)
 def test_quantize_on_load_save_reload(tmp_path, config):
     ref = save_toy(tmp_path / "bf16")
@@ -63,7 +48,7 @@ def test_quantize_on_load_save_reload(tmp_path, config):
     x = toy_input(rows=80)  # above the packed kernels' row limits: the reference's math, bit for bit
     with torch.no_grad():
         out = model(x)
-        assert torch.equal(out, _reference(ref, x, config.quant_type, config.compute_dtype))
+        assert torch.equal(out, gguf_reference(ref, x, config.quant_type, config.compute_dtype))
     assert model.get_memory_footprint() < 0.6 * ref.get_memory_footprint()
 
     model.save_pretrained(tmp_path / "q")

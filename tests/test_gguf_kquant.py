@@ -12,7 +12,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffquant import FluxTransformer2DModel, GGUFQuantizationConfig
 from diffquant.errors import QuantizationError
@@ -21,7 +20,7 @@ from diffquant.ops.gguf_dequant import dequantize, quantize
 from diffquant.ops.gguf_kquant import quantize_q4_k, quantize_q6_k
 from diffquant.quantizers.gguf import GGUFLinear
 from diffquant.single_file import export_gguf
-from tests.toy import ToyModel, save_toy, toy_input
+from tests.toy import ToyModel, flux_inputs, gguf_reference, save_toy, toy_input
 
 KQUANTS = {"Q4_K": (quantize_q4_k, 144), "Q6_K": (quantize_q6_k, 210)}
 # relative RMS error on Gaussian weights: measured 0.0720 (Q4_K) and 0.0177 (Q6_K); the plain
@@ -84,20 +83,6 @@ def test_rows_not_a_multiple_of_256_are_refused():
 
 
 # -- quantize on load, save, reload ------------------------------------------------------------
-def _reference(ref: ToyModel, x, qtype, compute_dtype):
-    """The toy's forward with each linear weight dequantize(quantize(w)), rows of 128 kept bf16."""
-    def lin(layer, h):
-        w = layer.weight.to(compute_dtype) if layer.weight.shape[-1] % 256 else \
-            dequantize(quantize(layer.weight, qtype), qtype, compute_dtype)
-        b = layer.bias.to(compute_dtype) if layer.bias is not None else None
-        return F.linear(h.to(compute_dtype), w, b).to(h.dtype)
-
-    h = lin(ref.proj_in, x)
-    for block in ref.blocks:
-        h = h + F.gelu(lin(block, h))
-    return lin(ref.proj_out, ref.norm(h))
-
-
 @pytest.mark.parametrize("qtype,compute", [("Q4_K", torch.bfloat16), ("Q6_K", torch.float32)])
 def test_quantize_on_load_save_reload(tmp_path, qtype, compute):
     ref = save_toy(tmp_path / "bf16")        # proj_in rows of 128: kept in bf16, as for Q8_0 & co
@@ -112,7 +97,7 @@ def test_quantize_on_load_save_reload(tmp_path, qtype, compute):
     x = toy_input(rows=80)  # above the packed kernels' row limits: the reference math exactly
     with torch.no_grad():
         out = model(x)
-    assert torch.equal(out, _reference(ref, x, qtype, compute))
+    assert torch.equal(out, gguf_reference(ref, x, qtype, compute))
 
     model.save_pretrained(tmp_path / "q")
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
@@ -129,15 +114,6 @@ def test_quantize_on_load_save_reload(tmp_path, qtype, compute):
 WIDE = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
             num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=256,
             axes_dims_rope=(8, 28, 28), guidance_embeds=True)   # rows of 256 almost everywhere
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack([torch.zeros(6), torch.arange(6.0) // 3, torch.arange(6.0) % 3], -1)
-    return dict(hidden_states=torch.randn(2, 6, 64, generator=g),
-                encoder_hidden_states=torch.randn(2, 5, 256, generator=g),
-                pooled_projections=torch.randn(2, 256, generator=g), timestep=torch.tensor([0.3, 0.7]),
-                img_ids=img_ids, txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 2.0]))
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +152,14 @@ def test_export_gguf_reads_back_in_gguf_py_and_diffusers(wide_flux, tmp_path, qt
             state[key] = torch.from_numpy(data.astype(np.float32)).reshape(value.shape)
     reference.load_state_dict(state)
     with torch.no_grad():
-        expected = reference(**_inputs()).sample
+        expected = reference(**flux_inputs(64, 256)).sample
         ours_model = FluxTransformer2DModel.from_single_file(
             path, quantization_config=GGUFQuantizationConfig(), config=wide_flux)
-        ours = ours_model(**_inputs()).sample
+        ours = ours_model(**flux_inputs(64, 256)).sample
         theirs_model = diffusers.FluxTransformer2DModel.from_single_file(
             str(path), quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32),
             config=str(wide_flux), torch_dtype=torch.float32)
-        theirs = theirs_model(**_inputs()).sample
+        theirs = theirs_model(**flux_inputs(64, 256)).sample
     layer = ours_model.transformer_blocks[0].attn.to_q
     assert layer.qtype.name == qtype
     assert torch.equal(layer.weight, quantize(plain.transformer_blocks[0].attn.to_q.weight, qtype))

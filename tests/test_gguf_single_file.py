@@ -19,6 +19,7 @@ from diffquant.errors import CheckpointError, ConfigError, QuantizationError
 from diffquant.quantizers.gguf import GGUFLinear, GGUFQuantizationConfig
 from diffquant.ops.gguf_dequant import quantize
 from diffquant.single_file import export_gguf
+from tests.toy import flux_inputs
 
 Q = gguf.GGMLQuantizationType
 TINY = dict(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -112,15 +113,6 @@ def to_bfl(stored, prefix=""):
     out["single_blocks.0.norm.key_norm.scale"] = sd.pop("single_transformer_blocks.0.attn.norm_k.weight")
     assert not sd, sorted(sd)
     return {prefix + k: v for k, v in out.items()}
-
-
-def flux_inputs():
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack([torch.zeros(6), torch.arange(6.0) // 3, torch.arange(6.0) % 3], -1)
-    return dict(hidden_states=torch.randn(2, 6, 32, generator=g),
-                encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-                pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.7]),
-                img_ids=img_ids, txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 2.0]))
 
 
 @pytest.fixture(scope="module")

@@ -89,3 +89,35 @@ def __getattr__(name):
         globals()[name] = cls = _diffusers_toy_class()
         return cls
     raise AttributeError(name)
+
+
+def gguf_reference(ref: nn.Module, x: torch.Tensor, qtype, compute_dtype) -> torch.Tensor:
+    """The toy's forward with each linear weight dequantize(quantize(w)) in GGUF ``qtype``;
+    rows that do not fill whole blocks stay in the compute dtype, as the backend keeps them."""
+    import torch.nn.functional as F
+
+    from diffquant.ops.gguf_dequant import BLOCK_LAYOUT, dequantize, ggml_type, quantize
+
+    block = BLOCK_LAYOUT[ggml_type(qtype)][0]
+
+    def lin(layer, h):
+        w = layer.weight.to(compute_dtype) if layer.weight.shape[-1] % block else \
+            dequantize(quantize(layer.weight, qtype), qtype, compute_dtype)
+        b = layer.bias.to(compute_dtype) if layer.bias is not None else None
+        return F.linear(h.to(compute_dtype), w, b).to(h.dtype)
+
+    h = lin(ref.proj_in, x)
+    for block_layer in ref.blocks:
+        h = h + torch.nn.functional.gelu(lin(block_layer, h))
+    return lin(ref.proj_out, ref.norm(h))
+
+
+def flux_inputs(channels: int = 32, text_dim: int = 32) -> dict:
+    """Inputs for a tiny Flux transformer: batch 2, 6 image tokens (2 x 3), 5 text tokens."""
+    g = torch.Generator().manual_seed(1)
+    img_ids = torch.stack([torch.zeros(6), torch.arange(6.0) // 3, torch.arange(6.0) % 3], -1)
+    return dict(hidden_states=torch.randn(2, 6, channels, generator=g),
+                encoder_hidden_states=torch.randn(2, 5, text_dim, generator=g),
+                pooled_projections=torch.randn(2, text_dim, generator=g),
+                timestep=torch.tensor([0.3, 0.7]), img_ids=img_ids, txt_ids=torch.zeros(5, 3),
+                guidance=torch.tensor([3.5, 2.0]))
