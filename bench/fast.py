@@ -7,9 +7,9 @@
 Every number comes from its own child process (``--child JOB``), run one at a time, with 2 torch
 threads and ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting OpenMP threads steal the cores of a shared
 machine). A forward job loads the model, warms it up once on 16 image tokens (lazy packed forms,
-reused buffers, first-call kernel choices) and reports the best of ``repeats`` timed forwards. A
-load job resets the peak-RSS counter after its imports, loads with the checkpoint in the page
-cache, and reports seconds, peak minus baseline, the model's bytes, and whether any mapping of the
+reused buffers, first-call kernel choices) and reports the best of ``repeats`` timed forwards
+(on the full size, the best of two such processes). A load job resets the peak-RSS counter
+after its imports, loads with the checkpoint in the page cache, and reports seconds, peak minus baseline, the model's bytes, and whether any mapping of the
 checkpoint file is left. GGUF models come, in both libraries, from ``from_single_file`` of one
 ``.gguf`` written by ``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load).
 Last, ``bench.kernels`` at the model's width times one linear layer per format at 1 row and at
@@ -157,6 +157,13 @@ def child(job: dict, timeout: float) -> dict:
     return {"error": tail[:120]}
 
 
+def _best(results) -> dict:
+    """The fastest of several results of one job (an error only if every try failed)."""
+    results = list(results)
+    ok = [r for r in results if "error" not in r]
+    return min(ok, key=lambda r: r["forward_s"]) if ok else results[0]
+
+
 def _fmt(r: dict | None, key: str = "forward_s") -> str:
     if r is None:
         return "n/a"
@@ -204,6 +211,9 @@ def main(argv=None) -> int:
         return 0
     size = SIZES["quick" if args.quick else "full"]
     image, text, repeats = (256, 64, 2) if args.quick else (1024, 256, 2)
+    # two processes per forward row on the full size: a process's memory placement alone moved
+    # a forward by ~10% between runs (bf16 4.66 s vs 5.02 s for the same math)
+    processes = 1 if args.quick else 2
     timeout = 600 if args.quick else 1800
     ckpt = ensure_checkpoint(size, log=lambda m: print(m, file=sys.stderr))
     file_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
             job = {**base, "kind": "forward", "lib": lib, "label": label, "spec": spec}
             if spec and spec.startswith("gguf"):
                 job["gguf"] = ggufs[spec.split(":")[1]]
-            res[(lib, label)] = child(job, timeout)
+            res[(lib, label)] = _best(child(job, timeout) for _ in range(processes))
     print(_header(size, image, text))
     print("\n".join(speed_table(res)))
     print()
