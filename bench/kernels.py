@@ -101,13 +101,27 @@ def _build_quanto(fmt, wb, bias):
     return layer(False), fast, p.small_rows if (p.packed or p.make_packed) else 0
 
 
+_EVICT: list = []  # a buffer larger than the last-level cache, written before each timed call
+
+
+def _evict_caches() -> None:
+    """Push the weights out of the CPU caches: in a model the weights (GBs) come from memory
+    once per forward, not from an L3 that still holds the 19 MB of the previous call."""
+    if not _EVICT:
+        with torch.inference_mode(False):  # tables run under inference_mode, quanto's under no_grad
+            _EVICT.append(torch.empty(64 << 20, dtype=torch.uint8))
+    _EVICT[0].fill_(1)
+
+
 def timed(fns: dict, reps: int) -> dict:
-    """Median milliseconds of each callable, timed in turn for ``reps`` rounds after a warm-up."""
+    """Median milliseconds of each callable, timed in turn for ``reps`` rounds after a warm-up,
+    each call from cold caches."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            _evict_caches()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
