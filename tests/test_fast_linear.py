@@ -177,7 +177,7 @@ def test_gguf_linear(m, qtype, n):
         assert torch.equal(y, ref)
     else:
         assert_bf16_close(y, ref, x, w)
-    assert (prepared.packed is None) == (qtype == "Q6_K")
+    assert prepared.packed is not None
 
 
 def test_gguf_q8_0_split_into_two_int4_halves_is_exact():
@@ -197,10 +197,20 @@ def test_gguf_int4_codes_reproduce_the_weight(qtype):
     torch.testing.assert_close(w, gd.dequantize(blocks, qtype), rtol=0, atol=1e-6)
 
 
+def test_gguf_q6_k_groups_of_16_map_onto_groups_of_32_over_x_and_16x():
+    blocks = gguf_blocks(16, 512, "Q6_K")
+    codes, scale, zero = fg.q6_k_int4_codes(blocks)
+    assert codes.shape == (16, 1024) and int(codes.min()) >= 0 and int(codes.max()) <= 15
+    w2 = ((codes.float() - 8).view(16, -1, 32) * scale[..., None] + zero[..., None]).view(16, 1024)
+    x, w = torch.randn(5, 512, dtype=torch.float64), gd.dequantize(blocks, "Q6_K").double()
+    err = (fg.q6_k_input(x) @ w2.double().t() - x @ w.t()).abs()
+    assert (err <= 1e-6 * (x.abs() @ w.abs().t())).all()  # float32 rounding of z = 8 s / 17
+
+
 def test_gguf_prepare_rejects_bad_blocks():
     with pytest.raises(QuantizationError, match="not a multiple of the block size 34 bytes"):
         fg.prepare_gguf_weight(torch.zeros(4, 35, dtype=torch.uint8), "Q8_0")
-    with pytest.raises(QuantizationError, match="no int4pack mapping"):
+    with pytest.raises(QuantizationError, match="no direct int4pack mapping"):
         fg.int4_codes(gguf_blocks(4, 512, "Q6_K"), "Q6_K")
 
 

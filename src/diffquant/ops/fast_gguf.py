@@ -9,7 +9,8 @@ Two paths, chosen per call by ``fast_linear.linear_weight_only``:
   are int4 with one (scale, min) per 32 columns; Q8_0 is split exactly into two int4 halves,
   q = 16 * (q >> 4) + (q & 15), each with its own per-32 scale, run as one product over [x, x].
   Scales are rounded to the activation dtype there (bf16 rounding level). Q6_K has one scale per
-  16 columns, finer than the kernel's smallest group (32): it always dequantizes.
+  16 columns, finer than the kernel's smallest group (32): each 16 become a group of 32 over
+  [x, 16 x] (``q6_k_int4_codes``).
 
 Example:
     >>> import torch
@@ -184,7 +185,8 @@ def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, ...]]:
     qtype = gd.ggml_type(qtype)
     n = blocks.shape[0]
     if qtype not in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q8_0):
-        raise QuantizationError(f"GGUF {qtype.name}: no int4pack mapping; use the dequantize path")
+        raise QuantizationError(f"GGUF {qtype.name}: no direct int4pack mapping (Q6_K: see "
+                                "q6_k_int4_codes; others: the dequantize path)")
     if qtype == GGMLType.Q8_0:
         b = blocks.view(n, -1, 34)
         q = b[..., 2:].view(torch.int8).reshape(n, -1)                    # [N, K]
@@ -205,6 +207,39 @@ def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, ...]]:
     codes = _pair_codes(b[..., off:] & 0x0F, b[..., off:] >> 4, n)
     zero = torch.zeros_like(d) if qtype == GGMLType.Q4_0 else _f16(b[..., 2:4]).view(n, -1) + 8 * d
     return [(codes, d, zero)]
+
+
+def q6_k_int4_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K blocks [N, bytes] -> (codes [N, 2K] in 0..15, scale [N, K/16], zero [N, K/16]) for
+    int4pack in groups of 32 over x' = [x_j, 16 x_j] per 16-value sub-block j (``q6_k_input``).
+
+    A Q6_K value is s * (q - 32) with q = l + 16 h (l 4 bits, h 2 bits) and one scale s per 16
+    values, finer than the kernel's smallest group. Each sub-block becomes one group of 32: its
+    16 low parts l, then its 16 high parts as h + 6 against 16 x. The kernel's (u - 8) * s + z
+    then sums (l - 8) s + 16 (h - 2) s + 17 z = s (q - 32) per value with z = 8 s / 17, which it
+    rounds to bf16 like its scales: bf16 rounding level, as the other packed paths.
+    """
+    qtype = GGMLType.Q6_K
+    n, k = gd.logical_shape(tuple(blocks.shape), qtype)
+    b3 = blocks.contiguous().view(n, -1, 210)
+    s = b3.shape[1]
+    q = torch.empty(n, k, dtype=torch.uint8, device=blocks.device)             # q in 0..63
+    most = chunk_rows(n, k, torch.float32, blocks.device)
+    for r0 in range(0, n, most):
+        r1 = min(n, r0 + most)
+        q[r0:r1].view(r1 - r0, s, 2, 4, 32).copy_(_q6_k_codes(b3[r0:r1], most))
+    q.view(torch.int8).add_(32)
+    qv = q.view(n, k // 16, 16)
+    codes = torch.stack([qv & 0x0F, (qv >> 4) + 6], dim=2).reshape(n, 2 * k)
+    scale = _scales_q6_k(b3)[0].reshape(n, k // 16)
+    return codes, scale, scale * (8 / 17)
+
+
+def q6_k_input(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> x' [M, 2K] = [x_j, 16 x_j] per 16 columns j (16 x is exact in bf16)."""
+    m, k = x2.shape
+    xv = x2.view(m, k // 16, 16)
+    return torch.stack([xv, xv * 16], dim=2).reshape(m, 2 * k)
 
 
 Q8_0_SMALL_ROWS = 32  # two int4 products per call: the packed path stops paying off sooner
@@ -233,7 +268,11 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int | None = No
         dequantize_into(blocks, qtype, out)
 
     make = None
-    if blocks.device.type == "cpu" and qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K,
+    if blocks.device.type == "cpu" and qtype == GGMLType.Q6_K:
+        def make():
+            run = int4pack_matmul(n, 32, [pack_int4_cpu(*q6_k_int4_codes(blocks), 32)])
+            return lambda x2: run(q6_k_input(x2))                         # [M, 2K] -> [M, N]
+    elif blocks.device.type == "cpu" and qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K,
                                                  GGMLType.Q8_0):
         def make():
             parts = int4_codes(blocks, qtype)
@@ -245,6 +284,6 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int | None = No
             run = int4pack_matmul(n, 32, [pack_int4_cpu(codes, scale, zero, 32)])
             return lambda x2: run(torch.cat([x2, x2], dim=1))              # [M, 2K] -> [M, N]
     if small_rows is None:
-        small_rows = Q8_0_SMALL_ROWS if qtype == GGMLType.Q8_0 else INT4_SMALL_ROWS
+        small_rows = Q8_0_SMALL_ROWS if qtype in (GGMLType.Q8_0, GGMLType.Q6_K) else INT4_SMALL_ROWS
     return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),
                           small_rows, f"gguf {qtype.name}", blocks.device, make if lazy else None)
