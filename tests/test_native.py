@@ -107,3 +107,41 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
     out = fg.dequantize_into(blocks, "Q4_0", torch.empty(8, 64, dtype=torch.bfloat16))
     assert torch.equal(out, gd.dequantize(blocks, "Q4_0", torch.bfloat16))
     assert list(tmp_path.rglob("*.so")) == []  # no half-built library left behind
+
+
+# -- int8 dynamic quantization ---------------------------------------------------------------
+def test_int8_token_scale_matches_torchao_for_every_bf16_amax():
+    from diffquant.ops import fast_linear as fl
+    from diffquant.ops import int_quant as iq
+    bits = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16)   # every finite |x| >= 0
+    amax = bits.view(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([amax, -amax * torch.rand(len(amax), generator=g).to(torch.bfloat16)], 1)
+    x = torch.cat([x, x.flip(1).neg()])                                # the max first, negative
+    q, s = fl.quantize_rows_int8(x, reuse=True)
+    q0, s0 = iq.int8_quantize_per_token(x)
+    assert torch.equal(s, s0) and torch.equal(q, q0)
+
+
+def test_int8_rows_with_inf_or_nan_take_the_torch_ops():
+    from diffquant.ops import fast_linear as fl
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    x[1, 3], x[2, 7] = float("inf"), float("nan")
+    assert native.quantize_rows_bf16(x, torch.empty(4, 64, dtype=torch.int8)) is None
+    q, s = fl.quantize_rows_int8(x, reuse=True)
+    q0, s0 = fl.quantize_rows_int8(x, reuse=False)
+    assert torch.equal(q, q0)
+    assert_same(s, s0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_output_matches_the_reference_roundings(with_bias):
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randint(-2**31, 2**31 - 1, (130, 40), dtype=torch.int32, generator=g)
+    acc[:, :20] //= 2**12                                               # typical and huge sums
+    sx = torch.rand(130, 1, generator=g) * 1e-3
+    sw = torch.rand(40, generator=g) * 1e-2
+    bias = torch.randn(40, generator=g).to(torch.bfloat16) if with_bias else None
+    y = (acc.to(torch.float32) * sx).to(torch.bfloat16) * sw             # int8_dynamic_linear
+    ref = (y if bias is None else y + bias).to(torch.bfloat16)
+    assert torch.equal(native.int8_output_bf16(acc, sx, sw, bias), ref)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import QuantizationError
 from . import int_quant as iq
+from . import native
 
 # Up to this many rows the packed CPU kernels beat dequantize + matmul. Crossovers measured with
 # 2 threads at 3072x3072: int8 ~16 rows (its dequantization is a mere cast), int4 formats ~64-96,
@@ -361,6 +362,11 @@ def quantize_rows_int8(x2: torch.Tensor, reuse: bool = False) -> tuple[torch.Ten
     live in this thread's scratch buffers (valid until the next call).
     """
     m, k = x2.shape
+    if reuse and native.int8_supported(x2):  # one pass in C, the same bits
+        q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
+        done = native.quantize_rows_bf16(x2, q)
+        if done is not None:
+            return done
     amax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # [M, 1], x dtype
     scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
     if not reuse:
@@ -391,6 +397,8 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
         torch._int_mm(xq, w.qt, out=acc)                                  # [M, N]
     else:
         acc = iq.int8_mm(xq, w.qt)                                        # pads for CUDA's kernel
+    if native.int8_supported(x) and (bias is None or bias.dtype == x.dtype):
+        return native.int8_output_bf16(acc, xs, w.scale, bias).reshape(*x.shape[:-1], n)
     y = torch.empty(acc.shape, dtype=x.dtype, device=x.device)
     torch.mul(acc, xs, out=y)                                             # float32 math, x dtype
     if x.dtype == torch.float32 or bias is None:

@@ -1,10 +1,11 @@
-"""The C kernels of ``csrc/gguf_cpu.c``: compiled on first use with the machine's C compiler,
-cached, loaded with ctypes, and split across threads here.
+"""The C kernels of ``csrc/`` (GGUF decoding, int8 dynamic quantization's elementwise ends):
+compiled on first use with the machine's C compiler, cached, loaded with ctypes, and split
+across threads here.
 
 Why compiled at run time, not shipped: the code is built for the CPU it runs on
 (``-march=native``: AVX-512 where there is one), needs no torch headers (a 1 s compile), and a
-machine without a compiler loses nothing but speed: every caller falls back to the torch ops of
-``fast_gguf`` / ``gguf_dequant``, which give the same numbers. ``DIFFQUANT_NATIVE=0`` turns the
+machine without a compiler loses nothing but speed: every caller falls back to its torch ops
+(``fast_gguf``, ``fast_linear``), which give the same numbers. ``DIFFQUANT_NATIVE=0`` turns the
 kernels off; ``CC`` picks the compiler; the library is cached under ``DIFFQUANT_CACHE`` (default
 ``~/.cache/diffquant``), keyed by the source, the flags and the CPU.
 
@@ -36,7 +37,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "gguf_cpu.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gguf_cpu.c", "int8_cpu.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 _MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 
@@ -60,10 +61,10 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
+    sources = [p.read_bytes() for p in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cc.encode(),
                                      platform.machine().encode(), _cpu_id().encode()]))
-    name = f"gguf_cpu-{key.hexdigest()[:16]}.so"
+    name = f"diffquant_cpu-{key.hexdigest()[:16]}.so"
     target = _cache_dir() / name
     if target.exists():
         return target
@@ -79,10 +80,11 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True,
                               text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} failed on {[p.name for p in SOURCES]}: "
+                               f"{done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -105,7 +107,10 @@ def _load():
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dq_decode.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
-    lib.dq_decode.restype = ctypes.c_int
+    lib.dq_quantize_rows_bf16.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
+    lib.dq_int8_output_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
+    for f in (lib.dq_decode, lib.dq_quantize_rows_bf16, lib.dq_int8_output_bf16):
+        f.restype = ctypes.c_int
     return lib
 
 
@@ -134,25 +139,25 @@ def supports(qtype, device: torch.device) -> bool:
 _pool: dict = {}
 
 
-def _run_split(n: int, call) -> None:
-    """call(r0, r1) over [0, n) in torch.get_num_threads() parts, this thread taking one."""
+def _run_split(n: int, call) -> bool:
+    """call(r0, r1) over [0, n) in torch.get_num_threads() parts, this thread taking one.
+    False if a part returned 1 (its input needs the caller's fallback), True if all gave 0."""
     parts = max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_THREAD))
     if parts == 1:
-        _check(call(0, n))
-        return
+        return _check(call(0, n))
     pool = _pool.get(parts - 1)
     if pool is None:
         pool = _pool.setdefault(parts - 1, ThreadPoolExecutor(parts - 1, "diffquant-native"))
     bounds = [n * i // parts for i in range(parts + 1)]
     futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    _check(call(bounds[0], bounds[1]))
-    for f in futures:
-        _check(f.result())
+    ok = _check(call(bounds[0], bounds[1]))
+    return all([_check(f.result()) for f in futures]) and ok
 
 
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise RuntimeError("diffquant native GGUF kernel refused its arguments (a bug)")
+def _check(rc: int) -> bool:
+    if rc not in (0, 1):
+        raise RuntimeError("a diffquant native kernel refused its arguments (a bug)")
+    return rc == 0
 
 
 def _geometry(blocks: torch.Tensor, qtype) -> tuple[int, int]:
@@ -175,3 +180,41 @@ def decode_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Tensor:
     _run_split(n, lambda r0, r1: lib.dq_decode(int(qtype), src, groups, r0, r1, dst, ld, bf16))
     return out
 
+
+
+# -- int8 dynamic quantization ------------------------------------------------------------------
+def int8_supported(x: torch.Tensor) -> bool:
+    """Whether ``quantize_rows_bf16`` / ``int8_output_bf16`` take activations like ``x``."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and available()
+
+
+def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
+    """x bf16 [M, K] (unit column stride) -> (q filled: int8 [M, K], scale float32 [M, 1]), the
+    per-token rule of ``int_quant.int8_quantize_per_token`` bit for bit; None when a row holds
+    an infinity or a NaN (use the torch ops)."""
+    lib = library()
+    m, k = x2.shape
+    if x2.stride(1) != 1 or not q.is_contiguous() or q.shape != (m, k):
+        raise ValueError("native int8 quantize: x needs unit column stride, q [M, K] contiguous")
+    scale = torch.empty(m, 1, dtype=torch.float32)
+    src, ld, dst, sp = x2.data_ptr(), x2.stride(0), q.data_ptr(), scale.data_ptr()
+    if not _run_split(m, lambda r0, r1: lib.dq_quantize_rows_bf16(src, ld, r0, r1, k, dst, sp)):
+        return None
+    return q, scale
+
+
+def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """int32 [M, N] sums -> bf16 [M, N]: token scale, then channel scale and bias, with
+    ``int_quant.int8_dynamic_linear``'s roundings."""
+    lib = library()
+    m, n = acc.shape
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    acc, sx, sw = acc.contiguous(), sx.reshape(m).contiguous(), sw.reshape(n).contiguous()
+    if sx.dtype != torch.float32 or sw.dtype != torch.float32 or acc.dtype != torch.int32 or (
+            bias is not None and bias.dtype != torch.bfloat16):
+        raise ValueError("native int8 output: int32 sums, float32 scales, bf16 bias")
+    b = None if bias is None else bias.contiguous()
+    args = (acc.data_ptr(), sx.data_ptr(), sw.data_ptr(), None if b is None else b.data_ptr())
+    _run_split(m, lambda r0, r1: lib.dq_int8_output_bf16(*args, r0, r1, n, y.data_ptr()))
+    return y

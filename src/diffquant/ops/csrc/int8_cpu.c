@@ -1,0 +1,81 @@
+/* int8 dynamic quantization's two elementwise ends on a CPU, compiled on first use by
+   ops/native.py (with gguf_cpu.c, into one library).
+
+   Why C: torch runs them as several passes with mixed dtypes (bf16 activations, float32 scales,
+   int32 sums), which its CPU kernels do not vectorise: at 1280 x 3072 they took 28 ms around
+   an 8 ms int8 product on an AMX CPU. Here each is one pass.
+
+   The numbers are those of int_quant.int8_dynamic_linear (torchao's), rounding for rounding:
+   - per-token scale: s = bf16(amax / 127.5), at least float32's eps, widened to float32;
+     q = clamp(round_half_even(x * (1 / s)), -128, 127), the product in float32;
+   - output: y = bf16(float(acc) * s_x), then bf16(y * s_w [+ bias]) with the product and the
+     sum each rounded to float32 first.
+   bf16 activations only; rows [r0, r1) per call, so callers split rows across threads. */
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* x bf16 [M, ldx] rows [r0, r1), K columns -> q int8 [M, k] and scale float32 [M].
+   Returns 0, or 1 when a row holds a NaN or an infinity (the caller then uses torch's ops,
+   whose results there are whatever its casts give). */
+int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
+                          int8_t *q, float *scale) {
+    const float eps = 1.1920928955078125e-07f;  /* float32 eps: torchao's floor, a bf16 value */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *xr = x + r * ldx;
+        uint16_t top = 0;       /* |x| as bits: for finite values their order is the float order */
+        for (int64_t i = 0; i < k; i++) {
+            uint16_t a = xr[i] & 0x7fff;
+            top = a > top ? a : top;
+        }
+        if (top >= 0x7f80) return 1;
+        /* amax / 127.5 in float32, rounded to bf16 (torch's bf16 division by a scalar) */
+        float s = bf16_to_float(float_to_bf16(bf16_to_float(top) / 127.5f));
+        s = s < eps ? eps : s;
+        float inv = 1.0f / s;
+        scale[r] = s;
+        int8_t *qr = q + r * k;
+        for (int64_t i = 0; i < k; i++) {
+            float v = bf16_to_float(xr[i]) * inv;
+            v = v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v;
+            /* round half to even: exact for |v| < 2^22 (the default rounding mode) */
+            v = (v + 12582912.0f) - 12582912.0f;
+            qr[i] = (int8_t)v;
+        }
+    }
+    return 0;
+}
+
+/* acc int32 [M, N] rows [r0, r1), token scales sx [M], channel scales sw [N], bias bf16 [N]
+   or NULL -> y bf16 [M, N]. */
+int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, const uint16_t *bias,
+                        int64_t r0, int64_t r1, int64_t n, uint16_t *y) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int32_t *a = acc + r * n;
+        uint16_t *yr = y + r * n;
+        float s = sx[r];
+        if (bias) {
+            for (int64_t j = 0; j < n; j++) {
+                float t = bf16_to_float(float_to_bf16((float)a[j] * s)) * sw[j];
+                yr[j] = float_to_bf16(t + bf16_to_float(bias[j]));
+            }
+        } else {
+            for (int64_t j = 0; j < n; j++)
+                yr[j] = float_to_bf16(bf16_to_float(float_to_bf16((float)a[j] * s)) * sw[j]);
+        }
+    }
+    return 0;
+}
