@@ -63,6 +63,19 @@ def test_decode_of_special_scales_matches_the_reference(qtype, dtype):
                 gd.dequantize(blocks, qtype, dtype))
 
 
+def test_a_build_without_avx512_gives_the_same_bits(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
+    cc = native.shutil.which("cc") or "gcc"
+    portable = native.bind(native.ctypes.CDLL(str(native._build(cc, [*native.FLAGS, "-mno-avx512f"]))))
+    for qtype in TYPES:
+        k = 256 if qtype in ("Q4_K", "Q6_K") else 64
+        blocks = with_scales(gguf_blocks(70, k, qtype), qtype, SPECIAL_HALVES)
+        for dtype in (torch.float32, torch.bfloat16):
+            out = native.decode_into(blocks, gd.ggml_type(qtype), torch.empty(70, k, dtype=dtype))
+            other = torch.empty_like(out)
+            assert_same(native.decode_into(blocks, gd.ggml_type(qtype), other, portable), out)
+
+
 def test_decode_writes_rows_of_a_wider_buffer_and_nothing_else():
     blocks = gguf_blocks(130, 64, "Q8_0")
     wide = torch.zeros(130, 80, dtype=torch.bfloat16)

@@ -60,9 +60,9 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, flags: list[str] = FLAGS) -> Path:
     sources = [p.read_bytes() for p in SOURCES]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cc.encode(),
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), cc.encode(),
                                      platform.machine().encode(), _cpu_id().encode()]))
     name = f"diffquant_cpu-{key.hexdigest()[:16]}.so"
     target = _cache_dir() / name
@@ -80,7 +80,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True,
+        done = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True,
                               text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {[p.name for p in SOURCES]}: "
@@ -100,11 +100,15 @@ def _load():
         logger.info("diffquant: no C compiler found; GGUF layers use the torch ops")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        return bind(ctypes.CDLL(str(_build(cc))))
     except Exception as e:  # any failure here only costs speed: say so once, then fall back
-        logger.warning("diffquant: could not build the GGUF CPU kernels (%s); using the "
-                       "torch ops (same numbers, slower)", e)
+        logger.warning("diffquant: could not build the CPU kernels (%s); using the torch ops "
+                       "(same numbers, slower)", e)
         return None
+
+
+def bind(lib):
+    """Declare the C functions' argument types on a loaded library; returns it."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dq_decode.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
     lib.dq_quantize_rows_bf16.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
@@ -168,10 +172,11 @@ def _geometry(blocks: torch.Tensor, qtype) -> tuple[int, int]:
     return blocks.shape[0], blocks.shape[1] // size
 
 
-def decode_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Tensor:
+def decode_into(blocks: torch.Tensor, qtype, out: torch.Tensor, lib=None) -> torch.Tensor:
     """uint8 blocks [N, bytes] -> ``out`` [N, K] (float32 or bf16, rows contiguous), returned.
-    Bit-identical to ``gguf_dequant.dequantize(blocks, qtype, out.dtype)``."""
-    lib = library()
+    Bit-identical to ``gguf_dequant.dequantize(blocks, qtype, out.dtype)``. ``lib``: another
+    build of the kernels (tests compare builds)."""
+    lib = lib or library()
     n, groups = _geometry(blocks, qtype)
     if out.dtype not in (torch.float32, torch.bfloat16) or out.stride(1) != 1:
         raise ValueError("native GGUF decode writes float32 or bf16 rows with unit stride")
