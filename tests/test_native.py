@@ -158,3 +158,20 @@ def test_int8_output_matches_the_reference_roundings(with_bias):
     y = (acc.to(torch.float32) * sx).to(torch.bfloat16) * sw             # int8_dynamic_linear
     ref = (y if bias is None else y + bias).to(torch.bfloat16)
     assert torch.equal(native.int8_output_bf16(acc, sx, sw, bias), ref)
+
+
+# -- every layer: the same bits with and without the kernels ------------------------------------
+from tests.test_fast_paths import LAYER_CASES  # noqa: E402
+
+NATIVE_LAYERS = ["torchao int8dq", "torchao int4wo", "quanto int8", "quanto int4", "quanto int2",
+                 "modelopt INT8", "gguf Q8_0", "gguf Q4_0", "gguf Q4_1", "gguf Q4_K", "gguf Q6_K"]
+
+
+@pytest.mark.parametrize("case", NATIVE_LAYERS)
+def test_layers_give_the_same_bits_with_and_without_the_kernels(case, monkeypatch):
+    layer = LAYER_CASES[case]()
+    x = torch.randn(100, layer.in_features).to(torch.bfloat16)  # many rows: the decode path
+    with torch.no_grad():
+        compiled = layer(x)
+        monkeypatch.setitem(native._state, "lib", None)
+        assert torch.equal(layer(x), compiled)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, chunk_rows,
                           dequant_rows, int4pack_matmul, pack_int4_cpu, scratch_buffer)
 
@@ -40,8 +41,13 @@ def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
         t.copy_(q[r0:r1])
         t.mul_(rows_scale[r0:r1] if rows_scale is not None else one)
 
+    flat_scale = scale.reshape(-1).contiguous()
+
     def dequant_into(out):                                                # out [N, K]
-        dequant_rows(out, sdt, fill)
+        if q.dtype == torch.int8 and native.bf16_weight_supported(out, q, flat_scale):
+            native.int8_rows_into(q, flat_scale, out)                     # one pass in C
+        else:
+            dequant_rows(out, sdt, fill)
 
     packed = None
     if q.dtype == torch.int8 and q.device.type == "cpu" and k % 16 == 0:
@@ -95,7 +101,10 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
         tv.mul_(scale[a:b]).sub_(shift[a:b])                              # quanto's op order
 
     def dequant_into(out):                                                # out [N, K]
-        dequant_rows(out, sdt, fill)
+        if out.is_contiguous() and native.bf16_weight_supported(out, packed, scale, shift):
+            native.quanto_bits_into(packed, bits, scale, shift, out)      # one pass in C
+        else:
+            dequant_rows(out, sdt, fill)
 
     make = None
     if bits == 4 and g == 128 and sdt == torch.bfloat16 and packed.device.type == "cpu":

@@ -327,8 +327,13 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
         tg = t.view(rows, groups, group)
         tg.mul_(scale3[r0:r1]).add_(zero3[r0:r1])
 
+    zero_s = zero.to(sdt).contiguous()
+
     def dequant_into(out):                                                # out [N, K]
-        dequant_rows(out, sdt, fill)
+        if native.bf16_weight_supported(out, packed, scale, zero_s):      # one pass in C
+            native.int4_tinygemm_into(packed, scale, zero_s, out)
+        else:
+            dequant_rows(out, sdt, fill)
 
     make = None
     if packed.device.type == "cpu" and group in (32, 64, 128, 256):

@@ -37,7 +37,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gguf_cpu.c", "int8_cpu.c")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 _MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 
@@ -61,7 +62,7 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str, flags: list[str] = FLAGS) -> Path:
-    sources = [p.read_bytes() for p in SOURCES]
+    sources = [p.read_bytes() for p in [*SOURCES, CSRC / "bf16.h"]]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), cc.encode(),
                                      platform.machine().encode(), _cpu_id().encode()]))
     name = f"diffquant_cpu-{key.hexdigest()[:16]}.so"
@@ -113,7 +114,11 @@ def bind(lib):
     lib.dq_decode.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
     lib.dq_quantize_rows_bf16.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
     lib.dq_int8_output_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
-    for f in (lib.dq_decode, lib.dq_quantize_rows_bf16, lib.dq_int8_output_bf16):
+    lib.dq_int4_tinygemm_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64]
+    lib.dq_int8_rows_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64]
+    lib.dq_quanto_bits_bf16.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr]
+    for f in (lib.dq_decode, lib.dq_quantize_rows_bf16, lib.dq_int8_output_bf16,
+              lib.dq_int4_tinygemm_bf16, lib.dq_int8_rows_bf16, lib.dq_quanto_bits_bf16):
         f.restype = ctypes.c_int
     return lib
 
@@ -223,3 +228,51 @@ def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     args = (acc.data_ptr(), sx.data_ptr(), sw.data_ptr(), None if b is None else b.data_ptr())
     _run_split(m, lambda r0, r1: lib.dq_int8_output_bf16(*args, r0, r1, n, y.data_ptr()))
     return y
+
+
+# -- integer weights into a bf16 buffer (the reference's bf16 math, bit for bit) ----------------
+def bf16_weight_supported(out: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a bf16 decode into ``out`` can run here: a bf16 CPU buffer with unit column
+    stride, and every stored tensor (codes, bf16 scales) contiguous on the CPU."""
+    return (out.dtype == torch.bfloat16 and out.device.type == "cpu" and out.stride(-1) == 1
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and all(t.dtype == torch.bfloat16 for t in tensors[1:]) and available())
+
+
+def int4_tinygemm_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
+    """torchao int4: packed uint8 [N, K/2], scale/zero bf16 [N, G] -> out bf16 [N, K]."""
+    lib = library()
+    n, k = out.shape
+    group = k // scale.shape[1]
+    args = (packed.data_ptr(), k, group, scale.data_ptr(), zero.data_ptr())
+    dst, ld = out.data_ptr(), out.stride(0)
+    _run_split(n, lambda r0, r1: lib.dq_int4_tinygemm_bf16(*args, r0, r1, dst, ld))
+    return out
+
+
+def int8_rows_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] times a bf16 scale per row ([N] / [N, 1]) or one -> out bf16 [N, K]."""
+    lib = library()
+    n, k = out.shape
+    step = 1 if scale.numel() == n else 0
+    src, sp, dst, ld = q.data_ptr(), scale.data_ptr(), out.data_ptr(), out.stride(0)
+    _run_split(n, lambda r0, r1: lib.dq_int8_rows_bf16(src, k, sp, step, r0, r1, dst, ld))
+    return out
+
+
+def quanto_bits_into(packed: torch.Tensor, bits: int, scale: torch.Tensor, shift: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """quanto int4/int2: packed uint8 [P, g], scale/shift bf16 [R, 1] -> out bf16 [N, K]
+    (contiguous: its rows are the R group rows of g values)."""
+    lib = library()
+    n, k = out.shape
+    if not out.is_contiguous():
+        raise ValueError("native quanto decode writes a contiguous [N, K] buffer")
+    p, g = packed.shape
+    per = n * k // g // n                                                 # group rows per row
+    args = (packed.data_ptr(), p, g, bits, scale.data_ptr(), shift.data_ptr())
+    base = out.data_ptr()
+    _run_split(n, lambda r0, r1: lib.dq_quanto_bits_bf16(*args, r0 * per, r1 * per,
+                                                          base + r0 * k * out.element_size()))
+    return out

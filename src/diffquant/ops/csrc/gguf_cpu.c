@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
 static inline float half_to_float(const uint8_t *p) {
@@ -27,13 +29,6 @@ static inline float half_to_float(const uint8_t *p) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
 /* float32 -> bf16, n a multiple of 16; one instruction per 16 values where the CPU has one

@@ -11,22 +11,7 @@
    - output: y = bf16(float(acc) * s_x), then bf16(y * s_w [+ bias]) with the product and the
      sum each rounded to float32 first.
    bf16 activations only; rows [r0, r1) per call, so callers split rows across threads. */
-#include <stdint.h>
-#include <string.h>
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
+#include "bf16.h"
 
 /* x bf16 [M, ldx] rows [r0, r1), K columns -> q int8 [M, k] and scale float32 [M].
    Returns 0, or 1 when a row holds a NaN or an infinity (the caller then uses torch's ops,
@@ -43,7 +28,7 @@ int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1
         }
         if (top >= 0x7f80) return 1;
         /* amax / 127.5 in float32, rounded to bf16 (torch's bf16 division by a scalar) */
-        float s = bf16_to_float(float_to_bf16(bf16_to_float(top) / 127.5f));
+        float s = round_bf16(bf16_to_float(top) / 127.5f);
         s = s < eps ? eps : s;
         float inv = 1.0f / s;
         scale[r] = s;
@@ -69,12 +54,12 @@ int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, co
         float s = sx[r];
         if (bias) {
             for (int64_t j = 0; j < n; j++) {
-                float t = bf16_to_float(float_to_bf16((float)a[j] * s)) * sw[j];
+                float t = round_bf16((float)a[j] * s) * sw[j];
                 yr[j] = float_to_bf16(t + bf16_to_float(bias[j]));
             }
         } else {
             for (int64_t j = 0; j < n; j++)
-                yr[j] = float_to_bf16(bf16_to_float(float_to_bf16((float)a[j] * s)) * sw[j]);
+                yr[j] = float_to_bf16(round_bf16((float)a[j] * s) * sw[j]);
         }
     }
     return 0;

@@ -1,0 +1,24 @@
+/* bf16 <-> float32 as torch converts: widening is exact, narrowing rounds to nearest even and
+   turns every NaN into torch's 0x7fc0. */
+#ifndef DIFFQUANT_BF16_H
+#define DIFFQUANT_BF16_H
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* f rounded to bf16 and widened back: one bf16 op's result, kept in float32 */
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+#endif
