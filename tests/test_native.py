@@ -122,6 +122,44 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
     assert list(tmp_path.rglob("*.so")) == []  # no half-built library left behind
 
 
+# -- few-row products of Q8_0 / Q6_K -------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
+def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype):
+    rows = 1
+    k = 512 + (32 if qtype == "Q8_0" else 256)  # an odd block count for Q8_0's block pairs
+    blocks = gguf_blocks(130, k, qtype)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    y = native.gemv(blocks, gd.ggml_type(qtype), x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 130)
+    assert torch.equal(native.gemv(blocks, gd.ggml_type(qtype), x, portable=True), y)
+    w = gd.dequantize(blocks, qtype, torch.bfloat16).float()
+    ref = x.float() @ w.t()                                  # the bf16 reference's product
+    bound = x.float().abs() @ w.abs().t() * 2.0**-7 + 1e-6
+    assert ((y.float() - ref).abs() <= bound).all()
+
+
+def test_gemv_refuses_other_types_and_row_counts():
+    with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
+        native.gemv(gguf_blocks(4, 64, "Q4_0"), gd.GGMLType.Q4_0, torch.randn(1, 64))
+    with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
+        native.gemv(gguf_blocks(4, 64, "Q8_0"), gd.GGMLType.Q8_0, torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
+def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
+    k = 512
+    blocks = gguf_blocks(48, k, qtype)
+    w = fg.prepare_gguf_weight(blocks, qtype, lazy=True)
+    copies = []
+    real = fg.pack_int4_cpu
+    monkeypatch.setattr(fg, "pack_int4_cpu", lambda *a: copies.append(1) or real(*a))
+    from diffquant.ops import fast_linear as fl
+    fl.linear_weight_only(torch.randn(1, k).to(torch.bfloat16), w)
+    assert copies == []                       # the int4pack copy only for more rows
+    fl.linear_weight_only(torch.randn(2, k).to(torch.bfloat16), w)
+    assert copies == [1]
+
+
 # -- int8 dynamic quantization ---------------------------------------------------------------
 def test_int8_token_scale_matches_torchao_for_every_bf16_amax():
     from diffquant.ops import fast_linear as fl

@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,8 +37,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c")]
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "parallel.c")]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 _MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 
 _lock = threading.Lock()
@@ -62,7 +61,7 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str, flags: list[str] = FLAGS) -> Path:
-    sources = [p.read_bytes() for p in [*SOURCES, CSRC / "bf16.h"]]
+    sources = [p.read_bytes() for p in [*SOURCES, CSRC / "bf16.h", CSRC / "kernels.h"]]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), cc.encode(),
                                      platform.machine().encode(), _cpu_id().encode()]))
     name = f"diffquant_cpu-{key.hexdigest()[:16]}.so"
@@ -109,17 +108,10 @@ def _load():
 
 
 def bind(lib):
-    """Declare the C functions' argument types on a loaded library; returns it."""
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.dq_decode.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
-    lib.dq_quantize_rows_bf16.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
-    lib.dq_int8_output_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
-    lib.dq_int4_tinygemm_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64]
-    lib.dq_int8_rows_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64]
-    lib.dq_quanto_bits_bf16.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr]
-    for f in (lib.dq_decode, lib.dq_quantize_rows_bf16, lib.dq_int8_output_bf16,
-              lib.dq_int4_tinygemm_bf16, lib.dq_int8_rows_bf16, lib.dq_quanto_bits_bf16):
-        f.restype = ctypes.c_int
+    """Declare the entry point's argument types on a loaded library; returns it."""
+    lib.dq_run.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+                           ctypes.c_int]
+    lib.dq_run.restype = ctypes.c_int
     return lib
 
 
@@ -144,28 +136,20 @@ def supports(qtype, device: torch.device) -> bool:
     return torch.device(device).type == "cpu" and int(qtype) in TYPES and available()
 
 
-# -- threads: ctypes drops the GIL during a call, so rows split across a small pool ----------
-_pool: dict = {}
+# -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
+# the kernel ids of parallel.c's table
+DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS = range(7)
 
 
-def _run_split(n: int, call) -> bool:
-    """call(r0, r1) over [0, n) in torch.get_num_threads() parts, this thread taking one.
-    False if a part returned 1 (its input needs the caller's fallback), True if all gave 0."""
-    parts = max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_THREAD))
-    if parts == 1:
-        return _check(call(0, n))
-    pool = _pool.get(parts - 1)
-    if pool is None:
-        pool = _pool.setdefault(parts - 1, ThreadPoolExecutor(parts - 1, "diffquant-native"))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    ok = _check(call(bounds[0], bounds[1]))
-    return all([_check(f.result()) for f in futures]) and ok
-
-
-def _check(rc: int) -> bool:
+def _run(kernel: int, n: int, *args, lib=None) -> bool:
+    """Run ``kernel`` over rows [0, n) on up to torch.get_num_threads() threads; ``args`` are
+    its arguments but the row range (ints, pointers as ints, None for NULL), in parallel.c's
+    order. False if the kernel asked for the torch fallback (return code 1)."""
+    threads = max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_THREAD))
+    packed = (ctypes.c_int64 * len(args))(*[0 if a is None else int(a) for a in args])
+    rc = (lib or library()).dq_run(kernel, packed, n, threads)
     if rc not in (0, 1):
-        raise RuntimeError("a diffquant native kernel refused its arguments (a bug)")
+        raise RuntimeError(f"a diffquant native kernel ({kernel}) refused its arguments (a bug)")
     return rc == 0
 
 
@@ -181,15 +165,34 @@ def decode_into(blocks: torch.Tensor, qtype, out: torch.Tensor, lib=None) -> tor
     """uint8 blocks [N, bytes] -> ``out`` [N, K] (float32 or bf16, rows contiguous), returned.
     Bit-identical to ``gguf_dequant.dequantize(blocks, qtype, out.dtype)``. ``lib``: another
     build of the kernels (tests compare builds)."""
-    lib = lib or library()
     n, groups = _geometry(blocks, qtype)
     if out.dtype not in (torch.float32, torch.bfloat16) or out.stride(1) != 1:
         raise ValueError("native GGUF decode writes float32 or bf16 rows with unit stride")
-    src, dst, ld = blocks.data_ptr(), out.data_ptr(), out.stride(0)
-    bf16 = int(out.dtype == torch.bfloat16)
-    _run_split(n, lambda r0, r1: lib.dq_decode(int(qtype), src, groups, r0, r1, dst, ld, bf16))
+    _run(DECODE, n, int(qtype), blocks.data_ptr(), groups, out.data_ptr(), out.stride(0),
+         out.dtype == torch.bfloat16, lib=lib)
     return out
 
+
+
+GEMV_TYPES = (8, 14)  # Q8_0, Q6_K: no exact int4pack mapping at 1 B/weight or less
+
+
+def gemv(blocks: torch.Tensor, qtype, x2: torch.Tensor, portable: bool = False,
+         lib=None) -> torch.Tensor:
+    """x [1, K] @ W.T for W the Q8_0/Q6_K blocks [N, bytes] -> [1, N] in x's dtype, reading
+    the blocks once.
+
+    The weight is the reference's exact float32 values (the bf16 reference rounds them to bf16
+    first: this is closer to the exact product, and within bf16 rounding of the reference); the
+    sums run in float32 and are rounded once. ``portable``: the C loop without AVX-512."""
+    n, groups = _geometry(blocks, qtype)
+    if x2.shape[0] != 1 or int(qtype) not in GEMV_TYPES:
+        raise ValueError("native GGUF gemv takes Q8_0/Q6_K blocks and one row")
+    xf = x2.to(torch.float32).contiguous()
+    out = torch.empty(1, n, dtype=torch.float32)
+    _run(GEMV, n, int(qtype), blocks.data_ptr(), groups, xf.data_ptr(), out.data_ptr(), portable,
+         lib=lib)
+    return out.to(x2.dtype)
 
 
 # -- int8 dynamic quantization ------------------------------------------------------------------
@@ -202,13 +205,11 @@ def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
     """x bf16 [M, K] (unit column stride) -> (q filled: int8 [M, K], scale float32 [M, 1]), the
     per-token rule of ``int_quant.int8_quantize_per_token`` bit for bit; None when a row holds
     an infinity or a NaN (use the torch ops)."""
-    lib = library()
     m, k = x2.shape
     if x2.stride(1) != 1 or not q.is_contiguous() or q.shape != (m, k):
         raise ValueError("native int8 quantize: x needs unit column stride, q [M, K] contiguous")
     scale = torch.empty(m, 1, dtype=torch.float32)
-    src, ld, dst, sp = x2.data_ptr(), x2.stride(0), q.data_ptr(), scale.data_ptr()
-    if not _run_split(m, lambda r0, r1: lib.dq_quantize_rows_bf16(src, ld, r0, r1, k, dst, sp)):
+    if not _run(QUANTIZE, m, x2.data_ptr(), x2.stride(0), k, q.data_ptr(), scale.data_ptr()):
         return None
     return q, scale
 
@@ -217,7 +218,6 @@ def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """int32 [M, N] sums -> bf16 [M, N]: token scale, then channel scale and bias, with
     ``int_quant.int8_dynamic_linear``'s roundings."""
-    lib = library()
     m, n = acc.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
     acc, sx, sw = acc.contiguous(), sx.reshape(m).contiguous(), sw.reshape(n).contiguous()
@@ -225,8 +225,8 @@ def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
             bias is not None and bias.dtype != torch.bfloat16):
         raise ValueError("native int8 output: int32 sums, float32 scales, bf16 bias")
     b = None if bias is None else bias.contiguous()
-    args = (acc.data_ptr(), sx.data_ptr(), sw.data_ptr(), None if b is None else b.data_ptr())
-    _run_split(m, lambda r0, r1: lib.dq_int8_output_bf16(*args, r0, r1, n, y.data_ptr()))
+    _run(INT8_OUTPUT, m, acc.data_ptr(), sx.data_ptr(), sw.data_ptr(),
+         None if b is None else b.data_ptr(), n, y.data_ptr())
     return y
 
 
@@ -242,22 +242,17 @@ def bf16_weight_supported(out: torch.Tensor, *tensors: torch.Tensor) -> bool:
 def int4_tinygemm_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                        out: torch.Tensor) -> torch.Tensor:
     """torchao int4: packed uint8 [N, K/2], scale/zero bf16 [N, G] -> out bf16 [N, K]."""
-    lib = library()
     n, k = out.shape
-    group = k // scale.shape[1]
-    args = (packed.data_ptr(), k, group, scale.data_ptr(), zero.data_ptr())
-    dst, ld = out.data_ptr(), out.stride(0)
-    _run_split(n, lambda r0, r1: lib.dq_int4_tinygemm_bf16(*args, r0, r1, dst, ld))
+    _run(INT4_TINYGEMM, n, packed.data_ptr(), k, k // scale.shape[1], scale.data_ptr(),
+         zero.data_ptr(), out.data_ptr(), out.stride(0))
     return out
 
 
 def int8_rows_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] times a bf16 scale per row ([N] / [N, 1]) or one -> out bf16 [N, K]."""
-    lib = library()
     n, k = out.shape
     step = 1 if scale.numel() == n else 0
-    src, sp, dst, ld = q.data_ptr(), scale.data_ptr(), out.data_ptr(), out.stride(0)
-    _run_split(n, lambda r0, r1: lib.dq_int8_rows_bf16(src, k, sp, step, r0, r1, dst, ld))
+    _run(INT8_ROWS, n, q.data_ptr(), k, scale.data_ptr(), step, out.data_ptr(), out.stride(0))
     return out
 
 
@@ -265,14 +260,10 @@ def quanto_bits_into(packed: torch.Tensor, bits: int, scale: torch.Tensor, shift
                      out: torch.Tensor) -> torch.Tensor:
     """quanto int4/int2: packed uint8 [P, g], scale/shift bf16 [R, 1] -> out bf16 [N, K]
     (contiguous: its rows are the R group rows of g values)."""
-    lib = library()
     n, k = out.shape
     if not out.is_contiguous():
         raise ValueError("native quanto decode writes a contiguous [N, K] buffer")
     p, g = packed.shape
-    per = n * k // g // n                                                 # group rows per row
-    args = (packed.data_ptr(), p, g, bits, scale.data_ptr(), shift.data_ptr())
-    base = out.data_ptr()
-    _run_split(n, lambda r0, r1: lib.dq_quanto_bits_bf16(*args, r0 * per, r1 * per,
-                                                          base + r0 * k * out.element_size()))
+    _run(QUANTO_BITS, n, packed.data_ptr(), p, g, bits, scale.data_ptr(), shift.data_ptr(),
+         k // g, out.data_ptr())
     return out

@@ -12,6 +12,7 @@
      sum each rounded to float32 first.
    bf16 activations only; rows [r0, r1) per call, so callers split rows across threads. */
 #include "bf16.h"
+#include "kernels.h"
 
 /* x bf16 [M, ldx] rows [r0, r1), K columns -> q int8 [M, k] and scale float32 [M].
    Returns 0, or 1 when a row holds a NaN or an infinity (the caller then uses torch's ops,

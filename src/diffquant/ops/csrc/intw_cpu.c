@@ -12,6 +12,7 @@
    back each time): 8-10 ms per 3072 x 3072 against a 15 ms bf16 product on an AMX CPU; here one
    pass. Rows [r0, r1) of the weight per call, so callers split rows across threads. */
 #include "bf16.h"
+#include "kernels.h"
 
 /* packed uint8 [N, K/2], scale/zero bf16 [N, K/group] -> out bf16 rows [r0, r1), stride ld */
 int dq_int4_tinygemm_bf16(const uint8_t *packed, int64_t k, int64_t group, const uint16_t *scale,

@@ -1,0 +1,24 @@
+/* The row kernels of gguf_cpu.c, int8_cpu.c and intw_cpu.c: each does rows [r0, r1) of its
+   output and returns 0, 1 (this input needs the caller's torch fallback) or -1 (bad
+   arguments). parallel.c runs them over row ranges on several threads. */
+#ifndef DIFFQUANT_KERNELS_H
+#define DIFFQUANT_KERNELS_H
+#include <stdint.h>
+
+int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
+              void *out, int64_t ld_out, int out_bf16);
+int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
+            const float *x, float *out, int portable);
+int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
+                          int8_t *q, float *scale);
+int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw,
+                        const uint16_t *bias, int64_t r0, int64_t r1, int64_t n, uint16_t *y);
+int dq_int4_tinygemm_bf16(const uint8_t *packed, int64_t k, int64_t group,
+                          const uint16_t *scale, const uint16_t *zero, int64_t r0, int64_t r1,
+                          uint16_t *out, int64_t ld);
+int dq_int8_rows_bf16(const int8_t *q, int64_t k, const uint16_t *scale, int64_t scale_step,
+                      int64_t r0, int64_t r1, uint16_t *out, int64_t ld);
+int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
+                        const uint16_t *scale, const uint16_t *shift, int64_t a, int64_t b,
+                        uint16_t *out);
+#endif
