@@ -213,3 +213,17 @@ def test_layers_give_the_same_bits_with_and_without_the_kernels(case, monkeypatc
         compiled = layer(x)
         monkeypatch.setitem(native._state, "lib", None)
         assert torch.equal(layer(x), compiled)
+
+
+def test_big_bf16_weights_quantize_to_int8_in_one_c_pass_with_torchaos_numbers(monkeypatch):
+    from diffquant.ops import int_quant as iq
+    w = (torch.randn(520, 2304) * torch.rand(520, 1) * 4).to(torch.bfloat16)  # > 1M: big path
+    calls = []
+    real = native.quantize_rows_bf16
+    monkeypatch.setattr(native, "quantize_rows_bf16", lambda *a: calls.append(1) or real(*a))
+    q, s = iq.int8_quantize_per_channel(w)
+    assert calls == [1]
+    amax = w.abs().amax(dim=-1, keepdim=True)                      # torchao's one-line rule
+    s0 = torch.clamp(amax / 127.5, min=torch.finfo(torch.float32).eps).to(torch.float32)
+    q0 = torch.clamp(torch.round(w * (1.0 / s0)), -128, 127).to(torch.int8)
+    assert torch.equal(s, s0) and torch.equal(q, q0)
