@@ -8,7 +8,7 @@ Every number comes from its own child process (``--child JOB``), run one at a ti
 threads and ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting OpenMP threads steal the cores of a shared
 machine). A forward job loads the model, warms it up once on 16 image tokens (lazy packed forms,
 reused buffers, first-call kernel choices) and reports the best of ``repeats`` timed forwards
-(on the full size, the best of two such processes). A load job resets the peak-RSS counter
+(on the full size, the best of three such processes). A load job resets the peak-RSS counter
 after its imports, loads with the checkpoint in the page cache, and reports seconds, peak minus baseline, the model's bytes, and whether any mapping of the
 checkpoint file is left. GGUF models come, in both libraries, from ``from_single_file`` of one
 ``.gguf`` written by ``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load).
@@ -211,9 +211,9 @@ def main(argv=None) -> int:
         return 0
     size = SIZES["quick" if args.quick else "full"]
     image, text, repeats = (256, 64, 2) if args.quick else (1024, 256, 2)
-    # two processes per forward row on the full size: a process's memory placement alone moved
-    # a forward by ~10% between runs (bf16 4.66 s vs 5.02 s for the same math)
-    processes = 1 if args.quick else 2
+    # three processes per forward row on the full size: a process's memory placement (and the
+    # shared machine) moved the same forward by 10-25% between processes (bf16 1.19-1.54 s)
+    processes = 1 if args.quick else 3
     timeout = 600 if args.quick else 1800
     ckpt = ensure_checkpoint(size, log=lambda m: print(m, file=sys.stderr))
     file_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))

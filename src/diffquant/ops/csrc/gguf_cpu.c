@@ -238,6 +238,16 @@ static void gemv_rows_portable(int qtype, const uint8_t *blocks, int64_t n_block
 }
 
 #ifdef HAVE_DECODE_SMALL
+/* the four lane accumulators (lanes 0-15, 16-31, ...) -> their sum, in the portable order */
+static float sum_registers(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    float acc[LANES] __attribute__((aligned(64)));
+    _mm512_store_ps(acc, a0);
+    _mm512_store_ps(acc + 16, a1);
+    _mm512_store_ps(acc + 32, a2);
+    _mm512_store_ps(acc + 48, a3);
+    return sum_lanes(acc);
+}
+
 static inline __m512 q8_codes(const uint8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
@@ -260,12 +270,7 @@ static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
         a0 = _mm512_fmadd_ps(_mm512_mul_ps(d0, q8_codes(b + 2)), _mm512_loadu_ps(x), a0);
         a1 = _mm512_fmadd_ps(_mm512_mul_ps(d0, q8_codes(b + 18)), _mm512_loadu_ps(x + 16), a1);
     }
-    float acc[LANES] __attribute__((aligned(64)));
-    _mm512_store_ps(acc, a0);
-    _mm512_store_ps(acc + 16, a1);
-    _mm512_store_ps(acc + 32, a2);
-    _mm512_store_ps(acc + 48, a3);
-    return sum_lanes(acc);
+    return sum_registers(a0, a1, a2, a3);
 }
 
 /* 32 codes (bytes, minus 32) of sub-blocks j, j + 1 -> a[j % 4], a[(j + 1) % 4] */
@@ -304,12 +309,7 @@ static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
             Q6_PAIR(_mm256_sub_epi8(v3, off), 8 * h + 6, a2, a3);
         }
     }
-    float acc[LANES] __attribute__((aligned(64)));
-    _mm512_store_ps(acc, a0);
-    _mm512_store_ps(acc + 16, a1);
-    _mm512_store_ps(acc + 32, a2);
-    _mm512_store_ps(acc + 48, a3);
-    return sum_lanes(acc);
+    return sum_registers(a0, a1, a2, a3);
 }
 #endif
 
