@@ -3,16 +3,16 @@
 Two paths, chosen per call by ``fast_linear.linear_weight_only``:
 
 - dequantize into the reused buffer: on a CPU with a C compiler, by the compiled decoder of
-  ``native`` (each block decoded once in registers and written once, 5-10x faster); otherwise
-  with one output pass per nibble half: the float32 math of
-  ``gguf_dequant`` (so the values are bit-identical to ``gguf_dequant.dequantize``), written
-  straight into the buffer's dtype by ``torch.mul`` / ``torch.addcmul`` with ``out=``;
+  ``native`` (each block decoded once in registers and written once, 8-15x faster); otherwise
+  with a few torch ops per cache-sized chunk. Both are the float32 math of ``gguf_dequant``,
+  bit for bit;
 - few rows on a CPU: torch's int4pack kernel, derived once from the blocks. Q4_0, Q4_1 and Q4_K
   are int4 with one (scale, min) per 32 columns; Q8_0 is split exactly into two int4 halves,
   q = 16 * (q >> 4) + (q & 15), each with its own per-32 scale, run as one product over [x, x].
   Scales are rounded to the activation dtype there (bf16 rounding level). Q6_K has one scale per
   16 columns, finer than the kernel's smallest group (32): each 16 become a group of 32 over
-  [x, 16 x] (``q6_k_int4_codes``).
+  [x, 16 x] (``q6_k_int4_codes``). Q8_0 and Q6_K at one row go to ``native.gemv`` instead,
+  which reads the blocks in place (no 1.25 B/weight copy).
 
 Example:
     >>> import torch
