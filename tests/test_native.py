@@ -227,3 +227,31 @@ def test_big_bf16_weights_quantize_to_int8_in_one_c_pass_with_torchaos_numbers(m
     s0 = torch.clamp(amax / 127.5, min=torch.finfo(torch.float32).eps).to(torch.float32)
     q0 = torch.clamp(torch.round(w * (1.0 / s0)), -128, 127).to(torch.int8)
     assert torch.equal(s, s0) and torch.equal(q, q0)
+
+
+# -- bitsandbytes 4-bit, one row ---------------------------------------------------------------
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", True)])
+def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quant, monkeypatch):
+    from diffquant.quantizers.bitsandbytes import BnB4BitLinear
+    n, k = 48, 256
+    with torch.device("meta"):
+        layer = BnB4BitLinear(k, n, True, quant_type=quant_type, double_quant=double_quant)
+    w = (torch.randn(n, k) * 0.05).to(torch.bfloat16)
+    layer.load_piece("weight", w, pre_quantized=False, dtype=torch.bfloat16, device=None)
+    layer.bias = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16), requires_grad=False)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    calls = []
+    real = native.lut4_gemv
+    monkeypatch.setattr(native, "lut4_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        y = layer(x)
+        wq = layer.dequantized_weight().float()
+        ref = x.float() @ wq.t() + layer.bias.float()               # dequantize, then matmul
+        many = layer(x.expand(3, k).contiguous())                   # bitsandbytes' own path
+    assert calls == [1] and y.shape == (1, n) and y.dtype == torch.bfloat16
+    bound = x.float().abs() @ wq.abs().t() * 2.0**-7 + layer.bias.float().abs() * 2.0**-8 + 1e-6
+    assert ((y.float() - ref).abs() <= bound).all()
+    assert ((many[0].float() - ref[0]).abs() <= bound[0]).all()
+    portable = native.lut4_gemv(layer.weight, *layer._lut4_tables(), 64, (n, k), x,
+                                portable=True)
+    assert torch.equal(portable, real(layer.weight, *layer._lut4_tables(), 64, (n, k), x))

@@ -37,7 +37,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "parallel.c")]
+SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "lut4_cpu.c",
+                                    "parallel.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 _MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 
@@ -138,7 +139,7 @@ def supports(qtype, device: torch.device) -> bool:
 
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
-DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS = range(7)
+DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV = range(8)
 
 
 def _run(kernel: int, n: int, *args, lib=None) -> bool:
@@ -267,3 +268,23 @@ def quanto_bits_into(packed: torch.Tensor, bits: int, scale: torch.Tensor, shift
     _run(QUANTO_BITS, n, packed.data_ptr(), p, g, bits, scale.data_ptr(), shift.data_ptr(),
          k // g, out.data_ptr())
     return out
+
+
+# -- bitsandbytes 4-bit ---------------------------------------------------------------------------
+def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+              shape: tuple[int, int], x2: torch.Tensor, portable: bool = False) -> torch.Tensor:
+    """x [1, K] @ W.T for a bitsandbytes NF4/FP4 weight of ``shape`` [N, K] -> [1, N] in x's
+    dtype: packed uint8 (element i in the high nibble of byte i / 2 when i is even), ``lut``
+    the 16 float32 code values, ``absmax`` float32 per ``blocksize`` elements (expanded)."""
+    n, k = shape
+    if x2.shape != (1, k) or k % 2 or lut.numel() != 16 \
+            or packed.numel() * packed.element_size() * 2 < n * k:
+        raise ValueError(f"native 4-bit gemv: expected x [1, {k}], 16 code values, {n * k // 2} bytes")
+    p = packed.contiguous().view(torch.uint8)
+    lut, absmax = lut.float().contiguous(), absmax.float().contiguous()
+    xf = x2.to(torch.float32).contiguous()
+    out = torch.empty(1, n, dtype=torch.float32)
+    if not _run(LUT4_GEMV, n, p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k,
+                xf.data_ptr(), out.data_ptr(), portable):
+        raise RuntimeError("native 4-bit gemv refused its input (a bug)")
+    return out.to(x2.dtype)

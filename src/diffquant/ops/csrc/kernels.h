@@ -1,4 +1,4 @@
-/* The row kernels of gguf_cpu.c, int8_cpu.c and intw_cpu.c: each does rows [r0, r1) of its
+/* The row kernels of gguf_cpu.c, int8_cpu.c, intw_cpu.c and lut4_cpu.c: each does rows [r0, r1) of its
    output and returns 0, 1 (this input needs the caller's torch fallback) or -1 (bad
    arguments). parallel.c runs them over row ranges on several threads. */
 #ifndef DIFFQUANT_KERNELS_H
@@ -21,4 +21,6 @@ int dq_int8_rows_bf16(const int8_t *q, int64_t k, const uint16_t *scale, int64_t
 int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
                         const uint16_t *scale, const uint16_t *shift, int64_t a, int64_t b,
                         uint16_t *out);
+int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
+                 int64_t k, int64_t r0, int64_t r1, const float *x, float *out, int portable);
 #endif

@@ -38,8 +38,12 @@ static int quanto_bits(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quanto_bits_bf16(P(0), a[1], g, (int)a[3], P(4), P(5), r0 * per, r1 * per, out);
 }
 
+static int lut4_gemv(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), P(6), (int)a[7]);
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
-                                  quanto_bits};
+                                  quanto_bits, lut4_gemv};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 
