@@ -21,13 +21,24 @@ from tests.toy import ToyModel, toy_input
 KILLS = 20
 
 
+def _private_tqdm_lock():
+    """Give every tqdm class a lock of this process alone. ``tqdm.set_lock`` sets it on the base
+    class only, and a subclass (tqdm.auto's, which the save's libraries use) that made its own
+    lock in the parent still shares the semaphore: a kill there hung the parent's next bar."""
+    lock, classes = threading.RLock(), [tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        cls.set_lock(lock)
+
+
 def _kill_while_saving(objects, target, rng, max_wait):
     """Fork a child that saves ``objects`` alternately into ``target``; SIGKILL it mid-way."""
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
         # tqdm's write lock is a process-shared semaphore: a child killed while holding it would
         # deadlock the parent's next progress bar, so the child gets a private lock.
-        tqdm.set_lock(threading.RLock())
+        _private_tqdm_lock()
         try:
             i = 0
             while True:
