@@ -255,3 +255,20 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
     portable = native.lut4_gemv(layer.weight, *layer._lut4_tables(), 64, (n, k), x,
                                 portable=True)
     assert torch.equal(portable, real(layer.weight, *layer._lut4_tables(), 64, (n, k), x))
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
+def test_bnb_4bit_many_rows_give_bitsandbytes_bits_from_a_reused_buffer(quant_type, double_quant,
+                                                                         monkeypatch):
+    from diffquant.quantizers.bitsandbytes import BnB4BitLinear
+    n, k = 48, 256
+    with torch.device("meta"):
+        layer = BnB4BitLinear(k, n, True, quant_type=quant_type, double_quant=double_quant)
+    layer.load_piece("weight", (torch.randn(n, k) * 0.05).to(torch.bfloat16), pre_quantized=False,
+                     dtype=torch.bfloat16, device=None)
+    layer.bias = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16), requires_grad=False)
+    x = torch.randn(2, 5, k).to(torch.bfloat16)
+    with torch.no_grad():
+        compiled = layer(x)
+        monkeypatch.setitem(native._state, "lib", None)             # bitsandbytes' matmul_4bit
+        assert torch.equal(layer(x), compiled)

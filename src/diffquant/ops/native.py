@@ -139,7 +139,8 @@ def supports(qtype, device: torch.device) -> bool:
 
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
-DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV = range(8)
+(DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
+ LUT4_DECODE) = range(9)
 
 
 def _run(kernel: int, n: int, *args, lib=None) -> bool:
@@ -288,3 +289,16 @@ def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blo
                 xf.data_ptr(), out.data_ptr(), portable):
         raise RuntimeError("native 4-bit gemv refused its input (a bug)")
     return out.to(x2.dtype)
+
+
+def lut4_decode_into(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor,
+                     blocksize: int, out: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes NF4/FP4 weight -> out bf16 [N, K] (unit column stride): bf16(code value *
+    absmax), bitsandbytes' dequantize_4bit into a reused buffer. ``lut``/``absmax`` float32."""
+    n, k = out.shape
+    if out.dtype != torch.bfloat16 or out.stride(1) != 1 or k % 2:
+        raise ValueError("native 4-bit decode writes bf16 rows of even length with unit stride")
+    p = packed.contiguous().view(torch.uint8)
+    _run(LUT4_DECODE, n, p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k,
+         out.data_ptr(), out.stride(0))
+    return out

@@ -23,4 +23,7 @@ int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
                         uint16_t *out);
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
                  int64_t k, int64_t r0, int64_t r1, const float *x, float *out, int portable);
+int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *absmax,
+                        int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,
+                        int64_t ld);
 #endif

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "kernels.h"
 
 #define LANES 64
@@ -91,5 +92,43 @@ int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, i
     }
 #endif
     lut4_rows_portable(packed, lut, absmax, blocksize, k, r0, r1, x, out);
+    return 0;
+}
+
+/* rows [r0, r1) of the weight -> out bf16 [N, ld], w = bf16(lut[code] * absmax): bitsandbytes'
+   dequantize_4bit into a caller's buffer (it always allocates a fresh one). */
+int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *absmax,
+                        int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,
+                        int64_t ld) {
+    if (k % 2 || blocksize < 1) return -1;
+#if defined(HAVE_LUT4_AVX512) && defined(__AVX512BF16__)
+    if (k % 32 == 0 && blocksize % 32 == 0) {  /* 32 values a step: a permute does the lookup */
+        __m512 table = _mm512_loadu_ps(lut);
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *p = packed + r * k / 2;
+            uint16_t *o = out + r * ld;
+            for (int64_t j = 0; j < k; j += 32, p += 16) {
+                __m512i c0, c1;
+                codes32(p, &c0, &c1);
+                __m512 s = _mm512_set1_ps(absmax[(r * k + j) / blocksize]);
+                __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), s);
+                __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), s);
+                _mm256_storeu_si256((__m256i *)(o + j), (__m256i)_mm512_cvtneps_pbh(w0));
+                _mm256_storeu_si256((__m256i *)(o + j + 16), (__m256i)_mm512_cvtneps_pbh(w1));
+            }
+        }
+        return 0;
+    }
+#endif
+    for (int64_t r = r0; r < r1; r++) {
+        uint16_t *o = out + r * ld;
+        for (int64_t j = 0; j < k; j += 2) {
+            int64_t i = r * k + j;
+            uint8_t byte = packed[i / 2];
+            float s = absmax[i / blocksize];  /* blocksize is even: i and i + 1 share it */
+            o[j] = float_to_bf16(lut[byte >> 4] * s);
+            o[j + 1] = float_to_bf16(lut[byte & 0x0f] * s);
+        }
+    }
     return 0;
 }

@@ -42,8 +42,12 @@ static int lut4_gemv(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), P(6), (int)a[7]);
 }
 
+static int lut4_decode(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_lut4_decode_bf16(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), a[6]);
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
-                                  quanto_bits, lut4_gemv};
+                                  quanto_bits, lut4_gemv, lut4_decode};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 
