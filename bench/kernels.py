@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffquant.ops import fast_gguf as fg  # noqa: E402
+from diffquant.ops import fast_int8 as fi  # noqa: E402
 from diffquant.ops import fast_linear as fl  # noqa: E402
 from diffquant.ops import gguf_dequant as gd  # noqa: E402
 from diffquant.ops import int_quant as iq  # noqa: E402
@@ -62,9 +63,9 @@ def _build(fmt, w, bias):
     if fmt in ("int8dq", "int8wo"):
         q, s = iq.int8_quantize_per_channel(wb)
         if fmt == "int8dq":
-            p = fl.prepare_int8_dynamic(q, s)
+            p = fi.prepare_int8_dynamic(q, s)
             return (lambda x: iq.int8_dynamic_linear(x, q, s, bias),
-                    lambda x: fl.linear_int8_dynamic(x, p, bias), None, None)
+                    lambda x: fi.linear_int8_dynamic(x, p, bias), None, None)
         p = fl.prepare_int8_weight(q, s)
         return (lambda x: iq.int8_weight_only_linear(x, q, s, bias),
                 lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None)

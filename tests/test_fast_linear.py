@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from diffquant.errors import QuantizationError
 from diffquant.ops import fast_gguf as fg
+from diffquant.ops import fast_int8 as fi
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import gguf_dequant as gd
 from diffquant.ops import int_quant as iq
@@ -66,23 +67,23 @@ def test_int8_dynamic_is_bit_identical(m, n, k, dtype):
     q, s = iq.int8_quantize_per_channel(w)
     bias = _x(1, n, dtype, seed=2).flatten()
     x = _x(m, k, dtype) * 3
-    prepared = fl.prepare_int8_dynamic(q, s)
+    prepared = fi.prepare_int8_dynamic(q, s)
     for b in (None, bias):
-        assert torch.equal(fl.linear_int8_dynamic(x, prepared, b), iq.int8_dynamic_linear(x, q, s, b))
+        assert torch.equal(fi.linear_int8_dynamic(x, prepared, b), iq.int8_dynamic_linear(x, q, s, b))
 
 
 def test_int8_dynamic_keeps_leading_dims_and_zero_rows():
     q, s = iq.int8_quantize_per_channel(_x(16, 32, seed=1))
     x = _x(6, 32).reshape(2, 3, 32)
     x[0, 1] = 0  # an all-zero token: scale clamps to eps, output is exactly the bias
-    y = fl.linear_int8_dynamic(x, fl.prepare_int8_dynamic(q, s))
+    y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s))
     assert y.shape == (2, 3, 16) and torch.equal(y, iq.int8_dynamic_linear(x, q, s))
     assert not y[0, 1].any()
 
 
 def test_quantize_rows_matches_torchao_rule():
     x = _x(7, 50) * 10
-    q, s = fl.quantize_rows_int8(x)
+    q, s = fi.quantize_rows_int8(x)
     q0, s0 = iq.int8_quantize_per_token(x)
     assert torch.equal(q, q0) and torch.equal(s, s0)
 

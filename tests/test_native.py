@@ -1,5 +1,6 @@
-"""ops/native.py: the compiled GGUF decoder gives gguf_dequant's numbers bit for bit, splits
-rows across threads correctly, and its absence (disabled, no compiler) only costs speed."""
+"""ops/native.py: every C kernel gives its reference's numbers (bit for bit, or within bf16
+rounding for the one-row products), splits rows across threads correctly, and its absence
+(disabled, no compiler, a failed build) only costs speed."""
 
 import logging
 
@@ -7,9 +8,14 @@ import pytest
 import torch
 
 from diffquant.ops import fast_gguf as fg
+from diffquant.ops import fast_int8 as fi
+from diffquant.ops import fast_linear as fl
 from diffquant.ops import gguf_dequant as gd
+from diffquant.ops import int_quant as iq
 from diffquant.ops import native
+from diffquant.quantizers.bitsandbytes import BnB4BitLinear
 from tests.test_fast_linear import gguf_blocks
+from tests.test_fast_paths import LAYER_CASES
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 # half-float scales worth a look: normal, negative, subnormal, zero, largest, inf, NaN
@@ -153,7 +159,6 @@ def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
     copies = []
     real = fg.pack_int4_cpu
     monkeypatch.setattr(fg, "pack_int4_cpu", lambda *a: copies.append(1) or real(*a))
-    from diffquant.ops import fast_linear as fl
     fl.linear_weight_only(torch.randn(1, k).to(torch.bfloat16), w)
     assert copies == []                       # the int4pack copy only for more rows
     fl.linear_weight_only(torch.randn(2, k).to(torch.bfloat16), w)
@@ -162,25 +167,22 @@ def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
 
 # -- int8 dynamic quantization ---------------------------------------------------------------
 def test_int8_token_scale_matches_torchao_for_every_bf16_amax():
-    from diffquant.ops import fast_linear as fl
-    from diffquant.ops import int_quant as iq
     bits = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16)   # every finite |x| >= 0
     amax = bits.view(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     x = torch.stack([amax, -amax * torch.rand(len(amax), generator=g).to(torch.bfloat16)], 1)
     x = torch.cat([x, x.flip(1).neg()])                                # the max first, negative
-    q, s = fl.quantize_rows_int8(x, reuse=True)
+    q, s = fi.quantize_rows_int8(x, reuse=True)
     q0, s0 = iq.int8_quantize_per_token(x)
     assert torch.equal(s, s0) and torch.equal(q, q0)
 
 
 def test_int8_rows_with_inf_or_nan_take_the_torch_ops():
-    from diffquant.ops import fast_linear as fl
     x = torch.randn(4, 64).to(torch.bfloat16)
     x[1, 3], x[2, 7] = float("inf"), float("nan")
     assert native.quantize_rows_bf16(x, torch.empty(4, 64, dtype=torch.int8)) is None
-    q, s = fl.quantize_rows_int8(x, reuse=True)
-    q0, s0 = fl.quantize_rows_int8(x, reuse=False)
+    q, s = fi.quantize_rows_int8(x, reuse=True)
+    q0, s0 = fi.quantize_rows_int8(x, reuse=False)
     assert torch.equal(q, q0)
     assert_same(s, s0)
 
@@ -199,8 +201,6 @@ def test_int8_output_matches_the_reference_roundings(with_bias):
 
 
 # -- every layer: the same bits with and without the kernels ------------------------------------
-from tests.test_fast_paths import LAYER_CASES  # noqa: E402
-
 NATIVE_LAYERS = ["torchao int8dq", "torchao int4wo", "quanto int8", "quanto int4", "quanto int2",
                  "modelopt INT8", "gguf Q8_0", "gguf Q4_0", "gguf Q4_1", "gguf Q4_K", "gguf Q6_K"]
 
@@ -216,7 +216,6 @@ def test_layers_give_the_same_bits_with_and_without_the_kernels(case, monkeypatc
 
 
 def test_big_bf16_weights_quantize_to_int8_in_one_c_pass_with_torchaos_numbers(monkeypatch):
-    from diffquant.ops import int_quant as iq
     w = (torch.randn(520, 2304) * torch.rand(520, 1) * 4).to(torch.bfloat16)  # > 1M: big path
     calls = []
     real = native.quantize_rows_bf16
@@ -232,7 +231,6 @@ def test_big_bf16_weights_quantize_to_int8_in_one_c_pass_with_torchaos_numbers(m
 # -- bitsandbytes 4-bit, one row ---------------------------------------------------------------
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", True)])
 def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quant, monkeypatch):
-    from diffquant.quantizers.bitsandbytes import BnB4BitLinear
     n, k = 48, 256
     with torch.device("meta"):
         layer = BnB4BitLinear(k, n, True, quant_type=quant_type, double_quant=double_quant)
@@ -260,7 +258,6 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
 def test_bnb_4bit_many_rows_give_bitsandbytes_bits_from_a_reused_buffer(quant_type, double_quant,
                                                                          monkeypatch):
-    from diffquant.quantizers.bitsandbytes import BnB4BitLinear
     n, k = 48, 256
     with torch.device("meta"):
         layer = BnB4BitLinear(k, n, True, quant_type=quant_type, double_quant=double_quant)

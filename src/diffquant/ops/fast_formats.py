@@ -1,6 +1,7 @@
 """More stored layouts -> ``fast_linear.PreparedWeight``: row-scaled 8-bit weights whose
 reference multiplies the scale into the weight (quanto int8/float8, modelopt INT8/FP8, torchao
-float8), and quanto's bit-packed int4/int2 groups.
+float8), and quanto's bit-packed int4/int2 groups; and bitsandbytes' 4-bit forward
+(``linear_lut4``).
 
 Each dequantize path repeats its reference's float ops in the reference's dtype, chunk by chunk,
 so the weight it writes is bit-identical; the packed few-row kernels are held to bf16 rounding.
@@ -17,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import native
 from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, chunk_rows,
@@ -123,3 +125,22 @@ def _quanto_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * j)) & mask for j in range(8 // bits)]
     return torch.cat(parts)[:rows]
+
+
+def linear_lut4(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor,
+                blocksize: int, shape: tuple[int, int], bias: torch.Tensor | None) -> torch.Tensor:
+    """bitsandbytes NF4/FP4 linear for bf16 ``x`` [..., K] on a CPU with the C kernels: ``lut``
+    the 16 code values, ``absmax`` float32 per block (double quantization expanded).
+
+    One row: a product that reads the codes in place (bitsandbytes' own CPU kernel is ~8x the
+    bf16 product, this one below 1x; within bf16 rounding). More rows: bitsandbytes'
+    dequantization, bit for bit, into the layers' shared buffer (it allocates a fresh weight
+    each call), then the same matmul: bitsandbytes' numbers.
+    """
+    n, k = shape
+    if x.numel() == k:
+        out = native.lut4_gemv(packed, lut, absmax, blocksize, shape, x.reshape(1, k))
+        out = out.reshape(*x.shape[:-1], n)
+        return out if bias is None else out + bias
+    buf = scratch_buffer((n, k), x.dtype, x.device)
+    return F.linear(x, native.lut4_decode_into(packed, lut, absmax, blocksize, buf), bias)

@@ -1,12 +1,9 @@
-"""Fast quantized linear kernels as plain functions: same numbers as the reference math, less time.
+"""Fast weight-only linear kernels as plain functions: same numbers as the reference math, less
+time (int8 dynamic quantization is ``fast_int8.py``).
 
 Every format's reference forward (``ops/int_quant.py``, ``ops/gguf_dequant.py``) dequantizes the
-whole weight into a fresh tensor, often through float32 temporaries, and then multiplies. Here:
-
-- **int8 dynamic** (per-token int8 activations x per-channel int8 weights): the activations are
-  quantized in few passes and multiplied with ``torch._int_mm``; the result is bit-identical to
-  ``int_quant.int8_dynamic_linear``.
-- **weight-only formats** pick a path by the number of rows ``M`` of the input:
+whole weight into a fresh tensor, often through float32 temporaries, and then multiplies. Here
+**weight-only formats** pick a path by the number of rows ``M`` of the input:
 
   * ``M <= w.small_rows`` on a CPU: torch's packed CPU kernels where the format maps onto them
     exactly (``torch._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` for any format
@@ -26,11 +23,10 @@ kernels accumulate in float32 and round once, with scales rounded to the activat
 Example:
     >>> import torch
     >>> from diffquant.ops import int_quant as iq
-    >>> w = torch.randn(64, 128, dtype=torch.bfloat16)
-    >>> q, s = iq.int8_quantize_per_channel(w)
+    >>> q, s = iq.int8_quantize_per_channel(torch.randn(64, 128))
     >>> x = torch.randn(5, 128, dtype=torch.bfloat16)
-    >>> y = linear_int8_dynamic(x, prepare_int8_dynamic(q, s))
-    >>> torch.equal(y, iq.int8_dynamic_linear(x, q, s))
+    >>> y = linear_weight_only(x, prepare_int8_weight(q, s))
+    >>> torch.equal(y, iq.int8_weight_only_linear(x, q, s))
     True
 """
 
@@ -56,7 +52,6 @@ INT4_SMALL_ROWS = 64
 # the packed kernels are slow in float32, and 10-100x slower in float16 than in bf16 (no FP16
 # arithmetic on AVX-512 CPUs before Sapphire Rapids): float16 activations take the dequantize path
 _PACKED_DTYPES = (torch.bfloat16,)
-_F32_EPS = torch.finfo(torch.float32).eps
 _CHUNK_BYTES = 4 << 20  # a dequantization chunk's float32 temporary: stays in the L2/L3 caches
 
 
@@ -342,74 +337,3 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
             return int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
     return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),
                           small_rows, f"int4 g{group}", packed.device, make if lazy else None)
-
-
-# -- int8 dynamic: per-token int8 activations x per-channel int8 weights ---------------------------
-@dataclass
-class Int8DynamicWeight:
-    """Weight of ``linear_int8_dynamic``: ``qt`` int8 [K, N] (a view of the stored [N, K]),
-    ``scale`` float32 [N]."""
-
-    qt: torch.Tensor
-    scale: torch.Tensor
-
-
-def prepare_int8_dynamic(qweight: torch.Tensor, scale: torch.Tensor) -> Int8DynamicWeight:
-    """qweight int8 [N, K], scale [N] or [N, 1] float32 (torchao int8dq) -> Int8DynamicWeight."""
-    return Int8DynamicWeight(qweight.t(), scale.reshape(-1).to(torch.float32))
-
-
-def quantize_rows_int8(x2: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [M, K] -> (int8 [M, K], float32 scale [M, 1]): torchao's per-token rule, bit for bit.
-
-    amax / 127.5 is taken in x's dtype (as torchao); the product with 1/scale is in float32 and
-    is rounded and clamped in place. With ``reuse`` the float32 temporary and the int8 result
-    live in this thread's scratch buffers (valid until the next call).
-    """
-    m, k = x2.shape
-    if reuse and native.int8_supported(x2):  # one pass in C, the same bits
-        q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
-        done = native.quantize_rows_bf16(x2, q)
-        if done is not None:
-            return done
-    amax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # [M, 1], x dtype
-    scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
-    if not reuse:
-        t = torch.mul(x2, 1.0 / scale)                                   # [M, K] float32
-        return t.round_().clamp_(-128, 127).to(torch.int8), scale
-    t = scratch_buffer((m, k), torch.float32, x2.device, "act f32")
-    torch.mul(x2, 1.0 / scale, out=t)
-    q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
-    return q.copy_(t.round_().clamp_(-128, 127)), scale                 # exact integers: a cast
-
-
-def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] -> [..., N]: bit-identical to ``int_quant.int8_dynamic_linear``.
-
-    Example:
-        >>> import torch
-        >>> from diffquant.ops import int_quant as iq
-        >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
-        >>> linear_int8_dynamic(torch.randn(3, 64), prepare_int8_dynamic(q, s)).shape
-        torch.Size([3, 32])
-    """
-    k, n = w.qt.shape
-    x2 = x.reshape(-1, k)                                                 # [M, K]
-    xq, xs = quantize_rows_int8(x2, reuse=True)                           # [M, K], [M, 1]
-    if x.device.type == "cpu":
-        acc = scratch_buffer((x2.shape[0], n), torch.int32, x.device, "act int32")
-        torch._int_mm(xq, w.qt, out=acc)                                  # [M, N]
-    else:
-        acc = iq.int8_mm(xq, w.qt)                                        # pads for CUDA's kernel
-    if native.int8_supported(x) and (bias is None or bias.dtype == x.dtype):
-        return native.int8_output_bf16(acc, xs, w.scale, bias).reshape(*x.shape[:-1], n)
-    y = torch.empty(acc.shape, dtype=x.dtype, device=x.device)
-    torch.mul(acc, xs, out=y)                                             # float32 math, x dtype
-    if x.dtype == torch.float32 or bias is None:
-        y.mul_(w.scale)
-        if bias is not None:
-            y.add_(bias)
-    else:  # reference: (y * scale) in float32, + bias, one rounding to x's dtype
-        torch.addcmul(bias, y, w.scale, out=y)
-    return y.reshape(*x.shape[:-1], n)

@@ -1,11 +1,12 @@
-"""The C kernels of ``csrc/`` (GGUF decoding, int8 dynamic quantization's elementwise ends):
-compiled on first use with the machine's C compiler, cached, loaded with ctypes, and split
+"""The C kernels of ``csrc/`` (GGUF, torchao int4, quanto and bitsandbytes 4-bit decoding,
+one-row products, int8 dynamic quantization's elementwise ends): compiled on first use with the machine's C compiler, cached, loaded with ctypes, and split
 across threads here.
 
 Why compiled at run time, not shipped: the code is built for the CPU it runs on
 (``-march=native``: AVX-512 where there is one), needs no torch headers (a 1 s compile), and a
 machine without a compiler loses nothing but speed: every caller falls back to its torch ops
-(``fast_gguf``, ``fast_linear``), which give the same numbers. ``DIFFQUANT_NATIVE=0`` turns the
+(``fast_gguf``, ``fast_linear``, ``fast_int8``, ``fast_formats``), which give the same
+numbers. ``DIFFQUANT_NATIVE=0`` turns the
 kernels off; ``CC`` picks the compiler; the library is cached under ``DIFFQUANT_CACHE`` (default
 ``~/.cache/diffquant``), keyed by the source, the flags and the CPU.
 
@@ -98,7 +99,7 @@ def _load():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        logger.info("diffquant: no C compiler found; GGUF layers use the torch ops")
+        logger.info("diffquant: no C compiler found; quantized layers use the torch ops")
         return None
     try:
         return bind(ctypes.CDLL(str(_build(cc))))
@@ -173,7 +174,6 @@ def decode_into(blocks: torch.Tensor, qtype, out: torch.Tensor, lib=None) -> tor
     _run(DECODE, n, int(qtype), blocks.data_ptr(), groups, out.data_ptr(), out.stride(0),
          out.dtype == torch.bfloat16, lib=lib)
     return out
-
 
 
 GEMV_TYPES = (8, 14)  # Q8_0, Q6_K: no exact int4pack mapping at 1 B/weight or less
@@ -280,14 +280,14 @@ def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blo
     n, k = shape
     if x2.shape != (1, k) or k % 2 or lut.numel() != 16 \
             or packed.numel() * packed.element_size() * 2 < n * k:
-        raise ValueError(f"native 4-bit gemv: expected x [1, {k}], 16 code values, {n * k // 2} bytes")
+        raise ValueError(f"native 4-bit gemv: expected x [1, {k}] (K even), 16 code values, "
+                         f"{n * k // 2} bytes")
     p = packed.contiguous().view(torch.uint8)
     lut, absmax = lut.float().contiguous(), absmax.float().contiguous()
     xf = x2.to(torch.float32).contiguous()
     out = torch.empty(1, n, dtype=torch.float32)
-    if not _run(LUT4_GEMV, n, p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k,
-                xf.data_ptr(), out.data_ptr(), portable):
-        raise RuntimeError("native 4-bit gemv refused its input (a bug)")
+    _run(LUT4_GEMV, n, p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k,
+         xf.data_ptr(), out.data_ptr(), portable)
     return out.to(x2.dtype)
 
 

@@ -24,11 +24,10 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
+from ..ops import fast_formats as ff
 from ..ops import native
-from ..ops.fast_linear import scratch_buffer
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod, dtype_to_str, str_to_dtype
@@ -266,18 +265,9 @@ class BnB4BitLinear(_PiecesLinear):
         return out.to(inp_dtype)
 
     def _forward_c(self, x: torch.Tensor, bias) -> torch.Tensor:
-        """bf16 x on a CPU through the C kernels. One row: a product that reads the codes in
-        place (bitsandbytes' own CPU kernel is ~8x the bf16 product, this one below 1x). More
-        rows: bitsandbytes' dequantize, bit for bit, into the layers' shared buffer (it
-        allocates a fresh weight each call), then the same matmul."""
         lut, absmax = self.fast_weight(self._lut4_tables, self.weight, self.weight_absmax)
-        n, k, block = self.out_features, self.in_features, self._meta["blocksize"]
-        if x.numel() == k:
-            out = native.lut4_gemv(self.weight, lut, absmax, block, (n, k), x.reshape(1, k))
-            out = out.reshape(*x.shape[:-1], n)
-            return out if bias is None else out + bias
-        buf = scratch_buffer((n, k), x.dtype, x.device)
-        return F.linear(x, native.lut4_decode_into(self.weight, lut, absmax, block, buf), bias)
+        return ff.linear_lut4(x, self.weight, lut, absmax, self._meta["blocksize"],
+                              (self.out_features, self.in_features), bias)
 
     def _lut4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the 16 code values, absmax per block) in float32, as bitsandbytes' dequantize_4bit

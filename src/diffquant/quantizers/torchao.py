@@ -32,6 +32,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from ..ops import fast_formats as ff
+from ..ops import fast_int8 as fi
 from ..ops import fast_linear as fl
 from ..ops import int_quant as iq
 from .auto import register_quantizer
@@ -272,9 +273,9 @@ class Int8DynamicLinear(TorchAoLinear):
 
     def forward(self, x):
         if self.use_fast_path(x):  # bit-identical to the reference
-            w = self.fast_weight(lambda: fl.prepare_int8_dynamic(self.weight, self.weight_scale),
+            w = self.fast_weight(lambda: fi.prepare_int8_dynamic(self.weight, self.weight_scale),
                                  self.weight, self.weight_scale)
-            return fl.linear_int8_dynamic(x, w, self.bias)
+            return fi.linear_int8_dynamic(x, w, self.bias)
         return iq.int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
 
 

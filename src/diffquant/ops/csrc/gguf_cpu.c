@@ -210,14 +210,6 @@ int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, in
    lane k % 64 (four vector accumulators that do not wait on each other, no reassociation); the
    lanes are added once per output. The AVX-512 kernels and the portable loop sum in this same
    order, so they give the same bits. */
-#define LANES 64
-
-static float sum_lanes(const float *acc) {
-    float s = 0.0f;
-    for (int t = 0; t < LANES; t++) s += acc[t];
-    return s;
-}
-
 static void gemv_rows_portable(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0,
                                int64_t r1, const float *x, float *out) {
     const int size = qtype == Q8_0 ? 34 : 210, elems = qtype == Q8_0 ? 32 : 256;

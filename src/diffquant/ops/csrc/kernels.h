@@ -26,4 +26,14 @@ int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, i
 int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *absmax,
                         int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,
                         int64_t ld);
+
+/* The one-row products sum element k of a row into lane k % LANES (independent vector
+   accumulators, no float reassociation) and add the lanes once, in this order. */
+#define LANES 64
+
+static inline float sum_lanes(const float *acc) {
+    float s = 0.0f;
+    for (int t = 0; t < LANES; t++) s += acc[t];
+    return s;
+}
 #endif

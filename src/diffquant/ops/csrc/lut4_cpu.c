@@ -16,14 +16,6 @@
 #include "bf16.h"
 #include "kernels.h"
 
-#define LANES 64
-
-static float sum64(const float *acc) {
-    float s = 0.0f;
-    for (int t = 0; t < LANES; t++) s += acc[t];
-    return s;
-}
-
 static void lut4_rows_portable(const uint8_t *packed, const float *lut, const float *absmax,
                                int64_t blocksize, int64_t k, int64_t r0, int64_t r1,
                                const float *x, float *out) {
@@ -37,7 +29,7 @@ static void lut4_rows_portable(const uint8_t *packed, const float *lut, const fl
             float w = lut[code] * absmax[i / blocksize];
             acc[j % LANES] = __builtin_fmaf(w, x[j], acc[j % LANES]);
         }
-        out[r] = sum64(acc);
+        out[r] = sum_lanes(acc);
     }
 }
 
@@ -72,7 +64,7 @@ static float lut4_row_avx512(const uint8_t *p, __m512 table, const float *absmax
     }
     float acc[LANES] __attribute__((aligned(64)));
     for (int l = 0; l < 4; l++) _mm512_store_ps(acc + 16 * l, a[l]);
-    return sum64(acc);
+    return sum_lanes(acc);
 }
 #define HAVE_LUT4_AVX512 1
 #endif

@@ -1,0 +1,99 @@
+"""int8 dynamic quantization's CPU forward: per-token int8 activations x per-channel int8
+weights with ``torch._int_mm``, bit-identical to ``int_quant.int8_dynamic_linear``.
+
+The activations are quantized in one pass and the int32 sums scaled back in one pass (C kernels
+of ``native`` for bf16 on a CPU; a few torch ops otherwise, with the same bits).
+
+Example:
+    >>> import torch
+    >>> from diffquant.ops import int_quant as iq
+    >>> w = torch.randn(64, 128, dtype=torch.bfloat16)
+    >>> q, s = iq.int8_quantize_per_channel(w)
+    >>> x = torch.randn(5, 128, dtype=torch.bfloat16)
+    >>> y = linear_int8_dynamic(x, prepare_int8_dynamic(q, s))
+    >>> torch.equal(y, iq.int8_dynamic_linear(x, q, s))
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import int_quant as iq
+from . import native
+from .fast_linear import scratch_buffer
+
+_F32_EPS = torch.finfo(torch.float32).eps
+
+
+# -- int8 dynamic: per-token int8 activations x per-channel int8 weights ---------------------------
+@dataclass
+class Int8DynamicWeight:
+    """Weight of ``linear_int8_dynamic``: ``qt`` int8 [K, N] (a view of the stored [N, K]),
+    ``scale`` float32 [N]."""
+
+    qt: torch.Tensor
+    scale: torch.Tensor
+
+
+def prepare_int8_dynamic(qweight: torch.Tensor, scale: torch.Tensor) -> Int8DynamicWeight:
+    """qweight int8 [N, K], scale [N] or [N, 1] float32 (torchao int8dq) -> Int8DynamicWeight."""
+    return Int8DynamicWeight(qweight.t(), scale.reshape(-1).to(torch.float32))
+
+
+def quantize_rows_int8(x2: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (int8 [M, K], float32 scale [M, 1]): torchao's per-token rule, bit for bit.
+
+    amax / 127.5 is taken in x's dtype (as torchao); the product with 1/scale is in float32 and
+    is rounded and clamped in place. With ``reuse`` the float32 temporary and the int8 result
+    live in this thread's scratch buffers (valid until the next call).
+    """
+    m, k = x2.shape
+    if reuse and native.int8_supported(x2):  # one pass in C, the same bits
+        q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
+        done = native.quantize_rows_bf16(x2, q)
+        if done is not None:
+            return done
+    amax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # [M, 1], x dtype
+    scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
+    if not reuse:
+        t = torch.mul(x2, 1.0 / scale)                                   # [M, K] float32
+        return t.round_().clamp_(-128, 127).to(torch.int8), scale
+    t = scratch_buffer((m, k), torch.float32, x2.device, "act f32")
+    torch.mul(x2, 1.0 / scale, out=t)
+    q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
+    return q.copy_(t.round_().clamp_(-128, 127)), scale                 # exact integers: a cast
+
+
+def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N]: bit-identical to ``int_quant.int8_dynamic_linear``.
+
+    Example:
+        >>> import torch
+        >>> from diffquant.ops import int_quant as iq
+        >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
+        >>> linear_int8_dynamic(torch.randn(3, 64), prepare_int8_dynamic(q, s)).shape
+        torch.Size([3, 32])
+    """
+    k, n = w.qt.shape
+    x2 = x.reshape(-1, k)                                                 # [M, K]
+    xq, xs = quantize_rows_int8(x2, reuse=True)                           # [M, K], [M, 1]
+    if x.device.type == "cpu":
+        acc = scratch_buffer((x2.shape[0], n), torch.int32, x.device, "act int32")
+        torch._int_mm(xq, w.qt, out=acc)                                  # [M, N]
+    else:
+        acc = iq.int8_mm(xq, w.qt)                                        # pads for CUDA's kernel
+    if native.int8_supported(x) and (bias is None or bias.dtype == x.dtype):
+        return native.int8_output_bf16(acc, xs, w.scale, bias).reshape(*x.shape[:-1], n)
+    y = torch.empty(acc.shape, dtype=x.dtype, device=x.device)
+    torch.mul(acc, xs, out=y)                                             # float32 math, x dtype
+    if x.dtype == torch.float32 or bias is None:
+        y.mul_(w.scale)
+        if bias is not None:
+            y.add_(bias)
+    else:  # reference: (y * scale) in float32, + bias, one rounding to x's dtype
+        torch.addcmul(bias, y, w.scale, out=y)
+    return y.reshape(*x.shape[:-1], n)
