@@ -129,10 +129,11 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
 
 
 # -- few-row products of Q8_0 / Q6_K -------------------------------------------------------------
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
-def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype):
+# Q8_0's loop takes four blocks a step: 17, 18, 19 blocks leave each tail length
+@pytest.mark.parametrize("qtype,blocks", [("Q8_0", 17), ("Q8_0", 18), ("Q8_0", 19), ("Q6_K", 3)])
+def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype, blocks):
     rows = 1
-    k = 512 + (32 if qtype == "Q8_0" else 256)  # an odd block count for Q8_0's block pairs
+    k = blocks * (32 if qtype == "Q8_0" else 256)
     blocks = gguf_blocks(130, k, qtype)
     x = torch.randn(rows, k).to(torch.bfloat16)
     y = native.gemv(blocks, gd.ggml_type(qtype), x)
@@ -163,6 +164,78 @@ def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
     assert copies == []                       # the int4pack copy only for more rows
     fl.linear_weight_only(torch.randn(2, k).to(torch.bfloat16), w)
     assert copies == [1]
+
+
+# -- one row of int8 weights with a scale per row (torchao int8, quanto int8) -----------------
+@pytest.mark.parametrize("k", [384, 208])  # the vector loop (K % 64 == 0), the portable one
+# (int8pack itself needs K % 16 == 0: it crashes on K = 200)
+def test_int8_gemv_is_int8packs_product_and_the_builds_agree(k):
+    g = torch.Generator().manual_seed(5)
+    n = 130
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(n, generator=g) * 1e-2).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    y = native.int8_gemv(q, s, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, n)
+    assert torch.equal(native.int8_gemv(q, s, x, portable=True), y)
+    # _weight_int8pack_mm's numbers: a float32 sum times the scale, rounded once to bf16; the
+    # two sums differ in order only, so they agree to a bf16 rounding of the exact product
+    ref = torch._weight_int8pack_mm(x, q, s).double()
+    exact = (x.double() @ q.double().t()) * s.double()
+    bound = (x.double().abs() @ q.double().abs().t()) * s.double() * 2.0**-8
+    assert ((y.double() - exact).abs() <= bound).all()
+    assert ((y.double() - ref).abs() <= 2 * bound).all()
+
+
+def test_int8_gemv_refuses_what_it_cannot_read():
+    q, s = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16)
+    for x, qq, ss in [(torch.zeros(2, 64, dtype=torch.bfloat16), q, s),   # two rows
+                      (torch.zeros(1, 64), q, s),                          # float32 x
+                      (torch.zeros(1, 64, dtype=torch.bfloat16), q.t(), s),  # strided q
+                      (torch.zeros(1, 64, dtype=torch.bfloat16), q, s.float())]:
+        with pytest.raises(ValueError, match=r"expected x bf16 \[1, \d+\], contiguous int8"):
+            native.int8_gemv(qq, ss, x)
+    assert not native.int8_gemv_supported(torch.zeros(4, 96, dtype=torch.int8),
+                                          torch.zeros(1, 96, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("case", ["torchao int8wo", "quanto int8"])
+def test_int8_layers_take_the_c_product_at_one_row_only(case, monkeypatch):
+    layer = LAYER_CASES[case]()
+    calls = []
+    real = native.int8_gemv
+    monkeypatch.setattr(native, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        one = layer(torch.randn(1, layer.in_features).to(torch.bfloat16))
+        assert calls == [1] and one.shape == (1, layer.out_features)
+        layer(torch.randn(3, layer.in_features).to(torch.bfloat16))   # torch's packed kernel
+    assert calls == [1]
+
+
+# -- threads: torch's OpenMP pool, or threads of our own ---------------------------------------
+def test_the_kernels_run_on_torchs_openmp_pool():
+    assert native._torch_uses_libgomp()  # torch's Linux CPU wheels: GNU OpenMP
+    assert native.threading_kind() == "torch's OpenMP pool"
+    maps = open("/proc/self/maps").read().splitlines()
+    # the kernels need libgomp.so.1: the one mapped is torch's, not a second (system) copy
+    # (wheels that bundle a renamed copy, as sentencepiece's, keep theirs to themselves)
+    gomp = {line.split()[-1] for line in maps if line.endswith("/libgomp.so.1")}
+    assert len(gomp) == 1 and "torch" in gomp.pop()
+
+
+def test_a_build_with_posix_threads_gives_the_same_bits(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
+    cc = native.shutil.which("cc") or "gcc"
+    own = native.bind(native.ctypes.CDLL(str(native._build(cc, native.FLAGS))))
+    blocks = gguf_blocks(201, 96, "Q4_1")  # 201 rows: ranges of unequal length
+    out = native.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96))
+    assert_same(native.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96), own), out)
+    x = torch.randn(200, 64).to(torch.bfloat16)  # 200 rows: two threads
+    x[199, 5] = float("nan")  # the last range asks for the fallback: so does the whole call
+    for lib in (own, native.library()):
+        assert not native._run(native.QUANTIZE, 200, x.data_ptr(), 64, 64,
+                               torch.empty(200, 64, dtype=torch.int8).data_ptr(),
+                               torch.empty(200).data_ptr(), lib=lib)
 
 
 # -- int8 dynamic quantization ---------------------------------------------------------------

@@ -60,6 +60,8 @@ def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
             s = cast.get(x2.dtype)
             if s is None:
                 s = cast[x2.dtype] = per_row.to(x2.dtype).contiguous()
+            if native.int8_gemv_supported(q, x2):                          # one row, in C
+                return native.int8_gemv(q, s, x2)
             return torch._weight_int8pack_mm(x2, _aligned(q), s)
 
     return PreparedWeight(n, k, dequant_into, None, packed, small_rows, f"{q.dtype} row-scaled",

@@ -245,6 +245,8 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
             unit = ones.get(x2.dtype)
             if unit is None:
                 unit = ones[x2.dtype] = torch.ones(n, dtype=x2.dtype)
+            if native.int8_gemv_supported(q, x2):                          # one row, in C
+                return native.int8_gemv(q, unit, x2)
             return torch._weight_int8pack_mm(x2, _aligned(q), unit)  # a copy only if misaligned
 
     return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device)

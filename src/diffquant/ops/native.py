@@ -1,6 +1,9 @@
-"""The C kernels of ``csrc/`` (GGUF, torchao int4, quanto and bitsandbytes 4-bit decoding,
-one-row products, int8 dynamic quantization's elementwise ends): compiled on first use with the machine's C compiler, cached, loaded with ctypes, and split
-across threads here.
+"""The C kernels of ``csrc/`` (GGUF, torchao int4, quanto and bitsandbytes 4-bit decoding;
+one-row products of GGUF, int8 and 4-bit weights; int8 dynamic quantization's elementwise
+ends): compiled on first use with the machine's C compiler, cached, loaded with ctypes, and
+split across torch's own OpenMP threads (``csrc/parallel.c``; POSIX threads of their own where
+torch's runtime is not GNU OpenMP). Like torch's ops, they inherit GNU OpenMP's limit: a process
+forked after they ran must ``torch.set_num_threads(1)`` (as DataLoader workers do) or hang.
 
 Why compiled at run time, not shipped: the code is built for the CPU it runs on
 (``-march=native``: AVX-512 where there is one), needs no torch headers (a 1 s compile), and a
@@ -41,6 +44,8 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "lut4_cpu.c",
                                     "parallel.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+# parallel.c runs on torch's OpenMP pool when built with this (see _torch_uses_libgomp)
+OPENMP = ["-fopenmp"]
 _MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 
 _lock = threading.Lock()
@@ -94,6 +99,17 @@ def _build(cc: str, flags: list[str] = FLAGS) -> Path:
     return target
 
 
+def _torch_uses_libgomp() -> bool:
+    """Whether torch's threads in this process are GNU OpenMP's. A -fopenmp build then joins
+    that one pool: the library needs libgomp.so.1, which the loader resolves to the copy torch
+    loaded. With another runtime (Intel's, LLVM's) it would be a second pool beside torch's, so
+    the kernels start POSIX threads instead."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return False
+
+
 def _load():
     if os.environ.get("DIFFQUANT_NATIVE", "1") == "0":
         return None
@@ -101,12 +117,20 @@ def _load():
     if not cc:
         logger.info("diffquant: no C compiler found; quantized layers use the torch ops")
         return None
-    try:
-        return bind(ctypes.CDLL(str(_build(cc))))
-    except Exception as e:  # any failure here only costs speed: say so once, then fall back
-        logger.warning("diffquant: could not build the CPU kernels (%s); using the torch ops "
-                       "(same numbers, slower)", e)
-        return None
+    variants = [FLAGS + OPENMP, FLAGS] if _torch_uses_libgomp() else [FLAGS]
+    for flags in variants:
+        try:
+            lib = bind(ctypes.CDLL(str(_build(cc, flags))))
+            _state["threads"] = "torch's OpenMP pool" if OPENMP[0] in flags else "POSIX threads"
+            return lib
+        except Exception as e:  # any failure here only costs speed: say so once, then fall back
+            if flags is not variants[-1]:
+                logger.info("diffquant: no OpenMP build of the CPU kernels (%s); trying threads "
+                            "of their own", e)
+                continue
+            logger.warning("diffquant: could not build the CPU kernels (%s); using the torch "
+                           "ops (same numbers, slower)", e)
+    return None
 
 
 def bind(lib):
@@ -130,6 +154,11 @@ def available() -> bool:
     return library() is not None
 
 
+def threading_kind() -> str:
+    """How the kernels split rows: "torch's OpenMP pool", "POSIX threads" or "off"."""
+    return _state.get("threads", "off") if available() else "off"
+
+
 TYPES = (2, 3, 8, 12, 14)  # Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: the GGML ids the C file decodes
 
 
@@ -141,7 +170,7 @@ def supports(qtype, device: torch.device) -> bool:
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
- LUT4_DECODE) = range(9)
+ LUT4_DECODE, INT8_GEMV) = range(10)
 
 
 def _run(kernel: int, n: int, *args, lib=None) -> bool:
@@ -255,6 +284,31 @@ def int8_rows_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> t
     n, k = out.shape
     step = 1 if scale.numel() == n else 0
     _run(INT8_ROWS, n, q.data_ptr(), k, scale.data_ptr(), step, out.data_ptr(), out.stride(0))
+    return out
+
+
+def int8_gemv_supported(q: torch.Tensor, x2: torch.Tensor) -> bool:
+    """Whether ``int8_gemv`` runs this product at full speed: one bf16 row on the CPU, int8
+    rows of K % 64 == 0 (the vector loop's step), the kernels built."""
+    return (x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.device.type == "cpu"
+            and q.dtype == torch.int8 and q.device.type == "cpu" and q.is_contiguous()
+            and q.shape[1] % 64 == 0 and available())
+
+
+def int8_gemv(q: torch.Tensor, scale: torch.Tensor, x2: torch.Tensor,
+              portable: bool = False) -> torch.Tensor:
+    """x bf16 [1, K] @ (int8 q [N, K]).T times a bf16 ``scale`` [N] -> bf16 [1, N]: the numbers
+    of ``torch._weight_int8pack_mm(x, q, scale)`` (a float32 sum per row, times the scale,
+    rounded once), reading q in place at memory speed. ``portable``: the loop without AVX-512."""
+    n, k = q.shape
+    if x2.shape != (1, k) or x2.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 \
+            or scale.numel() != n or q.dtype != torch.int8 or not q.is_contiguous():
+        raise ValueError(f"native int8 gemv: expected x bf16 [1, {k}], contiguous int8 q "
+                         f"[{n}, {k}], bf16 scale [{n}]")
+    xf = x2.to(torch.float32).contiguous()
+    s = scale.contiguous()
+    out = torch.empty(1, n, dtype=torch.bfloat16)
+    _run(INT8_GEMV, n, q.data_ptr(), k, s.data_ptr(), xf.data_ptr(), out.data_ptr(), portable)
     return out
 
 

@@ -210,58 +210,64 @@ int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, in
    lane k % 64 (four vector accumulators that do not wait on each other, no reassociation); the
    lanes are added once per output. The AVX-512 kernels and the portable loop sum in this same
    order, so they give the same bits. */
-static void gemv_rows_portable(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0,
-                               int64_t r1, const float *x, float *out) {
-    const int size = qtype == Q8_0 ? 34 : 210, elems = qtype == Q8_0 ? 32 : 256;
-    float w[256], acc[LANES];
-    for (int64_t r = r0; r < r1; r++) {
-        memset(acc, 0, sizeof acc);
-        const uint8_t *b = blocks + r * n_blocks * size;
-        for (int64_t g = 0; g < n_blocks; g++, b += size) {
-            if (qtype == Q8_0) block_q8_0(b, w);
-            else block_q6_k(b, w);
-            for (int i = 0; i < elems; i++) {
-                int64_t at = g * elems + i;
-                acc[at % LANES] = __builtin_fmaf(w[i], x[at], acc[at % LANES]);
-            }
+/* Q8_0 one-row order: block g's 32 products pair up per lane i < 16, t = c[i] x[i] then
+   t += c[16 + i] x[16 + i], and lane (g % 4) * 16 + i gets t * d. The scale multiplies once per
+   two values, not once per value: the kernel does 3.5 vector ops per 16 weights, not 4. */
+static float gemv_row_q8_0_portable(const uint8_t *b, int64_t n_blocks, const float *x) {
+    float acc[LANES] = {0};
+    for (int64_t g = 0; g < n_blocks; g++, b += 34, x += 32) {
+        const float d = half_to_float(b);
+        const int8_t *c = (const int8_t *)(b + 2);
+        float *a = acc + (g % 4) * 16;
+        for (int i = 0; i < 16; i++) {
+            float t = (float)c[i] * x[i];
+            t = __builtin_fmaf((float)c[16 + i], x[16 + i], t);
+            a[i] = __builtin_fmaf(t, d, a[i]);
         }
-        out[r] = sum_lanes(acc);
     }
-}
-
-#ifdef HAVE_DECODE_SMALL
-/* the four lane accumulators (lanes 0-15, 16-31, ...) -> their sum, in the portable order */
-static float sum_registers(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    float acc[LANES] __attribute__((aligned(64)));
-    _mm512_store_ps(acc, a0);
-    _mm512_store_ps(acc + 16, a1);
-    _mm512_store_ps(acc + 32, a2);
-    _mm512_store_ps(acc + 48, a3);
     return sum_lanes(acc);
 }
 
+/* Q6_K one-row order: element k of a row into lane k % LANES, weight times x */
+static float gemv_row_q6_k_portable(const uint8_t *b, int64_t n_blocks, const float *x) {
+    float w[256], acc[LANES] = {0};
+    for (int64_t g = 0; g < n_blocks; g++, b += 210) {
+        block_q6_k(b, w);
+        for (int i = 0; i < 256; i++) {
+            int64_t at = g * 256 + i;
+            acc[at % LANES] = __builtin_fmaf(w[i], x[at], acc[at % LANES]);
+        }
+    }
+    return sum_lanes(acc);
+}
+
+#ifdef HAVE_DECODE_SMALL
 static inline __m512 q8_codes(const uint8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* one Q8_0 block's lane partials, t = c[0:16] x[0:16] + c[16:32] x[16:32] (portable order) */
+static inline __m512 q8_pair(const uint8_t *b, const float *x) {
+    return _mm512_fmadd_ps(q8_codes(b + 18), _mm512_loadu_ps(x + 16),
+                           _mm512_mul_ps(q8_codes(b + 2), _mm512_loadu_ps(x)));
 }
 
 /* accumulators as named registers: an indexed array of them lives on the stack (2x slower) */
 static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t g = 0;
-    for (; g + 1 < n_blocks; g += 2, b += 68, x += 64) {  /* two blocks: 64 values, one per lane */
-        _mm_prefetch((const char *)(b + 1024), _MM_HINT_T0);  /* a row is one stream: stay ahead */
-        _mm_prefetch((const char *)(b + 1088), _MM_HINT_T0);
-        __m512 d0 = half_broadcast(b), d1 = half_broadcast(b + 34);
-        a0 = _mm512_fmadd_ps(_mm512_mul_ps(d0, q8_codes(b + 2)), _mm512_loadu_ps(x), a0);
-        a1 = _mm512_fmadd_ps(_mm512_mul_ps(d0, q8_codes(b + 18)), _mm512_loadu_ps(x + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_mul_ps(d1, q8_codes(b + 36)), _mm512_loadu_ps(x + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_mul_ps(d1, q8_codes(b + 52)), _mm512_loadu_ps(x + 48), a3);
+    for (; g + 3 < n_blocks; g += 4, b += 136, x += 128) {  /* four blocks: lanes 16 * (g % 4) */
+        _mm_prefetch((const char *)(b + AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + AHEAD + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + AHEAD + 128), _MM_HINT_T0);
+        a0 = _mm512_fmadd_ps(q8_pair(b, x), half_broadcast(b), a0);
+        a1 = _mm512_fmadd_ps(q8_pair(b + 34, x + 32), half_broadcast(b + 34), a1);
+        a2 = _mm512_fmadd_ps(q8_pair(b + 68, x + 64), half_broadcast(b + 68), a2);
+        a3 = _mm512_fmadd_ps(q8_pair(b + 102, x + 96), half_broadcast(b + 102), a3);
     }
-    if (g < n_blocks) {
-        __m512 d0 = half_broadcast(b);
-        a0 = _mm512_fmadd_ps(_mm512_mul_ps(d0, q8_codes(b + 2)), _mm512_loadu_ps(x), a0);
-        a1 = _mm512_fmadd_ps(_mm512_mul_ps(d0, q8_codes(b + 18)), _mm512_loadu_ps(x + 16), a1);
-    }
+    if (g < n_blocks) a0 = _mm512_fmadd_ps(q8_pair(b, x), half_broadcast(b), a0);
+    if (g + 1 < n_blocks) a1 = _mm512_fmadd_ps(q8_pair(b + 34, x + 32), half_broadcast(b + 34), a1);
+    if (g + 2 < n_blocks) a2 = _mm512_fmadd_ps(q8_pair(b + 68, x + 64), half_broadcast(b + 68), a2);
     return sum_registers(a0, a1, a2, a3);
 }
 
@@ -281,7 +287,7 @@ static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
                   off = _mm256_set1_epi8(32);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t g = 0; g < n_blocks; g++, b += 210, x += 256) {
-        for (int line = 0; line < 210; line += 64) _mm_prefetch((const char *)(b + 2048 + line), _MM_HINT_T0);
+        for (int line = 0; line < 210; line += 64) _mm_prefetch((const char *)(b + AHEAD + line), _MM_HINT_T0);
         uint16_t hd;
         memcpy(&hd, b + 208, 2);
         const float d = _cvtsh_ss(hd);
@@ -310,16 +316,12 @@ static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
 int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
             const float *x, float *out, int portable) {
     if (qtype != Q8_0 && qtype != Q6_K) return -1;
+    float (*row)(const uint8_t *, int64_t, const float *) =
+        qtype == Q8_0 ? gemv_row_q8_0_portable : gemv_row_q6_k_portable;
 #ifdef HAVE_DECODE_SMALL
-    if (!portable) {
-        const int size = qtype == Q8_0 ? 34 : 210;
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *b = blocks + r * n_blocks * size;
-            out[r] = qtype == Q8_0 ? gemv_row_q8_0(b, n_blocks, x) : gemv_row_q6_k(b, n_blocks, x);
-        }
-        return 0;
-    }
+    if (!portable) row = qtype == Q8_0 ? gemv_row_q8_0 : gemv_row_q6_k;
 #endif
-    gemv_rows_portable(qtype, blocks, n_blocks, r0, r1, x, out);
+    const int size = qtype == Q8_0 ? 34 : 210;
+    for (int64_t r = r0; r < r1; r++) out[r] = row(blocks + r * n_blocks * size, n_blocks, x);
     return 0;
 }

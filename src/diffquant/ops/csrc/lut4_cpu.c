@@ -50,7 +50,7 @@ static float lut4_row_avx512(const uint8_t *p, __m512 table, const float *absmax
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
     for (int64_t j = 0; j < k; j += 64, p += 32) {  /* 64 values: one lane each */
-        _mm_prefetch((const char *)(p + 512), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + AHEAD), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
             __m512i c0, c1;
             codes32(p + 16 * h, &c0, &c1);
@@ -62,9 +62,7 @@ static float lut4_row_avx512(const uint8_t *p, __m512 table, const float *absmax
             a[2 * h + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + at + 16), a[2 * h + 1]);
         }
     }
-    float acc[LANES] __attribute__((aligned(64)));
-    for (int l = 0; l < 4; l++) _mm512_store_ps(acc + 16 * l, a[l]);
-    return sum_lanes(acc);
+    return sum_registers(a[0], a[1], a[2], a[3]);
 }
 #define HAVE_LUT4_AVX512 1
 #endif

@@ -1,7 +1,12 @@
 /* One entry point for Python: dq_run(kernel, args, n, threads) runs a row kernel of kernels.h
-   over rows [0, n) split into `threads` ranges, one per POSIX thread (the caller's thread takes
-   the first). Why here and not in Python: a thread pool round trip from Python costs ~100 us, a
-   thread started here ~40 us, against a one-row product of ~300 us.
+   over rows [0, n) split into `threads` equal ranges. Why here and not in Python: a thread pool
+   round trip from Python costs ~100 us, against a one-row product of ~300 us.
+
+   The threads are torch's own OpenMP workers where this is built with -fopenmp: the library
+   then needs libgomp.so.1, which the dynamic loader resolves to the copy torch loaded first, so
+   there is one pool. Threads of our own (the build without OpenMP: POSIX threads, the caller's
+   thread taking the first range) share their CPUs with torch's workers, which spin for a while
+   after every torch op under the default wait policy: a one-row product took 1.7x as long.
 
    args: the kernel's arguments other than its row range, each as an int64 (pointers too), in
    the order of the adapters below. Returns -1 if any range did, else 1 if any did, else 0. */
@@ -46,8 +51,12 @@ static int lut4_decode(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_lut4_decode_bf16(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), a[6]);
 }
 
+static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_int8_gemv(P(0), a[1], P(2), P(3), r0, r1, P(4), (int)a[5]);
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
-                                  quanto_bits, lut4_gemv, lut4_decode};
+                                  quanto_bits, lut4_gemv, lut4_decode, int8_gemv};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 
@@ -64,22 +73,45 @@ static void *run_part(void *p) {
     return 0;
 }
 
+/* Runs fn over rows [0, n) in `threads` equal ranges, parts[i] the i-th; returns how many ran. */
+#ifdef _OPENMP
+#include <omp.h>
+
+static int run_parts(rows_fn fn, const int64_t *args, int64_t n, int threads, part_t *parts) {
+    int team = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        /* the team can be smaller than asked (nested in another parallel region, limits) */
+        int i = omp_get_thread_num(), t = omp_get_num_threads();
+        if (i == 0) team = t;
+        parts[i] = (part_t){fn, args, n * i / t, n * (i + 1) / t, 0};
+        run_part(&parts[i]);
+    }
+    return team;
+}
+#else
+static int run_parts(rows_fn fn, const int64_t *args, int64_t n, int threads, part_t *parts) {
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int i = 0; i < threads; i++)
+        parts[i] = (part_t){fn, args, n * i / threads, n * (i + 1) / threads, 0};
+    for (int i = 1; i < threads; i++)
+        started[i] = pthread_create(&ids[i], 0, run_part, &parts[i]) == 0;
+    run_part(&parts[0]);  /* the caller's thread takes the first range */
+    for (int i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(ids[i], 0);
+        else run_part(&parts[i]);  /* no thread to be had: do it here */
+    }
+    return threads;
+}
+#endif
+
 int dq_run(int kernel, const int64_t *args, int64_t n, int threads) {
     if (kernel < 0 || kernel >= N_KERNELS) return -1;
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     part_t parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int i = 0; i < threads; i++)
-        parts[i] = (part_t){KERNELS[kernel], args, n * i / threads, n * (i + 1) / threads, 0};
-    for (int i = 1; i < threads; i++)
-        started[i] = pthread_create(&ids[i], 0, run_part, &parts[i]) == 0;
-    run_part(&parts[0]);
-    int rc = parts[0].rc;
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) pthread_join(ids[i], 0);
-        else run_part(&parts[i]);  /* no thread to be had: do it here */
-        if (parts[i].rc < 0 || rc == 0) rc = parts[i].rc;
-    }
+    int team = run_parts(KERNELS[kernel], args, n, threads, parts), rc = 0;
+    for (int i = 0; i < team; i++)  /* -1 (refused) over 1 (fall back) over 0 */
+        rc = rc < 0 || parts[i].rc < 0 ? -1 : rc > parts[i].rc ? rc : parts[i].rc;
     return rc;
 }
