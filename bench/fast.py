@@ -13,7 +13,8 @@ after its imports, loads with the checkpoint in the page cache, and reports seco
 checkpoint file is left. GGUF models come, in both libraries, from ``from_single_file`` of one
 ``.gguf`` written by ``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load).
 Last, ``bench.kernels`` at the model's width times one linear layer per format at 1 row and at
-the step's rows, against bf16 and against the library layer diffusers runs.
+the step's rows, against bf16 and against the library layer diffusers runs, and one row through
+a chain of 16 distinct layers per format (``--stream``: a model's modulation linears).
 """
 
 from __future__ import annotations
@@ -252,10 +253,11 @@ def main(argv=None) -> int:
 
 def _kernel_tables(width: int, rows: int, timeout: float) -> str:
     """bench.kernels at the model's width, 1 row (the embedders and modulation linears) and the
-    step's rows, each format against bf16 and against the library layer diffusers runs."""
+    step's rows, each format against bf16 and against the library layer diffusers runs; then one
+    row through 16 distinct layers per format."""
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "bench.kernels", "--shape", str(width), str(width),
-           "--rows", "1", str(rows), "--reps", "5"]
+           "--rows", "1", str(rows), "--reps", "5", "--stream", "16"]
     print("  kernels ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:

@@ -10,6 +10,11 @@ output is from the library's (max |fast - library| / max |library|), so like is 
 
     python -m bench.kernels                       # 3072x3072 (Flux width), rows 1 16 256 1280
     python -m bench.kernels --rows 1 64 --formats Q4_0 int8dq quanto-int4 --reps 9
+    python -m bench.kernels --rows 1 --stream 16  # also: one row through 16 distinct layers
+
+One call from flushed caches is not what a model sees: there the previous op's threads are still
+awake and the weight streams from memory behind the one before it. ``--stream`` times that: a
+row through a chain of distinct layers per format, caches flushed once per pass.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 # Before torch loads: the thread count for OpenMP/MKL, and passive waiting, since spinning
 # OpenMP workers make timings meaningless on a machine shared with other processes.
@@ -168,6 +174,78 @@ def table(fmt: str, n: int, k: int, rows, reps: int) -> str:
     return "\n".join(lines)
 
 
+def _llc_bytes() -> int:
+    """The largest CPU cache's size, from sysfs (64 MB where it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=64 << 20)
+
+
+_FLUSH: list = []  # twice the last-level cache, for the chains of stream_table
+
+
+def _flush_all_caches() -> None:
+    """Write, then read, a buffer twice the last-level cache: no weight is left in any cache
+    and no dirty line of the buffer is left to be written back during the timed pass."""
+    if not _FLUSH:
+        with torch.inference_mode(False):
+            _FLUSH.append(torch.empty(2 * _llc_bytes(), dtype=torch.uint8))
+    _FLUSH[0].fill_(2)
+    _FLUSH[0].view(torch.int64).max()
+
+
+def stream_table(formats, n: int, k: int, layers: int, passes: int) -> str:
+    """One row through a chain of ``layers`` distinct layers per format, as a model's modulation
+    linears run: the caches flushed before each pass (each weight then comes from memory once),
+    no flush between the layers of a pass (the threads of the last op still awake). Milliseconds
+    per layer, the median of ``passes``, for bf16, diffquant's fast path and diffusers' layer."""
+    lines = [f"### One row through {layers} distinct {n}x{k} layers per format (caches flushed "
+             "before each pass, not between layers)", "",
+             "| format | bf16 ms/layer | fast ms/layer | library ms/layer | fast / bf16 | "
+             "fast / library |", "|---|---:|---:|---:|---:|---:|"]
+    torch.manual_seed(0)
+    x = torch.randn(1, k).to(BF16)
+    for fmt in formats:
+        chains = {"bf16": [], "fast": [], "lib": []}
+        try:
+            for _ in range(layers):
+                w, bias = torch.randn(n, k) * 0.02, (torch.randn(n) * 0.1).to(BF16)
+                wb = w.to(BF16)
+                _, fast, _, lib = build(fmt, w, bias)
+                chains["bf16"].append(lambda x, wb=wb, b=bias: F.linear(x, wb, b))
+                chains["fast"].append(fast)
+                chains["lib"].append(lib if callable(lib) else None)
+        except (ValueError, RuntimeError) as e:
+            lines.append(f"| {fmt} | n/a: {str(e).splitlines()[0]} | | | | |")
+            continue
+        if None in chains["lib"]:
+            del chains["lib"]
+        mode = torch.no_grad if fmt.startswith("quanto") else torch.inference_mode
+        fl.clear_scratch()
+        times = {name: [] for name in chains}
+        with mode():
+            for chain in chains.values():  # warm-up: lazy packed forms, first-call choices
+                for f in chain:
+                    f(x)
+            for _ in range(passes):
+                for name, chain in chains.items():
+                    _flush_all_caches()
+                    t0 = time.perf_counter()
+                    for f in chain:
+                        f(x)
+                    times[name].append((time.perf_counter() - t0) / layers)
+        ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+        lib_ms, vs_lib = (f"{ms['lib']:.3f}", f"{ms['fast'] / ms['lib']:.2f}") if "lib" in ms \
+            else ("n/a", "n/a")
+        lines.append(f"| {fmt} | {ms['bf16']:.3f} | {ms['fast']:.3f} | {lib_ms} | "
+                     f"{ms['fast'] / ms['bf16']:.2f} | {vs_lib} |")
+        del chains
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=2, default=(3072, 3072), metavar=("N", "K"))
@@ -176,11 +254,17 @@ def main(argv=None) -> None:
                     type=lambda f: f.replace("-", " "))  # quanto-int8 = "quanto int8"
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
+    ap.add_argument("--stream", type=int, default=0, metavar="LAYERS",
+                    help="also time one row through a chain of this many distinct layers")
+    ap.add_argument("--passes", type=int, default=7, help="passes through the chain (median)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps}\n")
     for fmt in args.formats:
         print(table(fmt, *args.shape, args.rows, args.reps) + "\n", flush=True)
+    if args.stream:
+        print(stream_table(args.formats, *args.shape, args.stream, args.passes) + "\n",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,22 @@ def test_unbuildable_library_layer_is_a_cell_not_a_crash(monkeypatch):
 def test_shape_a_format_cannot_hold_is_reported():
     text = kernels.table("Q4_K", 64, 64, [1], 1)
     assert text.startswith("### Q4_K (64x64): n/a: "), text
+
+
+def test_stream_table_has_a_row_per_format_with_bf16_and_library_times(monkeypatch):
+    monkeypatch.setattr(kernels, "_llc_bytes", lambda: 1 << 20)  # a small flush for the test
+    text = kernels.stream_table(["int8wo", "Q8_0", "quanto int8"], N, K, layers=3, passes=1)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"### One row through 3 distinct {N}x{K} layers per format")
+    assert lines[2] == ("| format | bf16 ms/layer | fast ms/layer | library ms/layer | "
+                        "fast / bf16 | fast / library |")
+    rows = [ln for ln in lines[4:] if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["int8wo", "Q8_0", "quanto int8"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")][1:]
+        assert len(cells) == 5 and all(re.match(r"^\d+\.\d+$", c) for c in cells), r
+
+
+def test_llc_size_is_read_from_sysfs_or_defaults():
+    size = kernels._llc_bytes()
+    assert size >= 1 << 20 and size % 1024 == 0

@@ -271,40 +271,44 @@ static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
     return sum_registers(a0, a1, a2, a3);
 }
 
-/* 32 codes (bytes, minus 32) of sub-blocks j, j + 1 -> a[j % 4], a[(j + 1) % 4] */
-#define Q6_PAIR(q, j, A, B)                                                                   \
-    do {                                                                                      \
-        A = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)sc[j]),                  \
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)))), \
-                            _mm512_loadu_ps(x + 16 * (j)), A);                                \
-        B = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)sc[(j) + 1]),            \
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)))), \
-                            _mm512_loadu_ps(x + 16 * ((j) + 1)), B);                          \
-    } while (0)
+/* 16 codes (bytes, minus 32) of a sub-block of scale s, times x[0:16], into A */
+static inline __m512 q6_sub(__m128i codes, float s, const float *x, __m512 A) {
+    __m512 w = _mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)));
+    return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), A);
+}
 
+/* Per 16 weights ~6 vector ops: the sub-block scales d * sc[j] are made once per block and
+   broadcast from memory (a load, no ALU op), and the 6-bit codes are put together 64 at a time. */
 static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30),
-                  off = _mm256_set1_epi8(32);
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bits45 = _mm512_set1_epi8(0x30),
+                  off = _mm512_set1_epi8(32);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    float dl[16] __attribute__((aligned(64)));
     for (int64_t g = 0; g < n_blocks; g++, b += 210, x += 256) {
         for (int line = 0; line < 210; line += 64) _mm_prefetch((const char *)(b + AHEAD + line), _MM_HINT_T0);
-        uint16_t hd;
-        memcpy(&hd, b + 208, 2);
-        const float d = _cvtsh_ss(hd);
-        const int8_t *sc = (const int8_t *)(b + 192);
+        __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 192))));
+        _mm512_store_ps(dl, _mm512_mul_ps(half_broadcast(b + 208), sc));  /* d * sc[j], as block_q6_k */
         for (int h = 0; h < 2; h++) {  /* 128 values from ql[64h : 64h + 64], qh[32h : 32h + 32] */
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+            __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
             __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-            /* codes of elements 128h + 32c + l, l < 32 (block_q6_k's order): sub-blocks 8h + 2c, +1 */
-            __m256i v0 = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45));
-            __m256i v1 = _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45));
-            __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), _mm256_and_si256(qh, bits45));
-            __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45));
-            Q6_PAIR(_mm256_sub_epi8(v0, off), 8 * h, a0, a1);
-            Q6_PAIR(_mm256_sub_epi8(v1, off), 8 * h + 2, a2, a3);
-            Q6_PAIR(_mm256_sub_epi8(v2, off), 8 * h + 4, a0, a1);
-            Q6_PAIR(_mm256_sub_epi8(v3, off), 8 * h + 6, a2, a3);
+            /* high bits 4-5 of elements 128h + l (l < 64) and 128h + 64 + l, block_q6_k's order */
+            __m512i h01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi16(qh, 4)),
+                                             _mm256_slli_epi16(qh, 2), 1);
+            __m512i h23 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+            __m512i v01 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(ql, low4),
+                                                          _mm512_and_si512(h01, bits45)), off);
+            __m512i v23 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                                          _mm512_and_si512(h23, bits45)), off);
+            const float *xh = x + 128 * h, *dh = dl + 8 * h;
+            /* 16-byte lane i of v01 is sub-block 8h + i, of v23 8h + 4 + i: accumulator i */
+            a0 = q6_sub(_mm512_castsi512_si128(v01), dh[0], xh, a0);
+            a1 = q6_sub(_mm512_extracti32x4_epi32(v01, 1), dh[1], xh + 16, a1);
+            a2 = q6_sub(_mm512_extracti32x4_epi32(v01, 2), dh[2], xh + 32, a2);
+            a3 = q6_sub(_mm512_extracti32x4_epi32(v01, 3), dh[3], xh + 48, a3);
+            a0 = q6_sub(_mm512_castsi512_si128(v23), dh[4], xh + 64, a0);
+            a1 = q6_sub(_mm512_extracti32x4_epi32(v23, 1), dh[5], xh + 80, a1);
+            a2 = q6_sub(_mm512_extracti32x4_epi32(v23, 2), dh[6], xh + 96, a2);
+            a3 = q6_sub(_mm512_extracti32x4_epi32(v23, 3), dh[7], xh + 112, a3);
         }
     }
     return sum_registers(a0, a1, a2, a3);

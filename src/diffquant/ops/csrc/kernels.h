@@ -46,7 +46,9 @@ static inline float sum_lanes(const float *acc) {
    Q8_0 rows of 3072). A thread's rows are one long stream that the hardware prefetcher follows
    too late: from memory, 1 KB ahead ran at ~60% of a plain read of the same bytes, 8 KB ahead
    at ~95% (one core of an AMX Xeon). */
+#ifndef AHEAD
 #define AHEAD 8192
+#endif
 
 /* the four lane accumulators (lanes 0-15, 16-31, ...) -> their sum, in sum_lanes' order */
 static inline float sum_registers(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
