@@ -25,10 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
-# Before torch loads: the thread count for OpenMP/MKL, and passive waiting, since spinning
-# OpenMP workers make timings meaningless on a machine shared with other processes.
+# Before torch loads: the thread count for OpenMP/MKL. OpenMP's wait policy is left as the user
+# has it (the default: workers spin a little after each parallel region, then sleep), as in a
+# user's process: forcing PASSIVE made every op, torch's and the C kernels', wake a sleeping
+# worker, a cost a model's back-to-back ops do not pay. Run it with nothing else on the machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
