@@ -140,9 +140,8 @@ def run_child(job: dict) -> dict:
 def _forwards(job: dict, model) -> dict:
     """Best seconds of ``repeats`` forwards (``forward_s``) and, for a quantized scheme, then of
     the same library's bf16 model loaded in the same process (``bf16_s``): between processes the
-    same bf16 forward moved by 10-25%. Each model runs its forwards back to back, as a pipeline's
-    steps do, after one warm-up on 16 image tokens (alternating the two models' forwards made
-    each pay the other's freed memory back in page faults: int8dq read 1.15x instead of ~0.85x)."""
+    same bf16 forward moved by 10-25%. Each model runs its forwards back to back, as a
+    pipeline's steps do, after one warm-up on 16 image tokens."""
     import torch
 
     size = SIZES[job["size"]]
@@ -166,10 +165,27 @@ def _best_forward(model, size, job: dict) -> float:
     return best
 
 
+# -- parent side ------------------------------------------------------------------------------
+def child(job: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "bench.fast", "--child", json.dumps(job)]
+    print(f"  {job['lib']:9s} {job['label']:22s} {job['kind']} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:120]}
+
+
 def _best(results, key: str = "forward_s") -> dict:
     """The fastest of several results of one job by ``key`` (an error only if every try
     failed), with ``vs_bf16``: the median over the processes of each one's forward_s / bf16_s
-    where they timed their library's bf16 model beside the scheme's."""
+    where they timed their library's bf16 model after the scheme's."""
     results = list(results)
     ok = [r for r in results if "error" not in r]
     if not ok:

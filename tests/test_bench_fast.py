@@ -25,3 +25,10 @@ def test_speed_table_rows_use_the_same_process_ratio():
     rows = fast.speed_table(res)
     assert "| gguf Q8_0 | 1.30 | 0.93x | 3.90 | 3.00x | 0.33x |" in rows
     assert "| quanto int8 | err: skipped |  | err: skipped |  |  |" in rows
+
+
+def test_a_child_that_fails_reports_its_error_instead_of_raising():
+    r = fast.child({"kind": "forward", "lib": "diffquant", "label": "bogus", "spec": "nope:x",
+                    "checkpoint": "/nonexistent", "size": "quick", "image": 16, "text": 8,
+                    "repeats": 1}, timeout=120)
+    assert set(r) == {"error"} and r["error"]
