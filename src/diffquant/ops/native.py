@@ -105,9 +105,11 @@ def _torch_uses_libgomp() -> bool:
     loaded. With another runtime (Intel's, LLVM's) it would be a second pool beside torch's, so
     the kernels start POSIX threads instead."""
     try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:  # not Linux
         return False
+    # the soname itself: wheels that bundle a renamed private copy (sentencepiece's) do not count
+    return any(line.endswith("/libgomp.so.1") for line in maps)
 
 
 def _load():

@@ -242,14 +242,10 @@ static float gemv_row_q6_k_portable(const uint8_t *b, int64_t n_blocks, const fl
 }
 
 #ifdef HAVE_DECODE_SMALL
-static inline __m512 q8_codes(const uint8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
 /* one Q8_0 block's lane partials, t = c[0:16] x[0:16] + c[16:32] x[16:32] (portable order) */
 static inline __m512 q8_pair(const uint8_t *b, const float *x) {
-    return _mm512_fmadd_ps(q8_codes(b + 18), _mm512_loadu_ps(x + 16),
-                           _mm512_mul_ps(q8_codes(b + 2), _mm512_loadu_ps(x)));
+    return _mm512_fmadd_ps(int8x16_to_float(b + 18), _mm512_loadu_ps(x + 16),
+                           _mm512_mul_ps(int8x16_to_float(b + 2), _mm512_loadu_ps(x)));
 }
 
 /* accumulators as named registers: an indexed array of them lives on the stack (2x slower) */

@@ -80,18 +80,14 @@ static float int8_row_portable(const int8_t *q, int64_t k, const float *x) {
 }
 
 #ifdef __AVX512F__
-static inline __m512 int8_codes(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
 static float int8_row(const int8_t *q, int64_t k, const float *x) {  /* k % 64 == 0 */
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < k; j += 64) {
         _mm_prefetch((const char *)(q + j + AHEAD), _MM_HINT_T0);
-        a0 = _mm512_fmadd_ps(int8_codes(q + j), _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(int8_codes(q + j + 16), _mm512_loadu_ps(x + j + 16), a1);
-        a2 = _mm512_fmadd_ps(int8_codes(q + j + 32), _mm512_loadu_ps(x + j + 32), a2);
-        a3 = _mm512_fmadd_ps(int8_codes(q + j + 48), _mm512_loadu_ps(x + j + 48), a3);
+        a0 = _mm512_fmadd_ps(int8x16_to_float(q + j), _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(int8x16_to_float(q + j + 16), _mm512_loadu_ps(x + j + 16), a1);
+        a2 = _mm512_fmadd_ps(int8x16_to_float(q + j + 32), _mm512_loadu_ps(x + j + 32), a2);
+        a3 = _mm512_fmadd_ps(int8x16_to_float(q + j + 48), _mm512_loadu_ps(x + j + 48), a3);
     }
     return sum_registers(a0, a1, a2, a3);
 }

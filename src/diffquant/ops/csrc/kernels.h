@@ -50,6 +50,11 @@ static inline float sum_lanes(const float *acc) {
 #define AHEAD 8192
 #endif
 
+/* 16 int8 values at p -> 16 floats (exact) */
+static inline __m512 int8x16_to_float(const void *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
 /* the four lane accumulators (lanes 0-15, 16-31, ...) -> their sum, in sum_lanes' order */
 static inline float sum_registers(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     float acc[LANES] __attribute__((aligned(64)));
