@@ -62,7 +62,10 @@ def gguf_blocks(n, k, qtype, seed=0):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", [(48, 64), (33, 20), (40, 96)])
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
-def test_int8_dynamic_is_bit_identical(m, n, k, dtype):
+@pytest.mark.parametrize("columns", [None, 16])  # 16: _int_mm by blocks of columns, a short last
+def test_int8_dynamic_is_bit_identical(m, n, k, dtype, columns, monkeypatch):
+    if columns:
+        monkeypatch.setattr(fi, "_INT_MM_COLUMNS", columns)
     w = _x(n, k, dtype, seed=1)
     q, s = iq.int8_quantize_per_channel(w)
     bias = _x(1, n, dtype, seed=2).flatten()

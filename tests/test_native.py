@@ -271,6 +271,18 @@ def test_int8_output_matches_the_reference_roundings(with_bias):
     y = (acc.to(torch.float32) * sx).to(torch.bfloat16) * sw             # int8_dynamic_linear
     ref = (y if bias is None else y + bias).to(torch.bfloat16)
     assert torch.equal(native.int8_output_bf16(acc, sx, sw, bias), ref)
+    wide = torch.zeros(130, 100, dtype=torch.bfloat16)              # into a block of columns
+    out = native.int8_output_bf16(acc, sx, sw, bias, out=wide[:, 30:70])
+    assert out.data_ptr() == wide[:, 30:].data_ptr() and torch.equal(wide[:, 30:70], ref)
+    assert not wide[:, :30].any() and not wide[:, 70:].any()
+
+
+def test_int8_output_refuses_a_wrong_out():
+    acc, sx, sw = torch.zeros(4, 8, dtype=torch.int32), torch.ones(4), torch.ones(8)
+    for out in (torch.empty(4, 8), torch.empty(4, 9, dtype=torch.bfloat16),
+                torch.empty(8, 4, dtype=torch.bfloat16).t()):
+        with pytest.raises(ValueError, match=r"out must be bf16 \[4, 8\] with contiguous rows"):
+            native.int8_output_bf16(acc, sx, sw, None, out=out)
 
 
 # -- every layer: the same bits with and without the kernels ------------------------------------

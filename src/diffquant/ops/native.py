@@ -248,18 +248,22 @@ def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
 
 
 def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """int32 [M, N] sums -> bf16 [M, N]: token scale, then channel scale and bias, with
-    ``int_quant.int8_dynamic_linear``'s roundings."""
+    ``int_quant.int8_dynamic_linear``'s roundings. ``out``: bf16 [M, N] whose rows are
+    contiguous (a block of columns of a wider output may be), returned."""
     m, n = acc.shape
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16) if out is None else out
     acc, sx, sw = acc.contiguous(), sx.reshape(m).contiguous(), sw.reshape(n).contiguous()
     if sx.dtype != torch.float32 or sw.dtype != torch.float32 or acc.dtype != torch.int32 or (
             bias is not None and bias.dtype != torch.bfloat16):
         raise ValueError("native int8 output: int32 sums, float32 scales, bf16 bias")
-    b = None if bias is None else bias.contiguous()
+    if y.dtype != torch.bfloat16 or y.shape != (m, n) or (n > 1 and y.stride(1) != 1):
+        raise ValueError(f"native int8 output: out must be bf16 [{m}, {n}] with contiguous "
+                         f"rows, got {y.dtype} {tuple(y.shape)} strides {y.stride()}")
+    b = None if bias is None else bias.contiguous()  # held: its pointer is used below
     _run(INT8_OUTPUT, m, acc.data_ptr(), sx.data_ptr(), sw.data_ptr(),
-         None if b is None else b.data_ptr(), n, y.data_ptr())
+         None if b is None else b.data_ptr(), n, y.data_ptr(), y.stride(0))
     return y
 
 

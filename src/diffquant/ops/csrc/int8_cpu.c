@@ -14,54 +14,69 @@
 #include "bf16.h"
 #include "kernels.h"
 
+/* Row xr's scale (K values) into *s; 1 when the row holds a NaN or an infinity. */
+static inline int row_scale(const uint16_t *xr, int64_t k, float *s) {
+    const float eps = 1.1920928955078125e-07f;  /* float32 eps: torchao's floor, a bf16 value */
+    uint16_t top = 0;           /* |x| as bits: for finite values their order is the float order */
+    for (int64_t i = 0; i < k; i++) {
+        uint16_t a = xr[i] & 0x7fff;
+        top = a > top ? a : top;
+    }
+    if (top >= 0x7f80) return 1;
+    /* amax / 127.5 in float32, rounded to bf16 (torch's bf16 division by a scalar) */
+    float v = round_bf16(bf16_to_float(top) / 127.5f);
+    *s = v < eps ? eps : v;
+    return 0;
+}
+
+/* n values of a row times inv (1 / its scale) -> int8 codes */
+static inline void quantize_run(const uint16_t *xr, int64_t n, float inv, int8_t *q) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = bf16_to_float(xr[i]) * inv;
+        v = v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v;
+        /* round half to even: exact for |v| < 2^22 (the default rounding mode) */
+        v = (v + 12582912.0f) - 12582912.0f;
+        q[i] = (int8_t)v;
+    }
+}
+
 /* x bf16 [M, ldx] rows [r0, r1), K columns -> q int8 [M, k] and scale float32 [M].
    Returns 0, or 1 when a row holds a NaN or an infinity (the caller then uses torch's ops,
    whose results there are whatever its casts give). */
 int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
                           int8_t *q, float *scale) {
-    const float eps = 1.1920928955078125e-07f;  /* float32 eps: torchao's floor, a bf16 value */
     for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *xr = x + r * ldx;
-        uint16_t top = 0;       /* |x| as bits: for finite values their order is the float order */
-        for (int64_t i = 0; i < k; i++) {
-            uint16_t a = xr[i] & 0x7fff;
-            top = a > top ? a : top;
-        }
-        if (top >= 0x7f80) return 1;
-        /* amax / 127.5 in float32, rounded to bf16 (torch's bf16 division by a scalar) */
-        float s = round_bf16(bf16_to_float(top) / 127.5f);
-        s = s < eps ? eps : s;
-        float inv = 1.0f / s;
-        scale[r] = s;
-        int8_t *qr = q + r * k;
-        for (int64_t i = 0; i < k; i++) {
-            float v = bf16_to_float(xr[i]) * inv;
-            v = v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v;
-            /* round half to even: exact for |v| < 2^22 (the default rounding mode) */
-            v = (v + 12582912.0f) - 12582912.0f;
-            qr[i] = (int8_t)v;
-        }
+        if (row_scale(x + r * ldx, k, &scale[r])) return 1;
+        quantize_run(x + r * ldx, k, 1.0f / scale[r], q + r * k);
     }
     return 0;
 }
 
-/* acc int32 [M, N] rows [r0, r1), token scales sx [M], channel scales sw [N], bias bf16 [N]
-   or NULL -> y bf16 [M, N]. */
-int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, const uint16_t *bias,
-                        int64_t r0, int64_t r1, int64_t n, uint16_t *y) {
-    for (int64_t r = r0; r < r1; r++) {
-        const int32_t *a = acc + r * n;
-        uint16_t *yr = y + r * n;
-        float s = sx[r];
-        if (bias) {
-            for (int64_t j = 0; j < n; j++) {
-                float t = round_bf16((float)a[j] * s) * sw[j];
-                yr[j] = float_to_bf16(t + bf16_to_float(bias[j]));
-            }
-        } else {
-            for (int64_t j = 0; j < n; j++)
-                yr[j] = float_to_bf16(round_bf16((float)a[j] * s) * sw[j]);
-        }
+/* n sums of one token (as float32: exact for |sum| < 2^24, and rounded as float(int) beyond),
+   its scale s, channel scales sw, bias or NULL -> n bf16 outputs */
+static inline void output_run(const float *a, int64_t n, float s, const float *sw,
+                              const uint16_t *bias, uint16_t *yr) {
+    if (bias) {
+        for (int64_t j = 0; j < n; j++)
+            yr[j] = float_to_bf16(round_bf16(a[j] * s) * sw[j] + bf16_to_float(bias[j]));
+    } else {
+        for (int64_t j = 0; j < n; j++) yr[j] = float_to_bf16(round_bf16(a[j] * s) * sw[j]);
     }
+}
+
+enum { OUT_COLS = 256 };  /* columns per block: a float32 row block that stays in L1 */
+
+/* acc int32 [M, N] rows [r0, r1), token scales sx [M], channel scales sw [N], bias bf16 [N]
+   or NULL -> y bf16 [M, N] with row stride ldy (a block of columns of a wider output). */
+int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, const uint16_t *bias,
+                        int64_t r0, int64_t r1, int64_t n, uint16_t *y, int64_t ldy) {
+    float a[OUT_COLS];
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t c0 = 0; c0 < n; c0 += OUT_COLS) {
+            int64_t nc = n - c0 < OUT_COLS ? n - c0 : OUT_COLS;
+            const int32_t *ar = acc + r * n + c0;
+            for (int64_t j = 0; j < nc; j++) a[j] = (float)ar[j];
+            output_run(a, nc, sx[r], sw + c0, bias ? bias + c0 : 0, y + r * ldy + c0);
+        }
     return 0;
 }

@@ -12,7 +12,8 @@ int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int6
 int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
                           int8_t *q, float *scale);
 int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw,
-                        const uint16_t *bias, int64_t r0, int64_t r1, int64_t n, uint16_t *y);
+                        const uint16_t *bias, int64_t r0, int64_t r1, int64_t n, uint16_t *y,
+                        int64_t ldy);
 int dq_int4_tinygemm_bf16(const uint8_t *packed, int64_t k, int64_t group,
                           const uint16_t *scale, const uint16_t *zero, int64_t r0, int64_t r1,
                           uint16_t *out, int64_t ld);

@@ -28,7 +28,7 @@ static int quantize(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quantize_rows_bf16(P(0), a[1], r0, r1, a[2], P(3), P(4));
 }
 static int int8_output(const int64_t *a, int64_t r0, int64_t r1) {
-    return dq_int8_output_bf16(P(0), P(1), P(2), P(3), r0, r1, a[4], P(5));
+    return dq_int8_output_bf16(P(0), P(1), P(2), P(3), r0, r1, a[4], P(5), a[6]);
 }
 static int int4_tinygemm(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_int4_tinygemm_bf16(P(0), a[1], a[2], P(3), P(4), r0, r1, P(5), a[6]);
