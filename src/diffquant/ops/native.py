@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "lut4_cpu.c",
-                                    "parallel.c")]
+                                    "amx_cpu.c", "parallel.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 # parallel.c runs on torch's OpenMP pool when built with this (see _torch_uses_libgomp)
 OPENMP = ["-fopenmp"]
@@ -140,6 +140,8 @@ def bind(lib):
     lib.dq_run.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
                            ctypes.c_int]
     lib.dq_run.restype = ctypes.c_int
+    lib.dq_amx_available.argtypes = []
+    lib.dq_amx_available.restype = ctypes.c_int
     return lib
 
 
@@ -172,14 +174,15 @@ def supports(qtype, device: torch.device) -> bool:
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
- LUT4_DECODE, INT8_GEMV) = range(10)
+ LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR) = range(12)
 
 
-def _run(kernel: int, n: int, *args, lib=None) -> bool:
-    """Run ``kernel`` over rows [0, n) on up to torch.get_num_threads() threads; ``args`` are
-    its arguments but the row range (ints, pointers as ints, None for NULL), in parallel.c's
-    order. False if the kernel asked for the torch fallback (return code 1)."""
-    threads = max(1, min(torch.get_num_threads(), n // _MIN_ROWS_PER_THREAD))
+def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THREAD) -> bool:
+    """Run ``kernel`` over rows [0, n) on up to torch.get_num_threads() threads, each given at
+    least ``min_rows``; ``args`` are its arguments but the row range (ints, pointers as ints,
+    None for NULL), in parallel.c's order. False if the kernel asked for the torch fallback
+    (return code 1)."""
+    threads = max(1, min(torch.get_num_threads(), n // min_rows))
     packed = (ctypes.c_int64 * len(args))(*[0 if a is None else int(a) for a in args])
     rc = (lib or library()).dq_run(kernel, packed, n, threads)
     if rc not in (0, 1):
@@ -264,6 +267,65 @@ def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     b = None if bias is None else bias.contiguous()  # held: its pointer is used below
     _run(INT8_OUTPUT, m, acc.data_ptr(), sx.data_ptr(), sw.data_ptr(),
          None if b is None else b.data_ptr(), n, y.data_ptr(), y.stride(0))
+    return y
+
+
+# -- int8 x int8 on AMX tiles (amx_cpu.c) --------------------------------------------------------
+def amx_available() -> bool:
+    """Whether the AMX int8 product runs here: built for a CPU with AMX, and Linux granted this
+    process the tile registers (asked once)."""
+    lib = library()
+    if lib is None:
+        return False
+    if _state.get("amx_lib") is not lib:  # asked once per loaded library
+        _state["amx"], _state["amx_lib"] = bool(lib.dq_amx_available()), lib
+    return _state["amx"]
+
+
+def amx_int8_supported(x2: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``amx_int8_linear`` takes bf16 tokens ``x2`` [M, K] and int8 weight ``q`` [N, K]."""
+    n, k = q.shape
+    return (x2.dtype == torch.bfloat16 and x2.device.type == "cpu" and q.dtype == torch.int8
+            and q.is_contiguous() and x2.stride(-1) == 1 and k % 64 == 0 and n % 16 == 0
+            and x2.shape[-1] == k and amx_available())
+
+
+def quantize_rows_vnni(x2: torch.Tensor, xp: torch.Tensor):
+    """bf16 x2 [M, K] -> (xp filled with the int8 codes in the tile layout [K / 4, Mp, 4], Mp =
+    xp.shape[1] >= M; scale float32 [M, 1]): the per-token rule of ``quantize_rows_bf16`` bit
+    for bit. None when a token holds an infinity or a NaN."""
+    m, k = x2.shape
+    if xp.shape[0] * 4 != k or xp.shape[1] < m or xp.shape[2] != 4 or not xp.is_contiguous():
+        raise ValueError(f"native vnni quantize: xp must be int8 [{k // 4}, >= {m}, 4]")
+    scale = torch.empty(m, 1, dtype=torch.float32)
+    if not _run(QUANTIZE_VNNI, m, x2.data_ptr(), x2.stride(0), k, xp.data_ptr(), xp.shape[1],
+                scale.data_ptr(), min_rows=16):
+        return None
+    return scale
+
+
+def amx_int8_linear(q: torch.Tensor, xp: torch.Tensor, m: int, sx: torch.Tensor,
+                    sw: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """int8 weight q [N, K] (contiguous) x the M tokens in ``xp`` (``quantize_rows_vnni``'s
+    layout, Mp at least M rounded up to 32) -> bf16 [M, N] with int8_output_bf16's roundings."""
+    n, k = q.shape
+    mp = xp.shape[1]
+    sx, sw = sx.reshape(m).contiguous(), sw.reshape(n).contiguous()
+    b = None if bias is None else bias.contiguous()
+    if mp < (m + 31) // 32 * 32:
+        raise ValueError(f"native AMX int8: xp holds {mp} token columns, needs at least "
+                         f"{(m + 31) // 32 * 32} (the {m} tokens rounded up to 32)")
+    if (q.dtype != torch.int8 or not q.is_contiguous() or k % 64 or n % 16
+            or xp.shape != (k // 4, mp, 4) or xp.dtype != torch.int8):
+        raise ValueError(f"native AMX int8: contiguous int8 weight [N, K] with K % 64 == 0 and "
+                         f"N % 16 == 0, tokens int8 [K / 4, Mp, 4]; got {q.dtype} "
+                         f"{list(q.shape)}, {xp.dtype} {list(xp.shape)}")
+    if sx.dtype != torch.float32 or sw.dtype != torch.float32 or (
+            b is not None and b.dtype != torch.bfloat16):
+        raise ValueError("native AMX int8: float32 scales, bf16 bias")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    _run(AMX_INT8_LINEAR, (n + 31) // 32, q.data_ptr(), k, n, xp.data_ptr(), mp, sx.data_ptr(),
+         sw.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), n, m, min_rows=2)
     return y
 
 

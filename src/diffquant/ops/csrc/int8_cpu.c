@@ -15,7 +15,7 @@
 #include "kernels.h"
 
 /* Row xr's scale (K values) into *s; 1 when the row holds a NaN or an infinity. */
-static inline int row_scale(const uint16_t *xr, int64_t k, float *s) {
+int dq_row_scale_bf16(const uint16_t *xr, int64_t k, float *s) {
     const float eps = 1.1920928955078125e-07f;  /* float32 eps: torchao's floor, a bf16 value */
     uint16_t top = 0;           /* |x| as bits: for finite values their order is the float order */
     for (int64_t i = 0; i < k; i++) {
@@ -46,7 +46,7 @@ static inline void quantize_run(const uint16_t *xr, int64_t n, float inv, int8_t
 int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
                           int8_t *q, float *scale) {
     for (int64_t r = r0; r < r1; r++) {
-        if (row_scale(x + r * ldx, k, &scale[r])) return 1;
+        if (dq_row_scale_bf16(x + r * ldx, k, &scale[r])) return 1;
         quantize_run(x + r * ldx, k, 1.0f / scale[r], q + r * k);
     }
     return 0;

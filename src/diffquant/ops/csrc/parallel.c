@@ -55,8 +55,19 @@ static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_int8_gemv(P(0), a[1], P(2), P(3), r0, r1, P(4), (int)a[5]);
 }
 
+static int quantize_vnni(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_quantize_rows_vnni_bf16(P(0), a[1], r0, r1, a[2], P(3), a[4], P(5));
+}
+
+/* rows: blocks of 32 output channels */
+static int amx_linear(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_amx_int8_linear(P(0), a[1], a[2], P(3), a[4], r0, r1, P(5), P(6), P(7), P(8),
+                              a[9], a[10]);
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
-                                  quanto_bits, lut4_gemv, lut4_decode, int8_gemv};
+                                  quanto_bits, lut4_gemv, lut4_decode, int8_gemv, quantize_vnni,
+                                  amx_linear};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 

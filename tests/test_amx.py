@@ -1,0 +1,100 @@
+"""ops/csrc/amx_cpu.c: int8 dynamic quantization's product on AMX tiles gives
+int_quant.int8_dynamic_linear's bits (torchao's reference) for every shape it takes, is used by
+the int8dq layer wherever the CPU has AMX, and leaves other shapes to torch._int_mm."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffquant.ops import fast_int8 as fi
+from diffquant.ops import int_quant as iq
+from diffquant.ops import native
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+needs_amx = pytest.mark.skipif(not (_cpu_has_amx() and native.available()),
+                               reason="this CPU has no AMX int8 (or no C compiler)")
+
+
+def _case(m, k, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)).to(torch.bfloat16)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    q, s = iq.int8_quantize_per_channel(w)
+    return x, q, s, bias
+
+
+def test_amx_is_available_exactly_where_the_cpu_has_it():
+    assert native.amx_available() == (_cpu_has_amx() and native.available())
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n", [
+    (1, 64, 16),        # one token, one tile of channels
+    (5, 192, 48),       # a channel block of 16 after a full 32
+    (33, 128, 272),     # a second token pair, past one channel block (256)
+    (300, 256, 96),     # past one token block (256)
+    (40, 4160, 32),     # K split in steps (2048, 2048, 64): sums parked and reloaded
+])
+def test_amx_product_is_the_reference_bit_for_bit(m, k, n):
+    x, q, s, bias = _case(m, k, n)
+    xp = torch.empty(k // 4, (m + 31) // 32 * 32 + 16, 4, dtype=torch.int8)
+    sx = native.quantize_rows_vnni(x, xp)
+    for b in (None, bias):
+        assert torch.equal(native.amx_int8_linear(q, xp, m, sx, s, b),
+                           iq.int8_dynamic_linear(x, q, s, b))
+
+
+@needs_amx
+def test_vnni_layout_holds_the_per_token_codes_and_scales():
+    m, k = 37, 128
+    x = _case(m, k, 16)[0]
+    xp = torch.full((k // 4, 64, 4), 99, dtype=torch.int8)
+    sx = native.quantize_rows_vnni(x, xp)
+    q0, s0 = fi.quantize_rows_int8(x)
+    assert torch.equal(sx, s0)
+    assert torch.equal(xp[:, :m, :].permute(1, 0, 2).reshape(m, k), q0)  # word (k/4, t) = 4 codes
+    assert (xp[:, m:, :] == 99).all()                                   # padding left alone
+    x[3, 5] = float("nan")
+    assert native.quantize_rows_vnni(x, xp) is None
+
+
+@needs_amx
+def test_amx_refuses_what_it_cannot_take():
+    x, q, s, _ = _case(4, 64, 16)
+    with pytest.raises(ValueError, match=r"xp must be int8 \[16, >= 4, 4\]"):
+        native.quantize_rows_vnni(x, torch.empty(16, 2, 4, dtype=torch.int8))
+    xp = torch.empty(16, 16, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"xp holds 16 token columns, needs at least 32"):
+        native.amx_int8_linear(q, xp, 4, torch.ones(4), s, None)
+    assert not native.amx_int8_supported(x[:, :48], q[:, :48].contiguous())  # K % 64
+    assert not native.amx_int8_supported(x, q[:8])                          # N % 16
+
+
+@needs_amx
+@pytest.mark.parametrize("k,takes_amx", [(128, True), (96, False)])
+def test_the_int8dq_layer_takes_amx_where_the_shape_allows(k, takes_amx, monkeypatch):
+    x, q, s, bias = _case(50, k, 48)
+    calls = []
+    real = native.amx_int8_linear
+    monkeypatch.setattr(native, "amx_int8_linear", lambda *a: calls.append(1) or real(*a))
+    y = fi.linear_int8_dynamic(x.reshape(5, 10, k), fi.prepare_int8_dynamic(q, s), bias)
+    assert calls == ([1] if takes_amx else [])
+    assert torch.equal(y.reshape(50, 48), iq.int8_dynamic_linear(x, q, s, bias))
+
+
+@needs_amx
+def test_tokens_with_nan_fall_back_to_the_torch_path():
+    x, q, s, bias = _case(20, 128, 32)
+    x[2, 7] = float("inf")
+    y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s), bias)
+    torch.testing.assert_close(y, iq.int8_dynamic_linear(x, q, s, bias), rtol=0, atol=0,
+                               equal_nan=True)
