@@ -187,8 +187,9 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
     else:
         buf = _weight_buffer(x, (w.out_features, w.in_features))          # [N, K] in x.dtype
         w.dequant_into(buf)
-        if w.out_scale is None:
-            return F.linear(x, buf, bias)
+        if w.out_scale is None:  # on the 2-D view: F.linear of a 3-D input without a bias took
+            # 3.4-4.5x as long in a Flux forward at 256 and 1024 tokens x 3072 (torch 2.13, CPU)
+            return F.linear(x2, buf, bias).reshape(*x.shape[:-1], w.out_features)
         y = torch.mm(x2, buf.t())                                         # [M, N]
     if w.out_scale is not None:
         y = _scale_rows_out(y, w.out_scale, bias)

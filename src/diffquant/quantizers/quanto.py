@@ -205,7 +205,8 @@ class QuantoLinear(PiecesLinear):
         if self.use_fast_path(x):  # same math in reused buffers; packed kernels for few rows
             w = self.fast_weight(self._prepare, self.weight_data, self.weight_scale,
                                  *(() if self.bits == 8 else (self.weight_shift,)))
-            out = fl.linear_weight_only(x, w)
+            out = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
+            return out if self.bias is None else out.add_(self.bias)
         elif self.bits != 8:
             out = F.linear(x, self.dequantized_weight())
         else:

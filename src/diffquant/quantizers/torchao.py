@@ -306,9 +306,9 @@ class Int4WeightOnlyLinear(TorchAoLinear):
             w = self.fast_weight(lambda: fl.prepare_int4_weight(
                 self.weight, self.weight_scale, self.weight_zero, lazy=True),
                 self.weight, self.weight_scale, self.weight_zero)
-            y = fl.linear_weight_only(x, w)
-        else:
-            y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
+            y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
+            return y.add_(self.bias) if self.bias is not None else y
+        y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
         return y + self.bias if self.bias is not None else y
 
 
@@ -330,8 +330,8 @@ class Float8WeightOnlyLinear(TorchAoLinear):
         if self.use_fast_path(x):  # the float32 dequantization, into a reused buffer
             w = self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, self.weight_scale),
                                  self.weight, self.weight_scale)
-            y = fl.linear_weight_only(x, w)
-            return y + self.bias if self.bias is not None else y
+            y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
+            return y.add_(self.bias) if self.bias is not None else y
         return iq.float8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 
