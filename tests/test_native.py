@@ -82,6 +82,34 @@ def test_a_build_without_avx512_gives_the_same_bits(tmp_path, monkeypatch):
             assert_same(native.decode_into(blocks, gd.ggml_type(qtype), other, portable), out)
 
 
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    """The kernels built without AVX-512 (their scalar loops, and no AMX)."""
+    cc = native.shutil.which("cc") or "gcc"
+    old = native.os.environ.get("DIFFQUANT_CACHE")
+    native.os.environ["DIFFQUANT_CACHE"] = str(tmp_path_factory.mktemp("portable"))
+    try:
+        return native.bind(native.ctypes.CDLL(str(native._build(cc, [*native.FLAGS,
+                                                                     "-mno-avx512f"]))))
+    finally:
+        if old is None:
+            del native.os.environ["DIFFQUANT_CACHE"]
+        else:
+            native.os.environ["DIFFQUANT_CACHE"] = old
+
+
+@pytest.mark.parametrize("case", ["torchao int4wo", "torchao int8wo", "torchao int8dq",
+                                  "quanto int8", "quanto int4", "quanto int2", "modelopt INT8"])
+def test_layers_give_the_same_bits_on_a_build_without_avx512(case, portable_lib, monkeypatch):
+    layer = LAYER_CASES[case]()
+    x = torch.randn(100, layer.in_features).to(torch.bfloat16)  # many rows: the decode path
+    with torch.no_grad():
+        y = layer(x)
+        monkeypatch.setitem(native._state, "lib", portable_lib)
+        layer._fast = None
+        assert torch.equal(layer(x), y)
+
+
 def test_decode_writes_rows_of_a_wider_buffer_and_nothing_else():
     blocks = gguf_blocks(130, 64, "Q8_0")
     wide = torch.zeros(130, 80, dtype=torch.bfloat16)
@@ -354,3 +382,17 @@ def test_bnb_4bit_many_rows_give_bitsandbytes_bits_from_a_reused_buffer(quant_ty
         compiled = layer(x)
         monkeypatch.setitem(native._state, "lib", None)             # bitsandbytes' matmul_4bit
         assert torch.equal(layer(x), compiled)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scale_rows_is_torchs_mul_then_add(with_bias):
+    g = torch.Generator().manual_seed(5)
+    y = (torch.randn(70, 96, generator=g) * 50).to(torch.bfloat16)
+    y[0, :7] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-38, 3e38])
+    scale = (torch.rand(96, generator=g) * 1e-2).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g).to(torch.bfloat16) if with_bias else None
+    ref = y.clone().mul_(scale)
+    ref = ref if bias is None else ref.add_(bias)
+    out = native.scale_rows_(y, scale, bias)
+    assert out is y
+    assert_same(y, ref)

@@ -174,7 +174,7 @@ def supports(qtype, device: torch.device) -> bool:
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
- LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR) = range(12)
+ LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS) = range(13)
 
 
 def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THREAD) -> bool:
@@ -353,6 +353,24 @@ def int8_rows_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> t
     step = 1 if scale.numel() == n else 0
     _run(INT8_ROWS, n, q.data_ptr(), k, scale.data_ptr(), step, out.data_ptr(), out.stride(0))
     return out
+
+
+def scale_rows_supported(y: torch.Tensor, scale: torch.Tensor, bias) -> bool:
+    """Whether ``scale_rows_`` takes this output, scale and bias."""
+    return (y.dtype == torch.bfloat16 and y.device.type == "cpu" and y.dim() == 2
+            and y.stride(1) == 1 and scale.dtype == torch.bfloat16
+            and (bias is None or bias.dtype == torch.bfloat16) and available())
+
+
+def scale_rows_(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """In place, bf16 y [M, N] (rows contiguous): y * scale [N] then + bias [N], each rounded to
+    bf16 as torch's ``y.mul_(scale).add_(bias)`` does, in one pass; returns y."""
+    m, n = y.shape
+    s = scale.reshape(n).contiguous()
+    b = None if bias is None else bias.reshape(n).contiguous()  # held: pointers used below
+    _run(SCALE_ROWS, m, y.data_ptr(), y.stride(0), n, s.data_ptr(),
+         None if b is None else b.data_ptr())
+    return y
 
 
 def int8_gemv_supported(q: torch.Tensor, x2: torch.Tensor) -> bool:

@@ -37,16 +37,6 @@ int dq_amx_available(void) {
     return (int)((bits >> XFEATURE_XTILEDATA) & 1);
 }
 
-/* float_to_bf16 of 16 values, as 32-bit lanes holding the bf16 bits (NaN -> 0x7fc0) */
-static inline __m512i bf16_bits16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                                 _mm512_set1_epi32(0x7fc0));
-}
-
 /* 16 lanes of bf16 values (one per lane, from a column pair's 32 bits, low or high half) times
    inv -> int8 codes in int32 lanes: int8_cpu.c's quantize_run, lane by lane */
 static inline __m512i codes16(__m512 v, __m512 inv) {
@@ -145,8 +135,7 @@ static inline void transpose16(__m512 r[16]) {
 /* int8_cpu.c's output_run on 16 channels of one token (scale s): bf16 bits in 16-bit lanes */
 static inline __m256i output16(__m512 a, float s, __m512 w, const __m512 *b) {
     __m512 t = _mm512_mul_ps(a, _mm512_set1_ps(s));
-    t = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(t), 16));  /* round_bf16 */
-    t = _mm512_mul_ps(t, w);
+    t = _mm512_mul_ps(round_bf16x16(t), w);
     if (b) t = _mm512_add_ps(t, *b);
     return _mm512_cvtepi32_epi16(bf16_bits16(t));
 }

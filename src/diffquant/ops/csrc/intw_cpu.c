@@ -8,13 +8,36 @@
    - quanto int4/int2: w = bf16(bf16(c * s) - shift) per group row of g values, group row
      i + j * P held in bits j * bits of byte row i of packed [P, g].
 
-   And the one-row product of int8 rows with a scale per row (torchao int8, quanto int8).
+   And the one-row product of int8 rows with a scale per row (torchao int8, quanto int8), and
+   torchao int8's two output ops after its matmul on the integers as one pass:
+   y = bf16(bf16(y * s) + bias), s the channel scale in bf16.
 
    Why C: torch runs each as 3-4 passes over the weight (the bf16 ones convert to float32 and
    back each time): 8-10 ms per 3072 x 3072 against a 15 ms bf16 product on an AMX CPU; here one
    pass. Rows [r0, r1) of the weight per call, so callers split rows across threads. */
 #include "bf16.h"
 #include "kernels.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* one group of tinygemm codes (group % 32 == 0): 16 bytes -> 32 values per step, the low
+   nibble of byte j being column 2j; the scalar loop's ops lane by lane */
+static void tinygemm_group(const uint8_t *pg, int64_t group, float s, float z, uint16_t *og) {
+    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), eight = _mm512_set1_ps(8.0f);
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    for (int64_t j = 0; j < group / 2; j += 16) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(pg + j));
+        __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+        __m128i half[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+        for (int h = 0; h < 2; h++) {
+            __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(half[h]));
+            __m512 t = round_bf16x16(_mm512_mul_ps(_mm512_sub_ps(u, eight), vs));
+            store_bf16x16(og + 2 * j + 16 * h, _mm512_add_ps(t, vz));
+        }
+    }
+}
+#endif
 
 /* packed uint8 [N, K/2], scale/zero bf16 [N, K/group] -> out bf16 rows [r0, r1), stride ld */
 int dq_int4_tinygemm_bf16(const uint8_t *packed, int64_t k, int64_t group, const uint16_t *scale,
@@ -28,6 +51,12 @@ int dq_int4_tinygemm_bf16(const uint8_t *packed, int64_t k, int64_t group, const
             float s = bf16_to_float(scale[r * groups + g]), z = bf16_to_float(zero[r * groups + g]);
             const uint8_t *pg = p + g * group / 2;
             uint16_t *og = o + g * group;
+#ifdef __AVX512F__
+            if (group % 32 == 0) {
+                tinygemm_group(pg, group, s, z, og);
+                continue;
+            }
+#endif
             for (int64_t j = 0; j < group / 2; j++) {
                 og[2 * j] = float_to_bf16(round_bf16((float)((pg[j] & 0x0f) - 8) * s) + z);
                 og[2 * j + 1] = float_to_bf16(round_bf16((float)((pg[j] >> 4) - 8) * s) + z);
@@ -44,7 +73,12 @@ int dq_int8_rows_bf16(const int8_t *q, int64_t k, const uint16_t *scale, int64_t
         float s = bf16_to_float(scale[r * scale_step]);
         const int8_t *qr = q + r * k;
         uint16_t *o = out + r * ld;
-        for (int64_t j = 0; j < k; j++) o[j] = float_to_bf16((float)qr[j] * s);
+        int64_t j = 0;
+#ifdef __AVX512F__
+        for (__m512 vs = _mm512_set1_ps(s); j + 16 <= k; j += 16)
+            store_bf16x16(o + j, _mm512_mul_ps(int8x16_to_float(qr + j), vs));
+#endif
+        for (; j < k; j++) o[j] = float_to_bf16((float)qr[j] * s);
     }
     return 0;
 }
@@ -60,7 +94,18 @@ int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
         int sh = (int)(i / p) * bits;
         float s = bf16_to_float(scale[i]), t = bf16_to_float(shift[i]);
         uint16_t *o = out + (i - a) * g;
-        for (int64_t j = 0; j < g; j++)
+        int64_t j = 0;
+#ifdef __AVX512F__
+        const __m512i vsh = _mm512_set1_epi32(sh), vmask = _mm512_set1_epi32(mask);
+        const __m512 vs = _mm512_set1_ps(s), vt = _mm512_set1_ps(t);
+        for (; j + 16 <= g; j += 16) {
+            __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + j)));
+            c = _mm512_and_si512(_mm512_srlv_epi32(c, vsh), vmask);
+            __m512 v = round_bf16x16(_mm512_mul_ps(_mm512_cvtepi32_ps(c), vs));
+            store_bf16x16(o + j, _mm512_sub_ps(v, vt));
+        }
+#endif
+        for (; j < g; j++)
             o[j] = float_to_bf16(round_bf16((float)((src[j] >> sh) & mask) * s) - t);
     }
     return 0;
@@ -103,5 +148,23 @@ int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float 
 #endif
     for (int64_t r = r0; r < r1; r++)
         out[r] = float_to_bf16(row(q + r * k, k, x) * bf16_to_float(scale[r]));
+    return 0;
+}
+
+/* y bf16 [M, ldy] rows [r0, r1), N columns, in place: y * scale (bf16 [N]) rounded to bf16,
+   then + bias (bf16 [N], or none) rounded again: torch's y.mul_(s) then y.add_(bias). */
+int dq_scale_rows_bf16(uint16_t *y, int64_t ldy, int64_t r0, int64_t r1, int64_t n,
+                       const uint16_t *scale, const uint16_t *bias) {
+    for (int64_t r = r0; r < r1; r++) {
+        uint16_t *yr = y + r * ldy;
+        if (bias) {
+            for (int64_t j = 0; j < n; j++)
+                yr[j] = float_to_bf16(round_bf16(bf16_to_float(yr[j]) * bf16_to_float(scale[j]))
+                                      + bf16_to_float(bias[j]));
+        } else {
+            for (int64_t j = 0; j < n; j++)
+                yr[j] = float_to_bf16(bf16_to_float(yr[j]) * bf16_to_float(scale[j]));
+        }
+    }
     return 0;
 }

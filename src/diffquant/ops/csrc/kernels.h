@@ -28,6 +28,8 @@ int dq_int8_rows_bf16(const int8_t *q, int64_t k, const uint16_t *scale, int64_t
 int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
                         const uint16_t *scale, const uint16_t *shift, int64_t a, int64_t b,
                         uint16_t *out);
+int dq_scale_rows_bf16(uint16_t *y, int64_t ldy, int64_t r0, int64_t r1, int64_t n,
+                       const uint16_t *scale, const uint16_t *bias);
 int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float *x, int64_t r0,
                  int64_t r1, uint16_t *out, int portable);
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
@@ -60,6 +62,26 @@ static inline float sum_lanes(const float *acc) {
 /* 16 int8 values at p -> 16 floats (exact) */
 static inline __m512 int8x16_to_float(const void *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* float_to_bf16 of 16 values, as 32-bit lanes holding the bf16 bits (NaN -> 0x7fc0, as torch) */
+static inline __m512i bf16_bits16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                 _mm512_set1_epi32(0x7fc0));
+}
+
+/* round_bf16 of 16 values (a bf16 op's result, kept in float32) */
+static inline __m512 round_bf16x16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16));
+}
+
+/* 16 values -> 16 bf16 at o */
+static inline void store_bf16x16(uint16_t *o, __m512 v) {
+    _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(bf16_bits16(v)));
 }
 
 /* the four lane accumulators (lanes 0-15, 16-31, ...) -> their sum, in sum_lanes' order */

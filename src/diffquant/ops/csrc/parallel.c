@@ -65,9 +65,13 @@ static int amx_linear(const int64_t *a, int64_t r0, int64_t r1) {
                               a[9], a[10]);
 }
 
+static int scale_rows(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_scale_rows_bf16(P(0), a[1], r0, r1, a[2], P(3), P(4));
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
                                   quanto_bits, lut4_gemv, lut4_decode, int8_gemv, quantize_vnni,
-                                  amx_linear};
+                                  amx_linear, scale_rows};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 
