@@ -5,7 +5,9 @@
     python -m bench.fast --quick    # width 1024, 1 + 1 blocks, 256 + 64 tokens: a few minutes
 
 Every number comes from its own child process (``--child JOB``), run one at a time, with 2 torch
-threads and OpenMP's wait policy as the caller has it (the default, as users run: workers spin
+threads, glibc's allocator told to keep freed memory in forward processes (``QUIET_MALLOC``: a
+full-size forward otherwise took 40-170K page faults, 5-15% of its time and most of the spread
+between runs), and OpenMP's wait policy as the caller has it (the default, as users run: workers spin
 briefly after each op; ``OMP_WAIT_POLICY=PASSIVE`` makes every op wake a sleeping worker, which
 cost diffquant's C kernels, on torch's pool, 2-10% per layer). A forward job loads the model,
 warms it up once on 16 image tokens (lazy packed forms, reused buffers, first-call kernel
@@ -36,6 +38,11 @@ from pathlib import Path
 from bench.model import SIZES, ensure_checkpoint, make_inputs, warm_page_cache
 
 THREADS = 2
+# Forward processes only (both libraries, bf16 and quantized alike): glibc maps every tensor of
+# 32 MB and more, and smaller ones after it trims its heap, to fresh pages, each page faulted in
+# on first touch; with these it reuses what was freed. Load processes keep the defaults, since
+# their peak memory is what they measure.
+QUIET_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 # label -> (diffquant config, diffusers config); None = unquantized bf16, "n/a" = not comparable
 SCHEMES = {
     "bf16": (None, None),
@@ -168,7 +175,7 @@ def _best_forward(model, size, job: dict) -> float:
 # -- parent side ------------------------------------------------------------------------------
 def child(job: dict, timeout: float) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **(QUIET_MALLOC if job["kind"] == "forward" else {}))
     cmd = [sys.executable, "-m", "bench.fast", "--child", json.dumps(job)]
     print(f"  {job['lib']:9s} {job['label']:22s} {job['kind']} ...", file=sys.stderr, flush=True)
     try:
@@ -293,7 +300,7 @@ def _kernel_tables(width: int, rows: int, timeout: float) -> str:
     """bench.kernels at the model's width, 1 row (the embedders and modulation linears) and the
     step's rows, each format against bf16 and against the library layer diffusers runs; then one
     row through 16 distinct layers per format."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), **QUIET_MALLOC)
     cmd = [sys.executable, "-m", "bench.kernels", "--shape", str(width), str(width),
            "--rows", "1", str(rows), "--reps", "5", "--stream", "16"]
     print("  kernels ...", file=sys.stderr, flush=True)
@@ -318,7 +325,8 @@ def _header(size, image: int, text: int) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"Flux-width transformer {size.name}: width {size.width}, {size.double} double + "
             f"{size.single} single blocks; {image} image + {text} text tokens, batch 1, bf16; "
-            f"{THREADS} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'}; "
+            f"{THREADS} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'}, "
+            f"forward processes with {' '.join(f'{k}={v}' for k, v in QUIET_MALLOC.items())}; "
             f"{platform.processor() or platform.machine()}"
             f", torch {torch.__version__}; load average {load:.1f} (shared machine)\n")
 

@@ -1,6 +1,8 @@
 """bench.fast's tables: a quantized row's "vs bf16" is the median of its processes' own
 same-process ratios, s/forward and load seconds the best process, errors shown in the cell."""
 
+import json
+
 from bench import fast
 
 
@@ -32,3 +34,21 @@ def test_a_child_that_fails_reports_its_error_instead_of_raising():
                     "checkpoint": "/nonexistent", "size": "quick", "image": 16, "text": 8,
                     "repeats": 1}, timeout=120)
     assert set(r) == {"error"} and r["error"]
+
+
+def test_only_forward_children_run_with_the_quiet_allocator(monkeypatch):
+    seen = {}
+
+    class Done:
+        stdout, stderr = 'RESULT {"ok": 1}\n', ""
+
+    def run(cmd, env, **kw):
+        seen[json.loads(cmd[-1])["kind"]] = {k: env.get(k) for k in fast.QUIET_MALLOC}
+        return Done()
+
+    monkeypatch.setattr(fast.subprocess, "run", run)
+    for kind in ("forward", "load"):
+        monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+        assert fast.child({"kind": kind, "lib": "diffquant", "label": "bf16"}, 10) == {"ok": 1}
+    assert seen["forward"] == fast.QUIET_MALLOC
+    assert seen["load"] == {k: None for k in fast.QUIET_MALLOC}
