@@ -307,7 +307,8 @@ def quantize_rows_vnni(x2: torch.Tensor, xp: torch.Tensor):
 def amx_int8_linear(q: torch.Tensor, xp: torch.Tensor, m: int, sx: torch.Tensor,
                     sw: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """int8 weight q [N, K] (contiguous) x the M tokens in ``xp`` (``quantize_rows_vnni``'s
-    layout, Mp at least M rounded up to 32) -> bf16 [M, N] with int8_output_bf16's roundings."""
+    layout, Mp at least M rounded up to 32) -> bf16 [M, N] with int8_output_bf16's roundings;
+    None if the kernel could not allocate its block buffer (the caller's other path then runs)."""
     n, k = q.shape
     mp = xp.shape[1]
     sx, sw = sx.reshape(m).contiguous(), sw.reshape(n).contiguous()
@@ -324,9 +325,10 @@ def amx_int8_linear(q: torch.Tensor, xp: torch.Tensor, m: int, sx: torch.Tensor,
             b is not None and b.dtype != torch.bfloat16):
         raise ValueError("native AMX int8: float32 scales, bf16 bias")
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    _run(AMX_INT8_LINEAR, (n + 31) // 32, q.data_ptr(), k, n, xp.data_ptr(), mp, sx.data_ptr(),
-         sw.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), n, m, min_rows=2)
-    return y
+    done = _run(AMX_INT8_LINEAR, (n + 31) // 32, q.data_ptr(), k, n, xp.data_ptr(), mp,
+                sx.data_ptr(), sw.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                n, m, min_rows=2)
+    return y if done else None  # not done: no memory for a block's sums (K > 4096)
 
 
 # -- integer weights into a bf16 buffer (the reference's bf16 math, bit for bit) ----------------

@@ -186,9 +186,6 @@ static void scale_block(const int32_t sums[32][32], int64_t ch, int nc, int64_t 
    512-2048), this was within 5% of the best on every Flux shape: 0.5-0.6x the bf16 product. */
 enum { NB = 256, MB = 256, KC = 2048 };
 
-static __thread int32_t *acc_buf;  /* a block's sums; per thread, kept: the threads persist */
-static __thread int64_t acc_cap;
-
 /* Channels [32 c0, min(n, 32 c1)) of y bf16 [M, ldy] = scaled (w [N, K] . xp tokens). */
 int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t mp,
                        int64_t c0, int64_t c1, const float *sx, const float *sw,
@@ -196,12 +193,10 @@ int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, 
     int64_t mr = (m + 31) / 32 * 32;
     if (k % 64 || n % 16 || mp < mr) return -1;
     const int64_t nbs = NB, mbs = MB, kcs = k <= 2 * KC ? k : KC;
-    if (kcs < k && acc_cap < nbs * mbs) {
-        free(acc_buf);
-        acc_buf = aligned_alloc(64, (size_t)(nbs * mbs * 4));
-        acc_cap = acc_buf ? nbs * mbs : 0;
-        if (!acc_buf) return 1;
-    }
+    /* a block's parked sums when K is split; per call (256 KB): threads of the POSIX build
+       are new on every call, so a buffer kept per thread would leak */
+    int32_t *acc_buf = 0;
+    if (kcs < k && !(acc_buf = aligned_alloc(64, (size_t)(nbs * mbs * 4)))) return 1;
     epilogue_args e = {sx, sw, bias, y, ldy, m};
     int64_t first = 32 * c0, last = 32 * c1 < n ? 32 * c1 : n;
     int32_t sums[32][32] __attribute__((aligned(64)));
@@ -262,6 +257,7 @@ int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, 
         }
     }
     _tile_release();
+    free(acc_buf);
     return 0;
 }
 #else
