@@ -7,21 +7,21 @@
 Every number comes from its own child process (``--child JOB``), run one at a time, with 2 torch
 threads, glibc's allocator told to keep freed memory in forward processes (``QUIET_MALLOC``: a
 full-size forward otherwise took 40-170K page faults, 5-15% of its time and most of the spread
-between runs), and OpenMP's wait policy as the caller has it (the default, as users run: workers spin
-briefly after each op; ``OMP_WAIT_POLICY=PASSIVE`` makes every op wake a sleeping worker, which
-cost diffquant's C kernels, on torch's pool, 2-10% per layer). A forward job loads the model,
-warms it up once on 16 image tokens (lazy packed forms, reused buffers, first-call kernel
-choices) and times ``repeats`` forwards back to back; for a quantized scheme it then does the
-same with its library's bf16 model in the same process. s/forward is the best over three such
-processes (on the full size); "vs bf16" the median over them of each process's own ratio, since
-the same bf16 forward moved by 10-25% between processes. A load job (best of three too) resets the peak-RSS
-counter after its imports, loads with the checkpoint in the page cache, and reports seconds,
-peak minus baseline, the model's bytes, and whether any mapping of the checkpoint file is left.
-GGUF models come, in both libraries, from ``from_single_file`` of one
-``.gguf`` written by ``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load).
-Last, ``bench.kernels`` at the model's width times one linear layer per format at 1 row and at
-the step's rows, against bf16 and against the library layer diffusers runs, and one row through
-a chain of 16 distinct layers per format (``--stream``: a model's modulation linears).
+between runs), and OpenMP's wait policy as the caller has it (the default, as users run: workers
+spin briefly after each op; ``OMP_WAIT_POLICY=PASSIVE`` makes every op wake a sleeping worker,
+which cost diffquant's C kernels, on torch's pool, 2-10% per layer). A forward job loads the model,
+warms it up once on 16 image tokens (lazy packed forms, reused buffers, first-call kernel choices)
+and times ``repeats`` forwards back to back; for a quantized scheme it then does the same with its
+library's bf16 model in the same process. s/forward is the best over three such processes (on the
+full size); "vs bf16" the median over them of each process's own ratio, since the same bf16 forward
+moved by 10-25% between processes (without QUIET_MALLOC). A load job (best of three too) resets the peak-RSS counter after
+its imports, loads with the checkpoint in the page cache, and reports seconds, peak minus baseline,
+the model's bytes, and whether any mapping of the checkpoint file is left. GGUF models come, in
+both libraries, from ``from_single_file`` of one ``.gguf`` written by
+``diffquant.single_file.export_gguf`` (diffusers cannot quantize GGUF on load). Last,
+``bench.kernels`` at the model's width times one linear layer per format at 1 row and at the step's
+rows, against bf16 and against the library layer diffusers runs, and one row through a chain of 16
+distinct layers per format (``--stream``: a model's modulation linears).
 """
 
 from __future__ import annotations
