@@ -46,7 +46,7 @@ def test_amx_is_available_exactly_where_the_cpu_has_it():
 ])
 def test_amx_product_is_the_reference_bit_for_bit(m, k, n):
     x, q, s, bias = _case(m, k, n)
-    xp = torch.empty(k // 4, (m + 31) // 32 * 32 + 16, 4, dtype=torch.int8)
+    xp = torch.empty((m + 31) // 32 * 2, k // 4, 16, 4, dtype=torch.int8)
     sx = native.quantize_rows_vnni(x, xp)
     for b in (None, bias):
         assert torch.equal(native.amx_int8_linear(q, xp, m, sx, s, b),
@@ -57,23 +57,41 @@ def test_amx_product_is_the_reference_bit_for_bit(m, k, n):
 def test_vnni_layout_holds_the_per_token_codes_and_scales():
     m, k = 37, 128
     x = _case(m, k, 16)[0]
-    xp = torch.full((k // 4, 64, 4), 99, dtype=torch.int8)
+    xp = torch.full((4, k // 4, 16, 4), 99, dtype=torch.int8)
     sx = native.quantize_rows_vnni(x, xp)
     q0, s0 = fi.quantize_rows_int8(x)
     assert torch.equal(sx, s0)
-    assert torch.equal(xp[:, :m, :].permute(1, 0, 2).reshape(m, k), q0)  # word (k/4, t) = 4 codes
-    assert (xp[:, m:, :] == 99).all()                                   # padding left alone
+    tokens = xp.permute(0, 2, 1, 3).reshape(64, k)                      # [g, k/4, l, 4] -> [t, k]
+    assert torch.equal(tokens[:m], q0)
+    assert (tokens[m:] == 99).all()                                     # padding left alone
     x[3, 5] = float("nan")
     assert native.quantize_rows_vnni(x, xp) is None
 
 
 @needs_amx
+@pytest.mark.parametrize("r0,r1", [(0, 37), (5, 21), (16, 32), (17, 18)])
+def test_vnni_quantizes_a_thread_range_without_touching_other_tokens(r0, r1):
+    m, k = 37, 64                     # one thread's tokens [r0, r1), groups of 16 split or whole
+    x = _case(m, k, 16)[0]
+    xp = torch.full((3, k // 4, 16, 4), 99, dtype=torch.int8)
+    scale = torch.zeros(m)
+    c = native.ctypes.c_int64
+    assert native.library().dq_quantize_rows_vnni_bf16(
+        c(x.data_ptr()), c(k), c(r0), c(r1), c(k), c(xp.data_ptr()), c(scale.data_ptr())) == 0
+    tokens = xp.permute(0, 2, 1, 3).reshape(48, k)
+    q0, s0 = fi.quantize_rows_int8(x)
+    assert torch.equal(tokens[r0:r1], q0[r0:r1]) and torch.equal(scale[r0:r1], s0[r0:r1, 0])
+    assert (tokens[:r0] == 99).all() and (tokens[r1:] == 99).all()
+    assert not scale[:r0].any() and not scale[r1:].any()
+
+
+@needs_amx
 def test_amx_refuses_what_it_cannot_take():
     x, q, s, _ = _case(4, 64, 16)
-    with pytest.raises(ValueError, match=r"xp must be int8 \[16, >= 4, 4\]"):
-        native.quantize_rows_vnni(x, torch.empty(16, 2, 4, dtype=torch.int8))
-    xp = torch.empty(16, 16, 4, dtype=torch.int8)
-    with pytest.raises(ValueError, match=r"xp holds 16 token columns, needs at least 32"):
+    with pytest.raises(ValueError, match=r"xp must be int8 \[>= 1, 16, 16, 4\]"):
+        native.quantize_rows_vnni(x, torch.empty(1, 16, 8, 4, dtype=torch.int8))
+    xp = torch.empty(1, 16, 16, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"xp holds 16 tokens, needs at least 32"):
         native.amx_int8_linear(q, xp, 4, torch.ones(4), s, None)
     assert not native.amx_int8_supported(x[:, :48], q[:, :48].contiguous())  # K % 64
     assert not native.amx_int8_supported(x, q[:8])                          # N % 16

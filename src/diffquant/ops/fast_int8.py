@@ -114,10 +114,8 @@ def _linear_amx(x2: torch.Tensor, w: Int8DynamicWeight,
     in place, the tokens quantized straight into the tiles' layout). None when a token holds a
     NaN or an infinity (the caller's path handles those)."""
     m, k = x2.shape
-    # tokens padded to whole tile pairs, plus 16: a row stride of an odd number of cache lines
-    # (at 1024 tokens the rows were 4 KB apart, in the same cache sets: 1.7x slower)
-    mp = (m + 31) // 32 * 32 + 16
-    xp = scratch_buffer((k // 4, mp, 4), torch.int8, x2.device, "act vnni")
+    # groups of 16 tokens, padded to whole tile pairs (32): the last pair's second tile is read
+    xp = scratch_buffer(((m + 31) // 32 * 2, k // 4, 16, 4), torch.int8, x2.device, "act vnni")
     sx = native.quantize_rows_vnni(x2, xp)
     if sx is None:
         return None

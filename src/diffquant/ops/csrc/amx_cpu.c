@@ -46,32 +46,35 @@ static inline __m512i codes16(__m512 v, __m512 inv) {
     return _mm512_cvtps_epi32(_mm512_sub_ps(_mm512_add_ps(t, magic), magic));
 }
 
-/* Tokens [r0, r1) of x bf16 [M, ldx], K columns -> scale[M] and the codes in the tile layout:
-   xp int8 [K / 4][mp][4], token t's codes k..k+3 (k % 4 == 0) the 32-bit word (k / 4, t).
-   16 tokens at a time: two gathers read four columns of 16 rows (lines the next 15 reuse),
-   one 64-byte store writes them. Returns 1 when a token holds a NaN or an infinity. */
+/* Tokens [r0, r1) of x bf16 [M, ldx], K columns -> scale[M] and the codes in the tile layout,
+   blocked by 16 tokens: xp int8 [G][K / 4][16][4], token t = 16 g + l's codes k..k+3
+   (k % 4 == 0) the 32-bit word (g, k / 4, l). A tile of 16 words-rows is then 1 KB in one
+   piece (in a [K / 4][M][4] layout its rows were a token row apart, 16 pages per tile load).
+   Per group of 16 tokens: two gathers read four columns of the 16 rows (lines the next 15
+   reuse), one 64-byte store writes them. Returns 1 when a token holds a NaN or an infinity. */
 int dq_quantize_rows_vnni_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1,
-                               int64_t k, int8_t *xp, int64_t mp, float *scale) {
+                               int64_t k, int8_t *xp, float *scale) {
     const __m512i rows = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32((int)ldx));
-    const __m512i low = _mm512_set1_epi32(0xff);
-    for (int64_t rb = r0; rb < r1; rb += 16) {
-        int nr = r1 - rb < 16 ? (int)(r1 - rb) : 16;
-        __mmask16 live = (__mmask16)((1u << nr) - 1);
+    const __m512i low = _mm512_set1_epi32(0xff), mask_hi = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t g = r0 / 16; g * 16 < r1; g++) {
+        int lo = r0 > 16 * g ? (int)(r0 - 16 * g) : 0;             /* this range's lanes */
+        int hi = r1 < 16 * g + 16 ? (int)(r1 - 16 * g) : 16;
+        __mmask16 live = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
         float inv[16] = {0};
-        for (int j = 0; j < nr; j++) {
-            if (dq_row_scale_bf16(x + (rb + j) * ldx, k, &scale[rb + j])) return 1;
-            inv[j] = 1.0f / scale[rb + j];
+        for (int j = lo; j < hi; j++) {
+            if (dq_row_scale_bf16(x + (16 * g + j) * ldx, k, &scale[16 * g + j])) return 1;
+            inv[j] = 1.0f / scale[16 * g + j];
         }
         __m512 vinv = _mm512_loadu_ps(inv);
-        const uint16_t *base = x + rb * ldx;
+        const uint16_t *base = x + 16 * g * ldx;
+        int8_t *out = xp + g * (k / 4) * 64;
         for (int64_t kg = 0; kg < k / 4; kg++) {
             __m512i p01 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows,
                                                       base + 4 * kg, 2);
             __m512i p23 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows,
                                                       base + 4 * kg + 2, 2);
-            __m512i mask_hi = _mm512_set1_epi32((int)0xffff0000u);
             __m512i c0 = codes16(_mm512_castsi512_ps(_mm512_slli_epi32(p01, 16)), vinv);
             __m512i c1 = codes16(_mm512_castsi512_ps(_mm512_and_si512(p01, mask_hi)), vinv);
             __m512i c2 = codes16(_mm512_castsi512_ps(_mm512_slli_epi32(p23, 16)), vinv);
@@ -81,7 +84,7 @@ int dq_quantize_rows_vnni_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64
                                 _mm512_slli_epi32(_mm512_and_si512(c1, low), 8)),
                 _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c2, low), 16),
                                 _mm512_slli_epi32(c3, 24)));
-            _mm512_mask_storeu_epi32(xp + (kg * mp + rb) * 4, live, word);
+            _mm512_mask_storeu_epi32(out + kg * 64, live, word);
         }
     }
     return 0;
@@ -186,12 +189,13 @@ static void scale_block(const int32_t sums[32][32], int64_t ch, int nc, int64_t 
    512-2048), this was within 5% of the best on every Flux shape: 0.5-0.6x the bf16 product. */
 enum { NB = 256, MB = 256, KC = 2048 };
 
-/* Channels [32 c0, min(n, 32 c1)) of y bf16 [M, ldy] = scaled (w [N, K] . xp tokens). */
-int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t mp,
+/* Channels [32 c0, min(n, 32 c1)) of y bf16 [M, ldy] = scaled (w [N, K] . xp tokens), xp
+   holding groups * 16 >= M rounded up to 32 tokens. */
+int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t groups,
                        int64_t c0, int64_t c1, const float *sx, const float *sw,
                        const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m) {
     int64_t mr = (m + 31) / 32 * 32;
-    if (k % 64 || n % 16 || mp < mr) return -1;
+    if (k % 64 || n % 16 || groups * 16 < mr) return -1;
     const int64_t nbs = NB, mbs = MB, kcs = k <= 2 * KC ? k : KC;
     /* a block's parked sums when K is split; per call (256 KB): threads of the POSIX build
        are new on every call, so a buffer kept per thread would leak */
@@ -208,7 +212,7 @@ int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, 
             for (int64_t kc = 0; kc < k; kc += kcs) {
                 int64_t ke = kc + kcs < k ? kc + kcs : k;
                 for (int64_t ms = mb; ms < me; ms += 32) {
-                    const int8_t *b0 = xp + ms * 4, *b1 = xp + (ms + 16) * 4;
+                    const int8_t *b0 = xp + ms * k, *b1 = b0 + 16 * k;  /* groups ms/16, +1 */
                     for (int64_t ns = nb; ns < ne; ns += 32) {
                         int two = ns + 16 < ne;
                         const int8_t *a0 = w + ns * k, *a1 = w + (ns + 16) * k;
@@ -227,8 +231,8 @@ int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, 
                         }
                         for (int64_t kk = kc; kk < ke; kk += 64) {
                             _tile_loadd(4, a0 + kk, k);
-                            _tile_loadd(6, b0 + kk * mp, mp * 4);   /* rows kk/4 .. kk/4 + 15 */
-                            _tile_loadd(7, b1 + kk * mp, mp * 4);
+                            _tile_loadd(6, b0 + kk * 16, 64);  /* word rows kk/4 .. kk/4 + 15 */
+                            _tile_loadd(7, b1 + kk * 16, 64);
                             _tile_dpbssd(0, 4, 6);
                             _tile_dpbssd(1, 4, 7);
                             if (two) {
@@ -264,15 +268,15 @@ int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, 
 int dq_amx_available(void) { return 0; }
 
 int dq_quantize_rows_vnni_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1,
-                               int64_t k, int8_t *xp, int64_t mp, float *scale) {
-    (void)x, (void)ldx, (void)r0, (void)r1, (void)k, (void)xp, (void)mp, (void)scale;
+                               int64_t k, int8_t *xp, float *scale) {
+    (void)x, (void)ldx, (void)r0, (void)r1, (void)k, (void)xp, (void)scale;
     return -1;
 }
 
-int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t mp,
+int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t groups,
                        int64_t c0, int64_t c1, const float *sx, const float *sw,
                        const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m) {
-    (void)w, (void)k, (void)n, (void)xp, (void)mp, (void)c0, (void)c1, (void)sx, (void)sw;
+    (void)w, (void)k, (void)n, (void)xp, (void)groups, (void)c0, (void)c1, (void)sx, (void)sw;
     (void)bias, (void)y, (void)ldy, (void)m;
     return -1;
 }

@@ -13,8 +13,8 @@ int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1
                           int8_t *q, float *scale);
 int dq_row_scale_bf16(const uint16_t *xr, int64_t k, float *s);
 int dq_quantize_rows_vnni_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1,
-                               int64_t k, int8_t *xp, int64_t mp, float *scale);
-int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t mp,
+                               int64_t k, int8_t *xp, float *scale);
+int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t groups,
                        int64_t c0, int64_t c1, const float *sx, const float *sw,
                        const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m);
 int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw,

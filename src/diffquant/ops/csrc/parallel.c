@@ -56,7 +56,7 @@ static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {
 }
 
 static int quantize_vnni(const int64_t *a, int64_t r0, int64_t r1) {
-    return dq_quantize_rows_vnni_bf16(P(0), a[1], r0, r1, a[2], P(3), a[4], P(5));
+    return dq_quantize_rows_vnni_bf16(P(0), a[1], r0, r1, a[2], P(3), P(4));
 }
 
 /* rows: blocks of 32 output channels */
