@@ -9,7 +9,7 @@ import torch
 
 from diffquant.ops import fast_int8 as fi
 from diffquant.ops import int_quant as iq
-from diffquant.ops import native
+from diffquant.ops import native, native_amx
 
 
 def _cpu_has_amx() -> bool:
@@ -20,7 +20,7 @@ def _cpu_has_amx() -> bool:
 
 
 # the test below fails where AMX should run and does not, so these skip only where it cannot
-needs_amx = pytest.mark.skipif(not native.amx_available(),
+needs_amx = pytest.mark.skipif(not native_amx.amx_available(),
                                reason="no AMX int8 here (CPU, C compiler or kernel)")
 
 
@@ -46,7 +46,7 @@ def _compiler_targets_amx() -> bool:
 def test_amx_is_available_exactly_where_the_cpu_has_it():
     # on Linux 5.16 and later, which grants the tile registers on request
     expected = _cpu_has_amx() and native.available() and _compiler_targets_amx()
-    assert native.amx_available() == expected
+    assert native_amx.amx_available() == expected
 
 
 @needs_amx
@@ -60,9 +60,9 @@ def test_amx_is_available_exactly_where_the_cpu_has_it():
 def test_amx_product_is_the_reference_bit_for_bit(m, k, n):
     x, q, s, bias = _case(m, k, n)
     xp = torch.empty((m + 31) // 32 * 2, k // 4, 16, 4, dtype=torch.int8)
-    sx = native.quantize_rows_vnni(x, xp)
+    sx = native_amx.quantize_rows_vnni(x, xp)
     for b in (None, bias):
-        assert torch.equal(native.amx_int8_linear(q, xp, m, sx, s, b),
+        assert torch.equal(native_amx.amx_int8_linear(q, xp, m, sx, s, b),
                            iq.int8_dynamic_linear(x, q, s, b))
 
 
@@ -71,14 +71,14 @@ def test_vnni_layout_holds_the_per_token_codes_and_scales():
     m, k = 37, 128
     x = _case(m, k, 16)[0]
     xp = torch.full((4, k // 4, 16, 4), 99, dtype=torch.int8)
-    sx = native.quantize_rows_vnni(x, xp)
+    sx = native_amx.quantize_rows_vnni(x, xp)
     q0, s0 = fi.quantize_rows_int8(x)
     assert torch.equal(sx, s0)
     tokens = xp.permute(0, 2, 1, 3).reshape(64, k)                      # [g, k/4, l, 4] -> [t, k]
     assert torch.equal(tokens[:m], q0)
     assert (tokens[m:] == 99).all()                                     # padding left alone
     x[3, 5] = float("nan")
-    assert native.quantize_rows_vnni(x, xp) is None
+    assert native_amx.quantize_rows_vnni(x, xp) is None
 
 
 @needs_amx
@@ -102,12 +102,12 @@ def test_vnni_quantizes_a_thread_range_without_touching_other_tokens(r0, r1):
 def test_amx_refuses_what_it_cannot_take():
     x, q, s, _ = _case(4, 64, 16)
     with pytest.raises(ValueError, match=r"xp must be int8 \[>= 1, 16, 16, 4\]"):
-        native.quantize_rows_vnni(x, torch.empty(1, 16, 8, 4, dtype=torch.int8))
+        native_amx.quantize_rows_vnni(x, torch.empty(1, 16, 8, 4, dtype=torch.int8))
     xp = torch.empty(1, 16, 16, 4, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"xp holds 16 tokens, needs at least 32"):
-        native.amx_int8_linear(q, xp, 4, torch.ones(4), s, None)
-    assert not native.amx_int8_supported(x[:, :48], q[:, :48].contiguous())  # K % 64
-    assert not native.amx_int8_supported(x, q[:8])                          # N % 16
+        native_amx.amx_int8_linear(q, xp, 4, torch.ones(4), s, None)
+    assert not native_amx.amx_int8_supported(x[:, :48], q[:, :48].contiguous())  # K % 64
+    assert not native_amx.amx_int8_supported(x, q[:8])                          # N % 16
 
 
 @needs_amx
@@ -115,8 +115,8 @@ def test_amx_refuses_what_it_cannot_take():
 def test_the_int8dq_layer_takes_amx_where_the_shape_allows(k, takes_amx, monkeypatch):
     x, q, s, bias = _case(50, k, 48)
     calls = []
-    real = native.amx_int8_linear
-    monkeypatch.setattr(native, "amx_int8_linear", lambda *a: calls.append(1) or real(*a))
+    real = native_amx.amx_int8_linear
+    monkeypatch.setattr(native_amx, "amx_int8_linear", lambda *a: calls.append(1) or real(*a))
     y = fi.linear_int8_dynamic(x.reshape(5, 10, k), fi.prepare_int8_dynamic(q, s), bias)
     assert calls == ([1] if takes_amx else [])
     assert torch.equal(y.reshape(50, 48), iq.int8_dynamic_linear(x, q, s, bias))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import int_quant as iq
-from . import native
+from . import native, native_amx
 from .fast_linear import scratch_buffer
 
 _F32_EPS = torch.finfo(torch.float32).eps
@@ -85,7 +85,7 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
     """
     k, n = w.qt.shape
     x2 = x.reshape(-1, k)                                                 # [M, K]
-    if native.amx_int8_supported(x2, w.qt.t()) and (bias is None or bias.dtype == x.dtype):
+    if native_amx.amx_int8_supported(x2, w.qt.t()) and (bias is None or bias.dtype == x.dtype):
         y = _linear_amx(x2, w, bias)
         if y is not None:
             return y.reshape(*x.shape[:-1], n)
@@ -110,16 +110,16 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
 
 def _linear_amx(x2: torch.Tensor, w: Int8DynamicWeight,
                 bias: torch.Tensor | None) -> torch.Tensor | None:
-    """bf16 [M, K] -> bf16 [M, N] on AMX tiles (native.amx_int8_linear: the stored weight read
-    in place, the tokens quantized straight into the tiles' layout). None when a token holds a
+    """bf16 [M, K] -> bf16 [M, N] on AMX tiles (native_amx: the stored weight read in place,
+    the tokens quantized straight into the tiles' layout). None when a token holds a
     NaN or an infinity (the caller's path handles those)."""
     m, k = x2.shape
     # groups of 16 tokens, padded to whole tile pairs (32): the last pair's second tile is read
     xp = scratch_buffer(((m + 31) // 32 * 2, k // 4, 16, 4), torch.int8, x2.device, "act vnni")
-    sx = native.quantize_rows_vnni(x2, xp)
+    sx = native_amx.quantize_rows_vnni(x2, xp)
     if sx is None:
         return None
-    return native.amx_int8_linear(w.qt.t(), xp, m, sx, w.scale, bias)
+    return native_amx.amx_int8_linear(w.qt.t(), xp, m, sx, w.scale, bias)
 
 
 def _scale_output(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,

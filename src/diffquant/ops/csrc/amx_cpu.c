@@ -135,7 +135,8 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
-/* int8_cpu.c's output_run on 16 channels of one token (scale s): bf16 bits in 16-bit lanes */
+/* dq_int8_output_bf16's ops (int8_cpu.c) on 16 channels of one token (scale s), as bf16 bits
+   in 16-bit lanes */
 static inline __m256i output16(__m512 a, float s, __m512 w, const __m512 *b) {
     __m512 t = _mm512_mul_ps(a, _mm512_set1_ps(s));
     t = _mm512_mul_ps(round_bf16x16(t), w);

@@ -52,31 +52,23 @@ int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1
     return 0;
 }
 
-/* n sums of one token (as float32: exact for |sum| < 2^24, and rounded as float(int) beyond),
-   its scale s, channel scales sw, bias or NULL -> n bf16 outputs */
-static inline void output_run(const float *a, int64_t n, float s, const float *sw,
-                              const uint16_t *bias, uint16_t *yr) {
-    if (bias) {
-        for (int64_t j = 0; j < n; j++)
-            yr[j] = float_to_bf16(round_bf16(a[j] * s) * sw[j] + bf16_to_float(bias[j]));
-    } else {
-        for (int64_t j = 0; j < n; j++) yr[j] = float_to_bf16(round_bf16(a[j] * s) * sw[j]);
-    }
-}
-
-enum { OUT_COLS = 256 };  /* columns per block: a float32 row block that stays in L1 */
-
 /* acc int32 [M, N] rows [r0, r1), token scales sx [M], channel scales sw [N], bias bf16 [N]
    or NULL -> y bf16 [M, N] with row stride ldy (a block of columns of a wider output). */
 int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, const uint16_t *bias,
                         int64_t r0, int64_t r1, int64_t n, uint16_t *y, int64_t ldy) {
-    float a[OUT_COLS];
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t c0 = 0; c0 < n; c0 += OUT_COLS) {
-            int64_t nc = n - c0 < OUT_COLS ? n - c0 : OUT_COLS;
-            const int32_t *ar = acc + r * n + c0;
-            for (int64_t j = 0; j < nc; j++) a[j] = (float)ar[j];
-            output_run(a, nc, sx[r], sw + c0, bias ? bias + c0 : 0, y + r * ldy + c0);
+    for (int64_t r = r0; r < r1; r++) {
+        const int32_t *a = acc + r * n;
+        uint16_t *yr = y + r * ldy;
+        float s = sx[r];
+        if (bias) {
+            for (int64_t j = 0; j < n; j++) {
+                float t = round_bf16((float)a[j] * s) * sw[j];
+                yr[j] = float_to_bf16(t + bf16_to_float(bias[j]));
+            }
+        } else {
+            for (int64_t j = 0; j < n; j++)
+                yr[j] = float_to_bf16(round_bf16((float)a[j] * s) * sw[j]);
         }
+    }
     return 0;
 }
