@@ -10,7 +10,9 @@ whole weight into a fresh tensor, often through float32 temporaries, and then mu
     whose values are ``(u - 8) * scale + zero`` per group of 32+ columns). The packing is derived
     from the stored layout once, by a ``prepare_*`` function, at load time.
   * otherwise: one vectorised dequantization into a scratch bf16/fp16/fp32 buffer that is reused
-    across calls and layers of the same shape (per thread, per device), then one matmul.
+    across calls and layers of the same shape (per thread, per device), then one matmul; on a
+    CPU without a bf16 matmul kernel (``float32_product``) the decoded weight and x are widened
+    to float32 and multiplied there, 5-6x faster than torch's bf16 loop.
 
 A layer prepares its weight once and calls one function per forward::
 
@@ -117,6 +119,53 @@ def dequant_rows(out: torch.Tensor, work_dtype: torch.dtype,
     return out
 
 
+# -- which dtype a CPU's many-row product runs in -------------------------------------------------
+_float32_faster: dict = {}
+
+
+def float32_product(x: torch.Tensor) -> bool:
+    """Whether a many-row product of ``x``'s (bf16 or fp16) values is faster done in float32.
+
+    True on a CPU where torch has no oneDNN kernel for the dtype (no AVX-512 or AMX: AMD Zen 3,
+    Intel before Cooper Lake): torch's bf16 matmul is then a generic loop, 5-6x slower than its
+    float32 one (1280 x 3072 x 3072: 1.4 s against 0.27 s on a Zen 3 core pair, torch 2.13).
+    That loop sums in float32 and rounds once, as the float32 product of the same values
+    rounded once does: the numbers differ only by the order of the sums.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or (
+            torch.is_grad_enabled() and x.requires_grad):
+        return False
+    fast = _float32_faster.get(x.dtype)
+    if fast is None:
+        probe = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+                 torch.float16: "_is_mkldnn_fp16_supported"}[x.dtype]
+        check = getattr(torch.ops.mkldnn, probe, None)
+        fast = _float32_faster[x.dtype] = check is not None and not check()
+    return fast
+
+
+def _linear_float32(x2: torch.Tensor, w: "PreparedWeight", bias) -> torch.Tensor:
+    """``linear_weight_only``'s many-row product in float32: the weight decoded in x's dtype
+    (the reference's values, exactly) and widened, x widened, one rounding to x's dtype."""
+    n, k = w.out_features, w.in_features
+    wf = scratch_buffer((n, k), torch.float32, x2.device, "weight f32")
+    if w.float32_exact:  # the decode gives the same values in any dtype (int8 codes)
+        w.dequant_into(wf)
+    else:
+        buf = scratch_buffer((n, k), x2.dtype, x2.device)
+        w.dequant_into(buf)
+        wf.copy_(buf)
+    xf = scratch_buffer(x2.shape, torch.float32, x2.device, "x f32").copy_(x2)
+    yf = scratch_buffer((x2.shape[0], n), torch.float32, x2.device, "y f32")
+    if w.out_scale is None and bias is not None:
+        torch.addmm(bias.to(torch.float32), xf, wf.t(), out=yf)          # one rounding below
+        return yf.to(x2.dtype)
+    y = torch.mm(xf, wf.t(), out=yf).to(x2.dtype)
+    if w.out_scale is not None:
+        return _scale_rows_out(y, w.out_scale, bias)
+    return y
+
+
 def _weight_buffer(x: torch.Tensor, shape) -> torch.Tensor:
     # Autograd would save the buffer for backward and the next call would overwrite it.
     if torch.is_grad_enabled() and x.requires_grad:
@@ -135,6 +184,8 @@ class PreparedWeight:
     CPU kernel for few rows (None where the format has no exact mapping or off the CPU);
     ``make_packed()`` builds it on the first few-row call instead (``lazy=True`` of the
     ``prepare_*`` functions), so only layers called with few rows pay its memory.
+    ``float32_exact``: ``dequant_into`` a float32 buffer gives exactly the values it gives in
+    bf16 (integer codes), so the float32 product need not decode in bf16 first.
     """
 
     out_features: int
@@ -146,6 +197,7 @@ class PreparedWeight:
     name: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     make_packed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    float32_exact: bool = False
 
     def packed_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``packed``, built now from ``make_packed`` if it was left for the first use."""
@@ -184,6 +236,8 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
         and not (torch.is_grad_enabled() and x.requires_grad)
     if few and w.packed_kernel() is not None:
         y = w.packed(_aligned(x2))                                        # [M, N] in x.dtype
+    elif float32_product(x):
+        return _linear_float32(x2, w, bias).reshape(*x.shape[:-1], w.out_features)
     else:
         buf = _weight_buffer(x, (w.out_features, w.in_features))          # [N, K] in x.dtype
         w.dequant_into(buf)
@@ -253,7 +307,8 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
                 return native.int8_gemv(q, unit, x2)
             return torch._weight_int8pack_mm(x2, _aligned(q), unit)  # a copy only if misaligned
 
-    return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device)
+    return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device,
+                          float32_exact=True)
 
 
 # -- int4 with groups of columns, (u - 8) * scale + zero: torch's CPU "int4pack" kernel ---------

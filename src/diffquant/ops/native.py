@@ -174,7 +174,7 @@ def supports(qtype, device: torch.device) -> bool:
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
- LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS) = range(13)
+ LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS, INT8_DOT) = range(14)
 
 
 def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THREAD) -> bool:
@@ -312,6 +312,20 @@ def scale_rows_(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
     _run(SCALE_ROWS, m, y.data_ptr(), y.stride(0), n, s.data_ptr(),
          None if b is None else b.data_ptr())
     return y
+
+
+def int8_dot(xq: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """int8 xq [M, K] @ (int8 q [N, K]).T -> out int32 [M, N] (rows contiguous), exactly: the
+    product of ``torch._int_mm`` for a few tokens, each weight row read once per four."""
+    m, k = xq.shape
+    n = q.shape[0]
+    if xq.dtype != torch.int8 or q.dtype != torch.int8 or q.shape[1] != k or not q.is_contiguous() \
+            or out.dtype != torch.int32 or out.shape != (m, n) or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"native int8 dot: expected int8 x [M, {k}], contiguous int8 q [N, {k}], "
+                         f"int32 out [{m}, {n}] with contiguous rows")
+    xw = xq.to(torch.int16).contiguous()                                  # widened once
+    _run(INT8_DOT, n, xw.data_ptr(), m, q.data_ptr(), k, out.data_ptr(), out.stride(0))
+    return out
 
 
 def int8_gemv_supported(q: torch.Tensor, x2: torch.Tensor) -> bool:

@@ -34,6 +34,8 @@ int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float 
                  int64_t r1, uint16_t *out, int portable);
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
                  int64_t k, int64_t r0, int64_t r1, const float *x, float *out, int portable);
+int dq_int8_dot_rows(const int16_t *xw, int64_t m, const int8_t *q, int64_t k, int64_t r0,
+                     int64_t r1, int32_t *acc, int64_t ldacc);
 int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *absmax,
                         int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,
                         int64_t ld);
@@ -48,7 +50,7 @@ static inline float sum_lanes(const float *acc) {
     return s;
 }
 
-#ifdef __AVX512F__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 
 /* Software prefetch distance of the one-row products, in bytes of the weight stream (~2.5
@@ -58,6 +60,27 @@ static inline float sum_lanes(const float *acc) {
 #ifndef AHEAD
 #define AHEAD 8192
 #endif
+#endif
+
+/* The one-row products on a CPU with AVX2 and FMA but not AVX-512 (AMD Zen 3, Intel before
+   Skylake-X): the 64 lanes as eight 8-lane registers, the portable loop's order. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define HAVE_AVX2_ROWS 1
+
+/* 8 int8 values at p -> 8 floats (exact) */
+static inline __m256 int8x8_to_float(const void *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* the eight lane accumulators (lanes 0-7, 8-15, ...) -> their sum, in sum_lanes' order */
+static inline float sum_registers8(const __m256 *a) {
+    float acc[LANES] __attribute__((aligned(32)));
+    for (int i = 0; i < 8; i++) _mm256_store_ps(acc + 8 * i, a[i]);
+    return sum_lanes(acc);
+}
+#endif
+
+#ifdef __AVX512F__
 
 /* 16 int8 values at p -> 16 floats (exact) */
 static inline __m512 int8x16_to_float(const void *p) {

@@ -1,0 +1,143 @@
+"""The products CPUs without bf16 or int8 matmul kernels take (AVX2 only: AMD Zen 3, older
+Intel): weight-only formats multiply in float32 (fast_linear.float32_product) and int8 dynamic
+multiplies its integers with native's dot kernel or exact float32 matmuls
+(fast_int8._int_mm_slow). Each is forced here, so every machine runs them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffquant.ops import fast_gguf as fg
+from diffquant.ops import fast_int8 as fi
+from diffquant.ops import fast_linear as fl
+from diffquant.ops import int_quant as iq
+from diffquant.ops import native
+from tests.test_fast_linear import assert_bf16_close, gguf_blocks
+
+BF16 = torch.bfloat16
+
+
+def _x(m, k, seed=0):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(BF16)
+
+
+@pytest.fixture
+def float32_product(monkeypatch):
+    monkeypatch.setattr(fl, "_float32_faster", {BF16: True, torch.float16: True})
+
+
+def test_the_rule_follows_torchs_bf16_kernel(monkeypatch):
+    monkeypatch.setattr(fl, "_float32_faster", {})
+    x = torch.zeros(2, 8, dtype=BF16)
+    assert fl.float32_product(x) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not fl.float32_product(x.float())                       # float32 is already float32
+    monkeypatch.setattr(fl, "_float32_faster", {BF16: True})
+    assert fl.float32_product(x)
+    assert not fl.float32_product(x.clone().requires_grad_())      # autograd keeps its own path
+
+
+def _weights():
+    n, k = 40, 512
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    p, s, z = iq.int4_quantize_groupwise(w.to(BF16), 64)
+    yield "int4 g64", fl.prepare_int4_weight(p, s, z)
+    for qtype in ("Q8_0", "Q4_0", "Q4_K", "Q6_K"):
+        yield qtype, fg.prepare_gguf_weight(gguf_blocks(n, k, qtype), qtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("case", [name for name, _ in _weights()])
+def test_weight_only_float32_product(case, bias, float32_product):
+    w = dict(_weights())[case]
+    x, b = _x(80, w.in_features), (_x(1, w.out_features, seed=1).flatten() if bias else None)
+    y = fl.linear_weight_only(x, w, b)
+    ref_w = w.dequantize(BF16)                                       # the format's own values
+    # the same values multiplied in float32 and rounded once
+    exact = F.linear(x.float(), ref_w.float(), None if b is None else b.float()).to(BF16)
+    assert torch.equal(y, exact)
+    assert_bf16_close(y, F.linear(x, ref_w, b), x, ref_w)            # the bf16 reference's level
+    assert fl.float32_product(x)
+
+
+def test_int8_float32_product_keeps_the_scale_order(float32_product):
+    q, s = iq.int8_quantize_per_channel(torch.randn(48, 256))
+    w = fl.prepare_int8_weight(q, s)
+    x, b = _x(40, 256), _x(1, 48, seed=1).flatten()
+    y = fl.linear_weight_only(x, w, b)
+    # torchao's order: the integer product rounded to bf16, times the bf16 scale, plus the bias
+    exact = torch.mm(x.float(), q.float().t()).to(BF16).mul_(s.reshape(-1).to(BF16)).add_(b)
+    assert torch.equal(y, exact)
+    assert_bf16_close(y, iq.int8_weight_only_linear(x, q, s, b), x, q.float() * s.reshape(-1, 1))
+
+
+def test_float32_product_reuses_its_buffers(float32_product):
+    q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
+    w = fl.prepare_int8_weight(q, s)
+    x = _x(20, 64)
+    first = fl.linear_weight_only(x, w)
+    again = fl.linear_weight_only(x, w)
+    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # fresh outputs
+
+
+# -- int8 dynamic where torch._int_mm has no VNNI kernel ----------------------------------------
+@pytest.fixture
+def slow_int_mm(monkeypatch):
+    monkeypatch.setattr(fi, "_int_mm_slow", lambda: True)
+
+
+@pytest.mark.parametrize("use_native", [True, False])  # False: exact float32 matmuls
+@pytest.mark.parametrize("m", [1, 3, 5, 70])
+@pytest.mark.parametrize("n,k", [(33, 2048), (8, 40)])  # 40: not the dot kernel's step of 16
+def test_int8_dynamic_without_vnni_is_bit_identical(m, n, k, use_native, slow_int_mm,
+                                                    monkeypatch):
+    if not use_native:
+        monkeypatch.setattr(native, "available", lambda: False)
+    q, s = iq.int8_quantize_per_channel(torch.randn(n, k))
+    x, b = _x(m, k), _x(1, n, seed=1).flatten()
+    y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s), b)
+    assert torch.equal(y, iq.int8_dynamic_linear(x, q, s, b))
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_int8_dynamic_sums_past_float32s_integers(use_native, slow_int_mm, monkeypatch):
+    """3072 products of 127 x 127 (and one 127 x 126): an odd sum near 2**25.6, which float32
+    cannot hold; the float32 matmuls run over 1024 columns at a time (sums below 2**24)."""
+    if not use_native:
+        monkeypatch.setattr(native, "available", lambda: False)
+    k = 3072
+    q = torch.full((4, k), 127, dtype=torch.int8)
+    q[:, 7] = 126
+    x = torch.ones(2, k, dtype=BF16)                                 # codes 127 (amax / 127.5)
+    xq, _ = fi.quantize_rows_int8(x)
+    total = (xq.long() @ q.long().t())
+    assert total[0, 0] % 2 == 1 and total[0, 0] > 2**25
+    acc = torch.empty(2, 4, dtype=torch.int32)
+    if use_native:
+        native.int8_dot(xq, q, acc)
+    else:
+        fi._int8_mm_float32(xq, q.t(), acc)
+    assert torch.equal(acc.long(), total)
+    s = torch.ones(4)
+    y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s))
+    assert torch.equal(y, iq.int8_dynamic_linear(x, q, s))
+
+
+@pytest.mark.parametrize("m", [1, 4, 7, 64, 69])  # token blocks of 64, groups of 4, a remainder
+@pytest.mark.parametrize("n", [1, 2, 5])          # weight rows in pairs, an odd last one
+@pytest.mark.parametrize("k", [16, 48, 40])
+def test_native_int8_dot_is_exact(m, n, k):
+    g = torch.Generator().manual_seed(m * 100 + n * 10 + k)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    out = torch.full((m, n + 3), 7, dtype=torch.int32)              # a block of a wider output
+    native.int8_dot(xq, q, out[:, 1:n + 1])
+    assert torch.equal(out[:, 1:n + 1].long(), xq.long() @ q.long().t())
+    assert (out[:, 0] == 7).all() and (out[:, n + 1:] == 7).all()   # nothing else written
+
+
+def test_native_int8_dot_refuses_bad_arguments():
+    xq, q = torch.zeros(2, 16, dtype=torch.int8), torch.zeros(3, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"int32 out \[2, 3\]"):
+        native.int8_dot(xq, q, torch.empty(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"contiguous int8 q \[N, 16\]"):
+        native.int8_dot(xq, torch.zeros(16, 3, dtype=torch.int8).t(), torch.empty(2, 3, dtype=torch.int32))
