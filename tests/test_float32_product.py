@@ -12,6 +12,7 @@ from diffquant.ops import fast_int8 as fi
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import int_quant as iq
 from diffquant.ops import native
+from tests import test_fast_paths as fp
 from tests.test_fast_linear import assert_bf16_close, gguf_blocks
 
 BF16 = torch.bfloat16
@@ -141,3 +142,34 @@ def test_native_int8_dot_refuses_bad_arguments():
         native.int8_dot(xq, q, torch.empty(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"contiguous int8 q \[N, 16\]"):
         native.int8_dot(xq, torch.zeros(16, 3, dtype=torch.int8).t(), torch.empty(2, 3, dtype=torch.int32))
+
+
+# -- every quantized layer under the float32 product ------------------------------------------
+@pytest.mark.parametrize("case", sorted(fp.LAYER_CASES))
+def test_layers_under_the_float32_product(case, float32_product):
+    layer = fp.LAYER_CASES[case]()
+    x = fp._x(100).reshape(1, 100, fp.K)                         # past every packed kernel's rows
+    with torch.no_grad():
+        y, ref = layer(x), fp._reference(layer, x)               # the reference: its own bf16 path
+    w = layer.dequantized_weight().float()
+    bound = x.float().abs() @ w.abs().t() * 2.0**-7 + 2.0**-7 * (layer.bias.float().abs() + 1e-3)
+    assert ((y.float() - ref.float()).abs() <= bound).all()
+    assert layer._fast is not None
+
+
+def test_bitsandbytes_4bit_under_the_float32_product(tmp_path, float32_product):
+    pytest.importorskip("bitsandbytes")
+    from diffquant import BitsAndBytesConfig
+    from tests.toy import ToyModel, save_toy, toy_input
+
+    save_toy(tmp_path / "bf16")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=BF16)     # bf16: the C decode's path
+    model = ToyModel.from_pretrained(tmp_path / "bf16", torch_dtype=BF16, quantization_config=config)
+    layer = model.proj_in
+    x = toy_input(rows=80)
+    with torch.no_grad():
+        y = layer(x)
+        w = layer.dequantized_weight().to(BF16)
+    exact = F.linear(x.float(), w.float(), layer.bias.float()).to(BF16)
+    assert torch.equal(y, exact) and layer._fast is not None

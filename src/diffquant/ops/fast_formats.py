@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from . import native
 from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, chunk_rows,
-                          dequant_rows, int4pack_matmul, pack_int4_cpu, scratch_buffer)
+                          dequant_rows, int4pack_matmul, linear_decoded, pack_int4_cpu,
+                          scratch_buffer)
 
 
 def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
@@ -145,4 +146,4 @@ def linear_lut4(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, absmax
         out = out.reshape(*x.shape[:-1], n)
         return out if bias is None else out + bias
     buf = scratch_buffer((n, k), x.dtype, x.device)
-    return F.linear(x, native.lut4_decode_into(packed, lut, absmax, blocksize, buf), bias)
+    return linear_decoded(x, native.lut4_decode_into(packed, lut, absmax, blocksize, buf), bias)

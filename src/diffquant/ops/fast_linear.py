@@ -155,15 +155,30 @@ def _linear_float32(x2: torch.Tensor, w: "PreparedWeight", bias) -> torch.Tensor
         buf = scratch_buffer((n, k), x2.dtype, x2.device)
         w.dequant_into(buf)
         wf.copy_(buf)
+    if w.out_scale is None:
+        return _matmul_float32(x2, wf, bias)
+    return _scale_rows_out(_matmul_float32(x2, wf, None), w.out_scale, bias)
+
+
+def _matmul_float32(x2: torch.Tensor, wf: torch.Tensor, bias) -> torch.Tensor:
+    """x2 [M, K] @ wf.T (float32 [N, K]) + bias in float32, rounded once to x2's dtype."""
     xf = scratch_buffer(x2.shape, torch.float32, x2.device, "x f32").copy_(x2)
-    yf = scratch_buffer((x2.shape[0], n), torch.float32, x2.device, "y f32")
-    if w.out_scale is None and bias is not None:
-        torch.addmm(bias.to(torch.float32), xf, wf.t(), out=yf)          # one rounding below
-        return yf.to(x2.dtype)
-    y = torch.mm(xf, wf.t(), out=yf).to(x2.dtype)
-    if w.out_scale is not None:
-        return _scale_rows_out(y, w.out_scale, bias)
-    return y
+    yf = scratch_buffer((x2.shape[0], wf.shape[0]), torch.float32, x2.device, "y f32")
+    if bias is not None:
+        torch.addmm(bias.to(torch.float32), xf, wf.t(), out=yf)
+    else:
+        torch.mm(xf, wf.t(), out=yf)
+    return yf.to(x2.dtype)
+
+
+def linear_decoded(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for a weight decoded into a buffer of x's dtype, multiplied in
+    float32 where ``float32_product(x)`` says that is faster (one rounding, as torch's loop)."""
+    if not float32_product(x):
+        return F.linear(x, w, bias)
+    wf = scratch_buffer(w.shape, torch.float32, w.device, "weight f32").copy_(w)
+    y = _matmul_float32(x.reshape(-1, w.shape[1]), wf, bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _weight_buffer(x: torch.Tensor, shape) -> torch.Tensor:
