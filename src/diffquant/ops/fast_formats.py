@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import native
 from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, chunk_rows,
