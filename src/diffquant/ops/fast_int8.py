@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,8 @@ def _int_mm_slow() -> bool:
     """Whether torch._int_mm on this CPU is a generic loop: without VNNI (AVX2 only: AMD Zen 3,
     older Intel) it took 4.4x the bf16 product and 22x the float32 one at 1280 x 3072 x 3072
     (Zen 3 core pair, torch 2.13). Zen 4 and the AMX Xeons, with VNNI, run it at 0.5-0.8x bf16."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # VNNI is x86's; elsewhere torch's own choice stands (not measured here)
     vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     return vnni is not None and not vnni()
 
