@@ -314,16 +314,20 @@ def scale_rows_(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
     return y
 
 
-def int8_dot(xq: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """int8 xq [M, K] @ (int8 q [N, K]).T -> out int32 [M, N] (rows contiguous), exactly: the
-    product of ``torch._int_mm`` for a few tokens, each weight row read once per four."""
+def int8_dot(xq: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+             xw: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 xq [M, K] @ (int8 q [N, K]).T -> out int32 [M, N] (rows contiguous), exactly:
+    ``torch._int_mm``'s sums, each weight row read once per four tokens. ``xw``: an int16
+    [M, K] buffer for the widened tokens (a fresh one if None)."""
     m, k = xq.shape
     n = q.shape[0]
     if xq.dtype != torch.int8 or q.dtype != torch.int8 or q.shape[1] != k or not q.is_contiguous() \
             or out.dtype != torch.int32 or out.shape != (m, n) or (n > 1 and out.stride(1) != 1):
         raise ValueError(f"native int8 dot: expected int8 x [M, {k}], contiguous int8 q [N, {k}], "
                          f"int32 out [{m}, {n}] with contiguous rows")
-    xw = xq.to(torch.int16).contiguous()                                  # widened once
+    if xw is None or xw.shape != (m, k) or xw.dtype != torch.int16 or not xw.is_contiguous():
+        xw = torch.empty(m, k, dtype=torch.int16)
+    xw.copy_(xq)                                                          # widened once
     _run(INT8_DOT, n, xw.data_ptr(), m, q.data_ptr(), k, out.data_ptr(), out.stride(0))
     return out
 
