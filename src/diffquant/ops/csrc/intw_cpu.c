@@ -187,7 +187,7 @@ int dq_scale_rows_bf16(uint16_t *y, int64_t ldy, int64_t r0, int64_t r1, int64_t
 /* int8 dynamic's product for a few tokens where torch._int_mm is a generic loop (no VNNI):
    acc[i, r] = sum_j x[i, j] q[r, j] for tokens i < m and channels [r0, r1), in int32 (exact,
    in any order). xw int16 [m, k]: the tokens' int8 codes widened once by the caller, so each
-   weight row is widened once and multiplied into four tokens at a time. */
+   weight row is widened once and multiplied into four tokens at a time, two rows at a time. */
 static void int8_dot_portable(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
                               int32_t *acc, int64_t ldacc) {
     for (int64_t i = 0; i < m; i++) {
@@ -205,7 +205,8 @@ static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* one token: two partial sums in flight */
+/* one token at a time (the few left over from groups of four, or an odd last weight row):
+   two partial sums in flight */
 static void int8_dot1_avx2(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
                            int32_t *acc, int64_t ldacc) {
     for (int64_t i = 0; i < m; i++) {
@@ -224,28 +225,6 @@ static void int8_dot1_avx2(const int16_t *xw, int64_t m, const int8_t *qr, int64
         }
         acc[i * ldacc] = hsum_epi32(_mm256_add_epi32(s0, s1));
     }
-}
-
-/* k % 16 == 0; the weight row is read once per four tokens */
-static void int8_dot_avx2(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
-                          int32_t *acc, int64_t ldacc) {
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-        const int16_t *x0 = xw + i * k;
-        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
-        for (int64_t j = 0; j < k; j += 16) {
-            __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j)));
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(x0 + j))));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(x0 + k + j))));
-            s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(x0 + 2 * k + j))));
-            s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(x0 + 3 * k + j))));
-        }
-        acc[i * ldacc] = hsum_epi32(s0);
-        acc[(i + 1) * ldacc] = hsum_epi32(s1);
-        acc[(i + 2) * ldacc] = hsum_epi32(s2);
-        acc[(i + 3) * ldacc] = hsum_epi32(s3);
-    }
-    if (i < m) int8_dot1_avx2(xw + i * k, m - i, qr, k, acc + i * ldacc, ldacc);
 }
 
 #define MADD(S, W, X) S = _mm256_add_epi32(S, _mm256_madd_epi16(W, X))
@@ -306,7 +285,7 @@ int dq_int8_dot_rows(const int16_t *xw, int64_t m, const int8_t *q, int64_t k, i
                 continue;
             }
             if (k % 16 == 0) {
-                int8_dot_avx2(xb, mb, q + r * k, k, ab + r, ldacc);
+                int8_dot1_avx2(xb, mb, q + r * k, k, ab + r, ldacc);
                 continue;
             }
 #endif
