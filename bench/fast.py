@@ -322,13 +322,16 @@ def _header(size, image: int, text: int) -> str:
 
     import torch
 
+    from diffquant.ops.fast_int8 import cpu_products
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"Flux-width transformer {size.name}: width {size.width}, {size.double} double + "
             f"{size.single} single blocks; {image} image + {text} text tokens, batch 1, bf16; "
             f"{THREADS} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'}, "
             f"forward processes with {' '.join(f'{k}={v}' for k, v in QUIET_MALLOC.items())}; "
             f"{platform.processor() or platform.machine()}"
-            f", torch {torch.__version__}; load average {load:.1f} (shared machine)\n")
+            f", torch {torch.__version__}; {cpu_products()}; load average {load:.1f} "
+            f"(shared machine)\n")
 
 
 if __name__ == "__main__":

@@ -260,7 +260,8 @@ def main(argv=None) -> None:
     ap.add_argument("--passes", type=int, default=7, help="passes through the chain (median)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps}\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps}; "
+          f"{fi.cpu_products()}\n")
     for fmt in args.formats:
         print(table(fmt, *args.shape, args.rows, args.reps) + "\n", flush=True)
     if args.stream:

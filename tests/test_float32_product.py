@@ -173,3 +173,19 @@ def test_bitsandbytes_4bit_under_the_float32_product(tmp_path, float32_product):
         w = layer.dequantized_weight().to(BF16)
     exact = F.linear(x.float(), w.float(), layer.bias.float()).to(BF16)
     assert torch.equal(y, exact) and layer._fast is not None
+
+
+def test_cpu_products_names_the_paths_taken(monkeypatch):
+    from diffquant.ops import native_amx
+    monkeypatch.setattr(native_amx, "amx_available", lambda: False)
+    monkeypatch.setattr(fi, "_int_mm_slow", lambda: False)
+    assert fi.cpu_products() == "many-row products: weight-only in bf16, int8 dynamic on torch._int_mm"
+    monkeypatch.setattr(fl, "_float32_faster", {BF16: True})
+    monkeypatch.setattr(fi, "_int_mm_slow", lambda: True)
+    monkeypatch.setattr(native, "available", lambda: True)
+    assert fi.cpu_products() == ("many-row products: weight-only in float32 (torch has no bf16 "
+                                 "matmul kernel here), int8 dynamic on the AVX2 int8 dot kernel")
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert fi.cpu_products().endswith("int8 dynamic on exact float32 matmuls")
+    monkeypatch.setattr(native_amx, "amx_available", lambda: True)
+    assert fi.cpu_products().endswith("int8 dynamic on AMX tiles")

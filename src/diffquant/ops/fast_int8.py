@@ -27,7 +27,7 @@ import torch
 
 from . import int_quant as iq
 from . import native, native_amx
-from .fast_linear import scratch_buffer
+from .fast_linear import float32_product, scratch_buffer
 
 _F32_EPS = torch.finfo(torch.float32).eps
 # torch._int_mm slows down on wide outputs: at 1024-1280 tokens x 3072 inputs, 12288 output
@@ -130,6 +130,20 @@ def _int_mm_slow() -> bool:
         return False  # VNNI is x86's; elsewhere torch's own choice stands (not measured here)
     vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     return vnni is not None and not vnni()
+
+
+def cpu_products() -> str:
+    """Which many-row products the fast paths take on this CPU, in one line (the benchmarks'
+    headers print it: the tables of two machines differ by it)."""
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    weight_only = "float32 (torch has no bf16 matmul kernel here)" if float32_product(x) else "bf16"
+    if native_amx.amx_available():
+        int8 = "AMX tiles"
+    elif not _int_mm_slow():
+        int8 = "torch._int_mm"
+    else:
+        int8 = "the AVX2 int8 dot kernel" if native.available() else "exact float32 matmuls"
+    return f"many-row products: weight-only in {weight_only}, int8 dynamic on {int8}"
 
 
 def _int8_mm_float32(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
