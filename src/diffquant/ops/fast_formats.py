@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, chunk_rows,
-                          dequant_rows, int4pack_matmul, linear_decoded, pack_int4_cpu,
-                          scratch_buffer)
+from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, int4pack_matmul,
+                          linear_decoded, pack_int4_cpu)
+from .scratch import chunk_rows, dequant_rows, scratch_buffer
 
 
 def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,

@@ -27,7 +27,8 @@ import torch
 
 from . import int_quant as iq
 from . import native, native_amx
-from .fast_linear import float32_product, scratch_buffer
+from .fast_linear import float32_product
+from .scratch import scratch_buffer
 
 _F32_EPS = torch.finfo(torch.float32).eps
 # torch._int_mm slows down on wide outputs: at 1024-1280 tokens x 3072 inputs, 12288 output
@@ -103,15 +104,13 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
     m = x2.shape[0]
     native_out = native.int8_supported(x) and (bias is None or bias.dtype == x.dtype)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    columns = n if _int_mm_slow() else _INT_MM_COLUMNS
+    slow = _int_mm_slow()
+    columns = n if slow else _INT_MM_COLUMNS  # the slow-_int_mm products gain nothing by blocks
     for j0 in range(0, n, columns):
         j1 = min(n, j0 + columns)
         acc = scratch_buffer((m, j1 - j0), torch.int32, x.device, "act int32")
-        if columns == n and native.available() and w.qt.t().is_contiguous():
-            xw = scratch_buffer((m, k), torch.int16, x.device, "act int16")
-            native.int8_dot(xq, w.qt.t(), acc, xw)  # 1280 tokens: 0.65x the float32 matmuls' time
-        elif columns == n:
-            _int8_mm_float32(xq, w.qt, acc)
+        if slow:
+            _int8_mm_without_vnni(xq, w.qt, acc)
         else:
             torch._int_mm(xq, w.qt[:, j0:j1], out=acc)                   # [M, j1 - j0]
         b = None if bias is None else bias[j0:j1]
@@ -144,6 +143,16 @@ def cpu_products() -> str:
     else:
         int8 = "the AVX2 int8 dot kernel" if native.available() else "exact float32 matmuls"
     return f"many-row products: weight-only in {weight_only}, int8 dynamic on {int8}"
+
+
+def _int8_mm_without_vnni(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor) -> None:
+    """acc int32 [M, N] <- xq @ qt exactly where _int_mm is a generic loop: native's dot kernel
+    (1280 tokens: 0.65x the float32 matmuls' time), else the exact float32 matmuls."""
+    if native.available() and qt.t().is_contiguous():
+        xw = scratch_buffer(xq.shape, torch.int16, xq.device, "act int16")
+        native.int8_dot(xq, qt.t(), acc, xw)
+    else:
+        _int8_mm_float32(xq, qt, acc)
 
 
 def _int8_mm_float32(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
