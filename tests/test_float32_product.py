@@ -99,8 +99,9 @@ def test_int8_dynamic_without_vnni_is_bit_identical(m, n, k, use_native, slow_in
     assert torch.equal(y, iq.int8_dynamic_linear(x, q, s, b))
 
 
+@pytest.mark.parametrize("m", [1, 2])  # 1: native.int8_dynamic_row
 @pytest.mark.parametrize("use_native", [True, False])
-def test_int8_dynamic_sums_past_float32s_integers(use_native, slow_int_mm, monkeypatch):
+def test_int8_dynamic_sums_past_float32s_integers(use_native, m, slow_int_mm, monkeypatch):
     """3072 products of 127 x 127 (and one 127 x 126): an odd sum near 2**25.6, which float32
     cannot hold; the float32 matmuls run over 1024 columns at a time (sums below 2**24)."""
     if not use_native:
@@ -108,11 +109,11 @@ def test_int8_dynamic_sums_past_float32s_integers(use_native, slow_int_mm, monke
     k = 3072
     q = torch.full((4, k), 127, dtype=torch.int8)
     q[:, 7] = 126
-    x = torch.ones(2, k, dtype=BF16)                                 # codes 127 (amax / 127.5)
+    x = torch.ones(m, k, dtype=BF16)                                 # codes 127 (amax / 127.5)
     xq, _ = fi.quantize_rows_int8(x)
     total = (xq.long() @ q.long().t())
     assert total[0, 0] % 2 == 1 and total[0, 0] > 2**25
-    acc = torch.empty(2, 4, dtype=torch.int32)
+    acc = torch.empty(m, 4, dtype=torch.int32)
     if use_native:
         native.int8_dot(xq, q, acc)
     else:
@@ -134,6 +135,34 @@ def test_native_int8_dot_is_exact(m, n, k):
     native.int8_dot(xq, q, out[:, 1:n + 1])
     assert torch.equal(out[:, 1:n + 1].long(), xq.long() @ q.long().t())
     assert (out[:, 0] == 7).all() and (out[:, n + 1:] == 7).all()   # nothing else written
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(1, 16), (5, 40), (7, 41), (130, 2048)])  # leftovers of 32, odd K
+def test_native_int8_dynamic_row_is_bit_identical(n, k, bias):
+    q, s = iq.int8_quantize_per_channel(torch.randn(n, k))
+    x, b = _x(1, k), (_x(1, n, seed=1).flatten() if bias else None)
+    y = native.int8_dynamic_row(x, q, s.flatten(), b)
+    assert torch.equal(y, iq.int8_dynamic_linear(x, q, s, b))
+
+
+def test_native_int8_dynamic_row_leaves_a_nan_token_to_torch(slow_int_mm):
+    q, s = iq.int8_quantize_per_channel(torch.randn(8, 64))
+    x = _x(1, 64)
+    x[0, 3] = float("nan")
+    assert native.int8_dynamic_row(x, q, s.flatten(), None) is None
+    y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s))   # the torch ops' numbers
+    torch.testing.assert_close(y, iq.int8_dynamic_linear(x, q, s), rtol=0, atol=0, equal_nan=True)
+
+
+def test_native_int8_dynamic_row_refuses_bad_arguments():
+    q, s = torch.zeros(3, 16, dtype=torch.int8), torch.ones(3)
+    with pytest.raises(ValueError, match=r"expected contiguous bf16 x \[1, 16\], int8 q \[3, 16\]"):
+        native.int8_dynamic_row(_x(2, 16), q, s, None)                # two tokens
+    with pytest.raises(ValueError, match=r"float32 channel scales \[3\]"):
+        native.int8_dynamic_row(_x(1, 16), q, s.to(BF16), None)
+    with pytest.raises(ValueError, match=r"bf16 bias \[3\] or none"):
+        native.int8_dynamic_row(_x(1, 16), q, s, torch.ones(4, dtype=BF16))
 
 
 def test_native_int8_dot_refuses_bad_arguments():

@@ -97,6 +97,9 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
         y = _linear_amx(x2, w, bias)
         if y is not None:
             return y.reshape(*x.shape[:-1], n)
+    y = _one_token(x2, w, bias)
+    if y is not None:
+        return y.reshape(*x.shape[:-1], n)
     xq, xs = quantize_rows_int8(x2, reuse=True)                           # [M, K], [M, 1]
     if x.device.type != "cpu":
         return _scale_output(iq.int8_mm(xq, w.qt), xs, w.scale, bias, x.dtype).reshape(
@@ -119,6 +122,15 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
         else:
             y[:, j0:j1] = _scale_output(acc, xs, w.scale[j0:j1], b, x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _one_token(x2: torch.Tensor, w: Int8DynamicWeight, bias) -> torch.Tensor | None:
+    """One bf16 token where _int_mm is a generic loop: quantized, multiplied and scaled in one
+    native call (the weight read once as a stream), or None (not this case, or a NaN/inf)."""
+    if x2.shape[0] != 1 or not native.int8_supported(x2) or not _int_mm_slow() \
+            or not w.qt.t().is_contiguous() or (bias is not None and bias.dtype != x2.dtype):
+        return None
+    return native.int8_dynamic_row(x2.contiguous(), w.qt.t(), w.scale, bias)
 
 
 def _int_mm_slow() -> bool:

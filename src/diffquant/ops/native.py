@@ -174,7 +174,8 @@ def supports(qtype, device: torch.device) -> bool:
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
 # the kernel ids of parallel.c's table
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
- LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS, INT8_DOT) = range(14)
+ LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS, INT8_DOT,
+ INT8_DYNAMIC_ROW) = range(15)
 
 
 def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THREAD) -> bool:
@@ -330,6 +331,29 @@ def int8_dot(xq: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
     xw.copy_(xq)                                                          # widened once
     _run(INT8_DOT, n, xw.data_ptr(), m, q.data_ptr(), k, out.data_ptr(), out.stride(0))
     return out
+
+
+def int8_dynamic_row(x2: torch.Tensor, q: torch.Tensor, sw: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor | None:
+    """One bf16 token x2 [1, K] through int8 dynamic with int8 weight q [N, K] and float32
+    channel scales ``sw`` [N] -> bf16 [1, N], in one call: quantized, multiplied in int32 and
+    scaled as ``quantize_rows_bf16``, ``int8_dot`` and ``int8_output_bf16`` do in three (whose
+    Python around them cost ~15% of a 3072 x 3072 layer). None when the token holds an
+    infinity or a NaN (use those)."""
+    n, k = q.shape
+    if x2.shape != (1, k) or x2.dtype != torch.bfloat16 or not x2.is_contiguous() \
+            or q.dtype != torch.int8 or not q.is_contiguous() or sw.dtype != torch.float32 \
+            or sw.numel() != n or (bias is not None and (bias.dtype != torch.bfloat16
+                                                        or bias.numel() != n)):
+        raise ValueError(f"native int8 dynamic row: expected contiguous bf16 x [1, {k}], int8 q "
+                         f"[{n}, {k}], float32 channel scales [{n}], bf16 bias [{n}] or none")
+    sw = sw.reshape(n).contiguous()
+    b = None if bias is None else bias.reshape(n).contiguous()  # held: pointers used below
+    y = torch.empty(1, n, dtype=torch.bfloat16)
+    if not _run(INT8_DYNAMIC_ROW, n, x2.data_ptr(), k, q.data_ptr(), sw.data_ptr(),
+                None if b is None else b.data_ptr(), y.data_ptr()):
+        return None
+    return y
 
 
 def int8_gemv_supported(q: torch.Tensor, x2: torch.Tensor) -> bool:

@@ -357,37 +357,39 @@ static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
     return sum_registers8(a);
 }
 
-/* 8 codes (the low bytes of c, minus 32) of a sub-block of scale s, times x[0:8], into A */
-static inline __m256 q6_8(__m128i c, float s, const float *x, __m256 A) {
-    __m256 w = _mm256_mul_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+/* 8 codes c[0:8] of a sub-block of scale *s, times x[0:8], into A. Codes and scales come from
+   memory: a broadcast from memory and vpmovsxbd from memory are loads, where taking them out
+   of registers cost shuffles (and the scales, kept in registers by gcc, a scalar convert each) */
+static inline __m256 q6_8(const int8_t *c, const float *s, const float *x, __m256 A) {
+    __m256 w = _mm256_mul_ps(_mm256_broadcast_ss(s), int8x8_to_float(c));
     return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), A);
 }
 
-/* 32 codes v (block elements e..e+31, sub-blocks of scales s0, s1) into lanes e % 64.. */
-#define Q6_V(V, S0, S1, X, A0, A1, A2, A3)                                                \
+/* 32 codes c (block elements e..e+31, sub-blocks of scales s[0], s[1]) into lanes e % 64.. */
+#define Q6_V(C, S, X, A0, A1, A2, A3)                                                     \
     do {                                                                                  \
-        __m128i lo = _mm256_castsi256_si128(V), hi = _mm256_extracti128_si256(V, 1);      \
-        A0 = q6_8(lo, S0, (X), A0);                                                       \
-        A1 = q6_8(_mm_srli_si128(lo, 8), S0, (X) + 8, A1);                                \
-        A2 = q6_8(hi, S1, (X) + 16, A2);                                                  \
-        A3 = q6_8(_mm_srli_si128(hi, 8), S1, (X) + 24, A3);                               \
+        A0 = q6_8((C), (S), (X), A0);                                                     \
+        A1 = q6_8((C) + 8, (S), (X) + 8, A1);                                             \
+        A2 = q6_8((C) + 16, (S) + 1, (X) + 16, A2);                                       \
+        A3 = q6_8((C) + 24, (S) + 1, (X) + 24, A3);                                       \
     } while (0)
 
-/* The codes are put together 32 at a time as block_q6_k's four runs of 32; elements 0-31 and
-   64-95 of a half go to lanes 0-31, 32-63 and 96-127 to lanes 32-63, each lane in element
-   order: the portable loop's sums. (That loop's lane index at % LANES kept gcc from
+/* The codes are put together 32 at a time as block_q6_k's four runs of 32 and stored; elements
+   0-31 and 64-95 of a half go to lanes 0-31, 32-63 and 96-127 to lanes 32-63, each lane in
+   element order: the portable loop's sums. (That loop's lane index at % LANES kept gcc from
    vectorising it: 13 ms for one row of a 3072 x 3072 weight on Zen 3, bf16 1.9 ms.) */
 static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
     const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30),
                   off = _mm256_set1_epi8(32);
     __m256 a[8];
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    float dl[16];
+    float dl[16] __attribute__((aligned(32)));
+    int8_t codes[128] __attribute__((aligned(32)));
     for (int64_t g = 0; g < n_blocks; g++, b += 210, x += 256) {
         for (int line = 0; line < 210; line += 64) _mm_prefetch((const char *)(b + AHEAD + line), _MM_HINT_T0);
-        const int8_t *sc = (const int8_t *)(b + 192);
-        float d = half_to_float(b + 208);
-        for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];          /* as block_q6_k */
+        __m256 d = half_broadcast8(b + 208);                            /* d * sc[i], as block_q6_k */
+        _mm256_store_ps(dl, _mm256_mul_ps(d, int8x8_to_float(b + 192)));
+        _mm256_store_ps(dl + 8, _mm256_mul_ps(d, int8x8_to_float(b + 200)));
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
             __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
@@ -400,15 +402,16 @@ static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
                                          _mm256_and_si256(qh, bits45));
             __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
                                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45));
+            _mm256_store_si256((__m256i *)codes, _mm256_sub_epi8(v0, off));
+            _mm256_store_si256((__m256i *)(codes + 32), _mm256_sub_epi8(v1, off));
+            _mm256_store_si256((__m256i *)(codes + 64), _mm256_sub_epi8(v2, off));
+            _mm256_store_si256((__m256i *)(codes + 96), _mm256_sub_epi8(v3, off));
+            __asm__ __volatile__("" : : : "memory");  /* read them back: gcc would shuffle */
             const float *xh = x + 128 * h, *s = dl + 8 * h;
-            v0 = _mm256_sub_epi8(v0, off);
-            v1 = _mm256_sub_epi8(v1, off);
-            v2 = _mm256_sub_epi8(v2, off);
-            v3 = _mm256_sub_epi8(v3, off);
-            Q6_V(v0, s[0], s[1], xh, a0, a1, a2, a3);
-            Q6_V(v1, s[2], s[3], xh + 32, a4, a5, a6, a7);
-            Q6_V(v2, s[4], s[5], xh + 64, a0, a1, a2, a3);
-            Q6_V(v3, s[6], s[7], xh + 96, a4, a5, a6, a7);
+            Q6_V(codes, s, xh, a0, a1, a2, a3);
+            Q6_V(codes + 32, s + 2, xh + 32, a4, a5, a6, a7);
+            Q6_V(codes + 64, s + 4, xh + 64, a0, a1, a2, a3);
+            Q6_V(codes + 96, s + 6, xh + 96, a4, a5, a6, a7);
         }
     }
     a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;

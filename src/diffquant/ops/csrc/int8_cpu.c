@@ -11,6 +11,8 @@
    - output: y = bf16(float(acc) * s_x), then bf16(y * s_w [+ bias]) with the product and the
      sum each rounded to float32 first.
    bf16 activations only; rows [r0, r1) per call, so callers split rows across threads. */
+#include <stdlib.h>
+
 #include "bf16.h"
 #include "kernels.h"
 
@@ -54,21 +56,38 @@ int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1
 
 /* acc int32 [M, N] rows [r0, r1), token scales sx [M], channel scales sw [N], bias bf16 [N]
    or NULL -> y bf16 [M, N] with row stride ldy (a block of columns of a wider output). */
+/* one output: sum a of a token of scale s, channel scale sw, bias b (bf16 bits) or none */
+static inline uint16_t int8_out(int32_t a, float s, float sw, const uint16_t *b) {
+    float t = round_bf16((float)a * s) * sw;
+    return float_to_bf16(b ? t + bf16_to_float(*b) : t);
+}
+
 int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, const uint16_t *bias,
                         int64_t r0, int64_t r1, int64_t n, uint16_t *y, int64_t ldy) {
     for (int64_t r = r0; r < r1; r++) {
         const int32_t *a = acc + r * n;
         uint16_t *yr = y + r * ldy;
-        float s = sx[r];
-        if (bias) {
-            for (int64_t j = 0; j < n; j++) {
-                float t = round_bf16((float)a[j] * s) * sw[j];
-                yr[j] = float_to_bf16(t + bf16_to_float(bias[j]));
-            }
-        } else {
-            for (int64_t j = 0; j < n; j++)
-                yr[j] = float_to_bf16(round_bf16((float)a[j] * s) * sw[j]);
-        }
+        for (int64_t j = 0; j < n; j++) yr[j] = int8_out(a[j], sx[r], sw[j], bias ? bias + j : 0);
     }
+    return 0;
+}
+
+/* One token x bf16 [K] through int8 dynamic: channels [r0, r1) of q int8 [N, K] -> y bf16 [N].
+   Each thread quantizes the token itself (K values: ~1 us, against a barrier between a
+   quantize pass and the product), widens it to int16 once, then streams its weight rows.
+   The numbers of quantize_rows + the product + dq_int8_output_bf16. Returns 1 when the token
+   holds a NaN or an infinity (torch's ops then), -1 when out of memory. */
+int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, const float *sw,
+                             const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y) {
+    float s;
+    if (dq_row_scale_bf16(x, k, &s)) return 1;
+    int8_t *xq = malloc((size_t)k * 3);  /* the codes, then the same widened (2-byte aligned) */
+    if (!xq) return -1;
+    int16_t *xw = (int16_t *)(xq + k + (k & 1));
+    quantize_run(x, k, 1.0f / s, xq);
+    for (int64_t j = 0; j < k; j++) xw[j] = xq[j];
+    for (int64_t r = r0; r < r1; r++)
+        y[r] = int8_out(dq_int8_dot_row(xw, q + r * k, k), s, sw[r], bias ? bias + r : 0);
+    free(xq);
     return 0;
 }

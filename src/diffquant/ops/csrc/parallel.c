@@ -73,9 +73,13 @@ static int int8_dot(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_int8_dot_rows(P(0), a[1], P(2), a[3], r0, r1, P(4), a[5]);
 }
 
+static int int8_dynamic_row(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_int8_dynamic_row_bf16(P(0), a[1], P(2), P(3), P(4), r0, r1, P(5));
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
                                   quanto_bits, lut4_gemv, lut4_decode, int8_gemv, quantize_vnni,
-                                  amx_linear, scale_rows, int8_dot};
+                                  amx_linear, scale_rows, int8_dot, int8_dynamic_row};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 
