@@ -339,7 +339,7 @@ def int8_dynamic_row(x2: torch.Tensor, q: torch.Tensor, sw: torch.Tensor,
     channel scales ``sw`` [N] -> bf16 [1, N], in one call: quantized, multiplied in int32 and
     scaled as ``quantize_rows_bf16``, ``int8_dot`` and ``int8_output_bf16`` do in three (whose
     Python around them cost ~15% of a 3072 x 3072 layer). None when the token holds an
-    infinity or a NaN (use those)."""
+    infinity or a NaN, or the kernel found no memory for the token's codes (use those)."""
     n, k = q.shape
     if x2.shape != (1, k) or x2.dtype != torch.bfloat16 or not x2.is_contiguous() \
             or q.dtype != torch.int8 or not q.is_contiguous() or sw.dtype != torch.float32 \

@@ -76,13 +76,13 @@ int dq_int8_output_bf16(const int32_t *acc, const float *sx, const float *sw, co
    Each thread quantizes the token itself (K values: ~1 us, against a barrier between a
    quantize pass and the product), widens it to int16 once, then streams its weight rows.
    The numbers of quantize_rows + the product + dq_int8_output_bf16. Returns 1 when the token
-   holds a NaN or an infinity (torch's ops then), -1 when out of memory. */
+   holds a NaN or an infinity, or when out of memory (torch's ops then). */
 int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, const float *sw,
                              const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y) {
     float s;
     if (dq_row_scale_bf16(x, k, &s)) return 1;
     int8_t *xq = malloc((size_t)k * 3);  /* the codes, then the same widened (2-byte aligned) */
-    if (!xq) return -1;
+    if (!xq) return 1;
     int16_t *xw = (int16_t *)(xq + k + (k & 1));
     quantize_run(x, k, 1.0f / s, xq);
     for (int64_t j = 0; j < k; j++) xw[j] = xq[j];
