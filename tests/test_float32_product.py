@@ -11,7 +11,7 @@ from diffquant.ops import fast_gguf as fg
 from diffquant.ops import fast_int8 as fi
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import int_quant as iq
-from diffquant.ops import native
+from diffquant.ops import native, native_int8
 from tests import test_fast_paths as fp
 from tests.test_fast_linear import assert_bf16_close, gguf_blocks
 
@@ -99,7 +99,7 @@ def test_int8_dynamic_without_vnni_is_bit_identical(m, n, k, use_native, slow_in
     assert torch.equal(y, iq.int8_dynamic_linear(x, q, s, b))
 
 
-@pytest.mark.parametrize("m", [1, 2])  # 1: native.int8_dynamic_row
+@pytest.mark.parametrize("m", [1, 2])  # 1: native_int8.int8_dynamic_row
 @pytest.mark.parametrize("use_native", [True, False])
 def test_int8_dynamic_sums_past_float32s_integers(use_native, m, slow_int_mm, monkeypatch):
     """3072 products of 127 x 127 (and one 127 x 126): an odd sum near 2**25.6, which float32
@@ -115,7 +115,7 @@ def test_int8_dynamic_sums_past_float32s_integers(use_native, m, slow_int_mm, mo
     assert total[0, 0] % 2 == 1 and total[0, 0] > 2**25
     acc = torch.empty(m, 4, dtype=torch.int32)
     if use_native:
-        native.int8_dot(xq, q, acc)
+        native_int8.int8_dot(xq, q, acc)
     else:
         fi._int8_mm_float32(xq, q.t(), acc)
     assert torch.equal(acc.long(), total)
@@ -132,7 +132,7 @@ def test_native_int8_dot_is_exact(m, n, k):
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     out = torch.full((m, n + 3), 7, dtype=torch.int32)              # a block of a wider output
-    native.int8_dot(xq, q, out[:, 1:n + 1])
+    native_int8.int8_dot(xq, q, out[:, 1:n + 1])
     assert torch.equal(out[:, 1:n + 1].long(), xq.long() @ q.long().t())
     assert (out[:, 0] == 7).all() and (out[:, n + 1:] == 7).all()   # nothing else written
 
@@ -142,7 +142,7 @@ def test_native_int8_dot_is_exact(m, n, k):
 def test_native_int8_dynamic_row_is_bit_identical(n, k, bias):
     q, s = iq.int8_quantize_per_channel(torch.randn(n, k))
     x, b = _x(1, k), (_x(1, n, seed=1).flatten() if bias else None)
-    y = native.int8_dynamic_row(x, q, s.flatten(), b)
+    y = native_int8.int8_dynamic_row(x, q, s.flatten(), b)
     assert torch.equal(y, iq.int8_dynamic_linear(x, q, s, b))
 
 
@@ -150,7 +150,7 @@ def test_native_int8_dynamic_row_leaves_a_nan_token_to_torch(slow_int_mm):
     q, s = iq.int8_quantize_per_channel(torch.randn(8, 64))
     x = _x(1, 64)
     x[0, 3] = float("nan")
-    assert native.int8_dynamic_row(x, q, s.flatten(), None) is None
+    assert native_int8.int8_dynamic_row(x, q, s.flatten(), None) is None
     y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s))   # the torch ops' numbers
     torch.testing.assert_close(y, iq.int8_dynamic_linear(x, q, s), rtol=0, atol=0, equal_nan=True)
 
@@ -158,19 +158,19 @@ def test_native_int8_dynamic_row_leaves_a_nan_token_to_torch(slow_int_mm):
 def test_native_int8_dynamic_row_refuses_bad_arguments():
     q, s = torch.zeros(3, 16, dtype=torch.int8), torch.ones(3)
     with pytest.raises(ValueError, match=r"expected contiguous bf16 x \[1, 16\], int8 q \[3, 16\]"):
-        native.int8_dynamic_row(_x(2, 16), q, s, None)                # two tokens
+        native_int8.int8_dynamic_row(_x(2, 16), q, s, None)                # two tokens
     with pytest.raises(ValueError, match=r"float32 channel scales \[3\]"):
-        native.int8_dynamic_row(_x(1, 16), q, s.to(BF16), None)
+        native_int8.int8_dynamic_row(_x(1, 16), q, s.to(BF16), None)
     with pytest.raises(ValueError, match=r"bf16 bias \[3\] or none"):
-        native.int8_dynamic_row(_x(1, 16), q, s, torch.ones(4, dtype=BF16))
+        native_int8.int8_dynamic_row(_x(1, 16), q, s, torch.ones(4, dtype=BF16))
 
 
 def test_native_int8_dot_refuses_bad_arguments():
     xq, q = torch.zeros(2, 16, dtype=torch.int8), torch.zeros(3, 16, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"int32 out \[2, 3\]"):
-        native.int8_dot(xq, q, torch.empty(2, 3, dtype=torch.int64))
+        native_int8.int8_dot(xq, q, torch.empty(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"contiguous int8 q \[N, 16\]"):
-        native.int8_dot(xq, torch.zeros(16, 3, dtype=torch.int8).t(), torch.empty(2, 3, dtype=torch.int32))
+        native_int8.int8_dot(xq, torch.zeros(16, 3, dtype=torch.int8).t(), torch.empty(2, 3, dtype=torch.int32))
 
 
 # -- every quantized layer under the float32 product ------------------------------------------

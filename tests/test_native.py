@@ -12,7 +12,7 @@ from diffquant.ops import fast_int8 as fi
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import gguf_dequant as gd
 from diffquant.ops import int_quant as iq
-from diffquant.ops import native
+from diffquant.ops import native, native_int8
 from diffquant.quantizers.bitsandbytes import BnB4BitLinear
 from tests.test_fast_linear import gguf_blocks
 from tests.test_fast_paths import LAYER_CASES
@@ -281,7 +281,7 @@ def test_int8_token_scale_matches_torchao_for_every_bf16_amax():
 def test_int8_rows_with_inf_or_nan_take_the_torch_ops():
     x = torch.randn(4, 64).to(torch.bfloat16)
     x[1, 3], x[2, 7] = float("inf"), float("nan")
-    assert native.quantize_rows_bf16(x, torch.empty(4, 64, dtype=torch.int8)) is None
+    assert native_int8.quantize_rows_bf16(x, torch.empty(4, 64, dtype=torch.int8)) is None
     q, s = fi.quantize_rows_int8(x, reuse=True)
     q0, s0 = fi.quantize_rows_int8(x, reuse=False)
     assert torch.equal(q, q0)
@@ -298,9 +298,9 @@ def test_int8_output_matches_the_reference_roundings(with_bias):
     bias = torch.randn(40, generator=g).to(torch.bfloat16) if with_bias else None
     y = (acc.to(torch.float32) * sx).to(torch.bfloat16) * sw             # int8_dynamic_linear
     ref = (y if bias is None else y + bias).to(torch.bfloat16)
-    assert torch.equal(native.int8_output_bf16(acc, sx, sw, bias), ref)
+    assert torch.equal(native_int8.int8_output_bf16(acc, sx, sw, bias), ref)
     wide = torch.zeros(130, 100, dtype=torch.bfloat16)              # into a block of columns
-    out = native.int8_output_bf16(acc, sx, sw, bias, out=wide[:, 30:70])
+    out = native_int8.int8_output_bf16(acc, sx, sw, bias, out=wide[:, 30:70])
     assert out.data_ptr() == wide[:, 30:].data_ptr() and torch.equal(wide[:, 30:70], ref)
     assert not wide[:, :30].any() and not wide[:, 70:].any()
 
@@ -310,7 +310,7 @@ def test_int8_output_refuses_a_wrong_out():
     for out in (torch.empty(4, 8), torch.empty(4, 9, dtype=torch.bfloat16),
                 torch.empty(8, 4, dtype=torch.bfloat16).t()):
         with pytest.raises(ValueError, match=r"out must be bf16 \[4, 8\] with contiguous rows"):
-            native.int8_output_bf16(acc, sx, sw, None, out=out)
+            native_int8.int8_output_bf16(acc, sx, sw, None, out=out)
 
 
 # -- every layer: the same bits with and without the kernels ------------------------------------
@@ -331,8 +331,8 @@ def test_layers_give_the_same_bits_with_and_without_the_kernels(case, monkeypatc
 def test_big_bf16_weights_quantize_to_int8_in_one_c_pass_with_torchaos_numbers(monkeypatch):
     w = (torch.randn(520, 2304) * torch.rand(520, 1) * 4).to(torch.bfloat16)  # > 1M: big path
     calls = []
-    real = native.quantize_rows_bf16
-    monkeypatch.setattr(native, "quantize_rows_bf16", lambda *a: calls.append(1) or real(*a))
+    real = native_int8.quantize_rows_bf16
+    monkeypatch.setattr(native_int8, "quantize_rows_bf16", lambda *a: calls.append(1) or real(*a))
     q, s = iq.int8_quantize_per_channel(w)
     assert calls == [1]
     amax = w.abs().amax(dim=-1, keepdim=True)                      # torchao's one-line rule

@@ -2,10 +2,11 @@
 weights with ``torch._int_mm``, bit-identical to ``int_quant.int8_dynamic_linear``.
 
 The activations are quantized in one pass and the int32 sums scaled back in one pass (C kernels
-of ``native`` for bf16 on a CPU; a few torch ops otherwise, with the same bits). The integer
+of ``native_int8`` for bf16 on a CPU; a few torch ops otherwise, with the same bits). The integer
 product: AMX tiles where the CPU has them (``native_amx``); ``torch._int_mm`` where it has VNNI;
-elsewhere (AVX2 only) ``native.int8_dot``, or float32 matmuls over 1024 columns at a time, whose
-sums are exact: the same int32 sums either way.
+elsewhere (AVX2 only) ``native_int8.int8_dot`` (one token: ``native_int8.int8_dynamic_row``,
+all three steps in one call), or float32 matmuls over 1024 columns at a time, whose sums are
+exact: the same int32 sums either way.
 
 Example:
     >>> import torch
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import int_quant as iq
-from . import native, native_amx
+from . import native, native_amx, native_int8
 from .fast_linear import float32_product
 from .scratch import scratch_buffer
 
@@ -64,9 +65,9 @@ def quantize_rows_int8(x2: torch.Tensor, reuse: bool = False) -> tuple[torch.Ten
     live in this thread's scratch buffers (valid until the next call).
     """
     m, k = x2.shape
-    if reuse and native.int8_supported(x2):  # one pass in C, the same bits
+    if reuse and native_int8.int8_supported(x2):  # one pass in C, the same bits
         q = scratch_buffer((m, k), torch.int8, x2.device, "act int8")
-        done = native.quantize_rows_bf16(x2, q)
+        done = native_int8.quantize_rows_bf16(x2, q)
         if done is not None:
             return done
     amax = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # [M, 1], x dtype
@@ -105,7 +106,7 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
         return _scale_output(iq.int8_mm(xq, w.qt), xs, w.scale, bias, x.dtype).reshape(
             *x.shape[:-1], n)                                             # int8_mm pads for CUDA
     m = x2.shape[0]
-    native_out = native.int8_supported(x) and (bias is None or bias.dtype == x.dtype)
+    native_out = native_int8.int8_supported(x) and (bias is None or bias.dtype == x.dtype)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     slow = _int_mm_slow()
     columns = n if slow else _INT_MM_COLUMNS  # the slow-_int_mm products gain nothing by blocks
@@ -118,7 +119,7 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
             torch._int_mm(xq, w.qt[:, j0:j1], out=acc)                   # [M, j1 - j0]
         b = None if bias is None else bias[j0:j1]
         if native_out:
-            native.int8_output_bf16(acc, xs, w.scale[j0:j1], b, out=y[:, j0:j1])
+            native_int8.int8_output_bf16(acc, xs, w.scale[j0:j1], b, out=y[:, j0:j1])
         else:
             y[:, j0:j1] = _scale_output(acc, xs, w.scale[j0:j1], b, x.dtype)
     return y.reshape(*x.shape[:-1], n)
@@ -127,10 +128,10 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
 def _one_token(x2: torch.Tensor, w: Int8DynamicWeight, bias) -> torch.Tensor | None:
     """One bf16 token where _int_mm is a generic loop: quantized, multiplied and scaled in one
     native call (the weight read once as a stream), or None (not this case, or a NaN/inf)."""
-    if x2.shape[0] != 1 or not native.int8_supported(x2) or not _int_mm_slow() \
+    if x2.shape[0] != 1 or not native_int8.int8_supported(x2) or not _int_mm_slow() \
             or not w.qt.t().is_contiguous() or (bias is not None and bias.dtype != x2.dtype):
         return None
-    return native.int8_dynamic_row(x2.contiguous(), w.qt.t(), w.scale, bias)
+    return native_int8.int8_dynamic_row(x2.contiguous(), w.qt.t(), w.scale, bias)
 
 
 def _int_mm_slow() -> bool:
@@ -162,7 +163,7 @@ def _int8_mm_without_vnni(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor)
     (1280 tokens: 0.65x the float32 matmuls' time), else the exact float32 matmuls."""
     if native.available() and qt.t().is_contiguous():
         xw = scratch_buffer(xq.shape, torch.int16, xq.device, "act int16")
-        native.int8_dot(xq, qt.t(), acc, xw)
+        native_int8.int8_dot(xq, qt.t(), acc, xw)
     else:
         _int8_mm_float32(xq, qt, acc)
 

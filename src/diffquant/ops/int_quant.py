@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native_int8
 
 _F32_EPS = torch.finfo(torch.float32).eps  # torchao uses float32's eps for int8 whatever the dtype
 
@@ -36,8 +36,8 @@ _CHUNK = 1 << 20  # elements per float32 chunk of the 2-d path: 4 MB, stays in t
 def int8_quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., K] float -> (q int8 [..., K], scale float32 [..., 1]), one scale per row."""
     if w.dim() == 2 and w.numel() > _CHUNK and w.device.type == "cpu":
-        if native.int8_supported(w) and w.stride(1) == 1:  # one pass in C, the same numbers
-            done = native.quantize_rows_bf16(w, torch.empty(w.shape, dtype=torch.int8))
+        if native_int8.int8_supported(w) and w.stride(1) == 1:  # one pass in C, the same numbers
+            done = native_int8.quantize_rows_bf16(w, torch.empty(w.shape, dtype=torch.int8))
             if done is not None:
                 return done
         return _int8_quantize_rows_chunked(w)
