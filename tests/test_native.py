@@ -173,6 +173,22 @@ def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype, blocks):
     assert ((y.float() - ref).abs() <= bound).all()
 
 
+# 65 Q6_K blocks, 520 Q8_0: rows of 16640 values, past the 16384 a thread widens on its stack
+@pytest.mark.parametrize("qtype,k", [("Q8_0", 512), ("Q6_K", 512), ("Q8_0", 16640), ("Q6_K", 16640)])
+def test_gemv_widens_a_bf16_row_in_c_as_torch_would(qtype, k):
+    """A bf16 row is widened per thread in C and the sums rounded to bf16 there: the same bits
+    as widening it with torch first and rounding the float32 sums with torch."""
+    blocks = gguf_blocks(70, k, qtype)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    y = native.gemv(blocks, gd.ggml_type(qtype), x)
+    as_float = native.gemv(blocks, gd.ggml_type(qtype), x.float())   # the float32 entry
+    assert y.dtype == torch.bfloat16 and as_float.dtype == torch.float32
+    assert torch.equal(y, as_float.to(torch.bfloat16))
+    wide = torch.randn(1, 2 * k).to(torch.bfloat16)[:, ::2]          # not contiguous: torch widens
+    assert torch.equal(native.gemv(blocks, gd.ggml_type(qtype), wide),
+                       native.gemv(blocks, gd.ggml_type(qtype), wide.float()).to(torch.bfloat16))
+
+
 def test_gemv_refuses_other_types_and_row_counts():
     with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
         native.gemv(gguf_blocks(4, 64, "Q4_0"), gd.GGMLType.Q4_0, torch.randn(1, 64))
@@ -195,8 +211,9 @@ def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
 
 
 # -- one row of int8 weights with a scale per row (torchao int8, quanto int8) -----------------
-@pytest.mark.parametrize("k", [384, 208])  # the vector loop (K % 64 == 0), the portable one
-# (int8pack itself needs K % 16 == 0: it crashes on K = 200)
+@pytest.mark.parametrize("k", [384, 208, 16448])  # the vector loop (K % 64 == 0), the portable
+# one (int8pack itself needs K % 16 == 0: it crashes on K = 200), a row past the 16384 values
+# a thread widens on its stack
 def test_int8_gemv_is_int8packs_product_and_the_builds_agree(k):
     g = torch.Generator().manual_seed(5)
     n = 130

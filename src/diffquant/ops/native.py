@@ -191,9 +191,14 @@ def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THR
     return rc == 0
 
 
+_block_bytes: dict = {}  # qtype as given -> bytes per block (gguf_dequant's table, read once)
+
+
 def _geometry(blocks: torch.Tensor, qtype) -> tuple[int, int]:
-    from .gguf_dequant import BLOCK_LAYOUT, ggml_type
-    _, size = BLOCK_LAYOUT[ggml_type(qtype)]
+    size = _block_bytes.get(qtype)
+    if size is None:  # the import and the enum lookup cost ~10 us: a one-row product's 1%
+        from .gguf_dequant import BLOCK_LAYOUT, ggml_type
+        size = _block_bytes[qtype] = BLOCK_LAYOUT[ggml_type(qtype)][1]
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
         raise ValueError("native GGUF kernels take contiguous uint8 blocks [N, bytes]")
     return blocks.shape[0], blocks.shape[1] // size
@@ -225,10 +230,15 @@ def gemv(blocks: torch.Tensor, qtype, x2: torch.Tensor, portable: bool = False,
     n, groups = _geometry(blocks, qtype)
     if x2.shape[0] != 1 or int(qtype) not in GEMV_TYPES:
         raise ValueError("native GGUF gemv takes Q8_0/Q6_K blocks and one row")
+    if x2.dtype == torch.bfloat16 and x2.is_contiguous():  # widened and rounded in C
+        out = torch.empty(1, n, dtype=torch.bfloat16)
+        if _run(GEMV, n, int(qtype), blocks.data_ptr(), groups, x2.data_ptr(), out.data_ptr(),
+                portable, 1, x2.shape[1], lib=lib):
+            return out
     xf = x2.to(torch.float32).contiguous()
     out = torch.empty(1, n, dtype=torch.float32)
     _run(GEMV, n, int(qtype), blocks.data_ptr(), groups, xf.data_ptr(), out.data_ptr(), portable,
-         lib=lib)
+         0, 0, lib=lib)
     return out.to(x2.dtype)
 
 
@@ -294,10 +304,12 @@ def int8_gemv(q: torch.Tensor, scale: torch.Tensor, x2: torch.Tensor,
             or scale.numel() != n or q.dtype != torch.int8 or not q.is_contiguous():
         raise ValueError(f"native int8 gemv: expected x bf16 [1, {k}], contiguous int8 q "
                          f"[{n}, {k}], bf16 scale [{n}]")
-    xf = x2.to(torch.float32).contiguous()
+    xb = x2.contiguous()                                  # widened in C, by each thread
     s = scale.contiguous()
     out = torch.empty(1, n, dtype=torch.bfloat16)
-    _run(INT8_GEMV, n, q.data_ptr(), k, s.data_ptr(), xf.data_ptr(), out.data_ptr(), portable)
+    if not _run(INT8_GEMV, n, q.data_ptr(), k, s.data_ptr(), xb.data_ptr(), out.data_ptr(),
+                portable):
+        raise MemoryError(f"native int8 gemv: no memory to widen a row of {k} values")
     return out
 
 

@@ -419,10 +419,10 @@ static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
 }
 #endif
 
-/* Q8_0 or Q6_K only; out float32 [N]. portable = 1 forces the portable loop (tests compare the
-   two). Returns 0, or -1 for another type. */
+/* Q8_0 or Q6_K only; out [N] float32, or bf16 (rounded once) with out_bf16. portable = 1 forces
+   the portable loop (tests compare the two). Returns 0, or -1 for another type. */
 int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
-            const float *x, float *out, int portable) {
+            const float *x, void *out, int portable, int out_bf16) {
     if (qtype != Q8_0 && qtype != Q6_K) return -1;
     float (*row)(const uint8_t *, int64_t, const float *) =
         qtype == Q8_0 ? gemv_row_q8_0_portable : gemv_row_q6_k_portable;
@@ -430,6 +430,12 @@ int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int6
     if (!portable) row = qtype == Q8_0 ? gemv_row_q8_0 : gemv_row_q6_k;
 #endif
     const int size = qtype == Q8_0 ? 34 : 210;
-    for (int64_t r = r0; r < r1; r++) out[r] = row(blocks + r * n_blocks * size, n_blocks, x);
+    for (int64_t r = r0; r < r1; r++) {
+        float y = row(blocks + r * n_blocks * size, n_blocks, x);
+        if (out_bf16)
+            ((uint16_t *)out)[r] = float_to_bf16(y);
+        else
+            ((float *)out)[r] = y;
+    }
     return 0;
 }

@@ -8,7 +8,7 @@
 int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
               void *out, int64_t ld_out, int out_bf16);
 int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
-            const float *x, float *out, int portable);
+            const float *x, void *out, int portable, int out_bf16);
 int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
                           int8_t *q, float *scale);
 int dq_row_scale_bf16(const uint16_t *xr, int64_t k, float *s);

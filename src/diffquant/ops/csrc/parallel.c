@@ -12,6 +12,9 @@
    the order of the adapters below. Returns -1 if any range did, else 1 if any did, else 0. */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+#include "bf16.h"
 
 #include "kernels.h"
 
@@ -21,8 +24,25 @@ typedef int (*rows_fn)(const int64_t *a, int64_t r0, int64_t r1);
 static int decode(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_decode((int)a[0], P(1), a[2], r0, r1, P(3), a[4], (int)a[5]);
 }
+/* A bf16 row x [k] as float32: into buf (WIDEN_CAP floats on the thread's stack) or, longer, a
+   malloc'd copy; NULL when out of memory. Each thread widens x itself: converting it in Python
+   first was a torch op (~10 us) per one-row product of ~1 ms. */
+#define WIDEN_CAP 16384
+static float *widen(const uint16_t *x, int64_t k, float *buf) {
+    float *f = k <= WIDEN_CAP ? buf : malloc((size_t)k * sizeof(float));
+    if (f)
+        for (int64_t i = 0; i < k; i++) f[i] = bf16_to_float(x[i]);
+    return f;
+}
+
+/* a[6] = 1: x is bf16 (k = a[7] values) and out bf16, else both float32 */
 static int gemv(const int64_t *a, int64_t r0, int64_t r1) {
-    return dq_gemv((int)a[0], P(1), a[2], r0, r1, P(3), P(4), (int)a[5]);
+    if (!a[6]) return dq_gemv((int)a[0], P(1), a[2], r0, r1, P(3), P(4), (int)a[5], 0);
+    float buf[WIDEN_CAP], *x = widen(P(3), a[7], buf);
+    if (!x) return 1;
+    int rc = dq_gemv((int)a[0], P(1), a[2], r0, r1, x, P(4), (int)a[5], 1);
+    if (x != buf) free(x);
+    return rc;
 }
 static int quantize(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quantize_rows_bf16(P(0), a[1], r0, r1, a[2], P(3), P(4));
@@ -51,8 +71,12 @@ static int lut4_decode(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_lut4_decode_bf16(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), a[6]);
 }
 
-static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {
-    return dq_int8_gemv(P(0), a[1], P(2), P(3), r0, r1, P(4), (int)a[5]);
+static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {  /* x bf16 */
+    float buf[WIDEN_CAP], *x = widen(P(3), a[1], buf);
+    if (!x) return 1;
+    int rc = dq_int8_gemv(P(0), a[1], P(2), x, r0, r1, P(4), (int)a[5]);
+    if (x != buf) free(x);
+    return rc;
 }
 
 static int quantize_vnni(const int64_t *a, int64_t r0, int64_t r1) {
