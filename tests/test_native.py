@@ -385,6 +385,20 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
     assert torch.equal(portable, real(layer.weight, *layer._lut4_tables(), 64, (n, k), x))
 
 
+@pytest.mark.parametrize("k", [256, 16512])  # past the 16384 values a thread widens on its stack
+def test_bnb_4bit_one_row_widens_a_bf16_row_in_c_as_torch_would(k):
+    g = torch.Generator().manual_seed(k)
+    n = 40
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g)
+    lut = torch.linspace(-1, 1, 16)
+    absmax = torch.rand(n * k // 64, generator=g)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    y = native.lut4_gemv(packed, lut, absmax, 64, (n, k), x)
+    as_float = native.lut4_gemv(packed, lut, absmax, 64, (n, k), x.float())
+    assert y.dtype == torch.bfloat16 and as_float.dtype == torch.float32
+    assert torch.equal(y, as_float.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
 def test_bnb_4bit_many_rows_give_bitsandbytes_bits_from_a_reused_buffer(quant_type, double_quant,
                                                                          monkeypatch):

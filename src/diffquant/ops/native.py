@@ -339,10 +339,14 @@ def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blo
                          f"{n * k // 2} bytes")
     p = packed.contiguous().view(torch.uint8)
     lut, absmax = lut.float().contiguous(), absmax.float().contiguous()
+    args = (p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k)
+    if x2.dtype == torch.bfloat16 and x2.is_contiguous():  # widened and rounded in C
+        out = torch.empty(1, n, dtype=torch.bfloat16)
+        if _run(LUT4_GEMV, n, *args, x2.data_ptr(), out.data_ptr(), portable, 1):
+            return out
     xf = x2.to(torch.float32).contiguous()
     out = torch.empty(1, n, dtype=torch.float32)
-    _run(LUT4_GEMV, n, p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k,
-         xf.data_ptr(), out.data_ptr(), portable)
+    _run(LUT4_GEMV, n, *args, xf.data_ptr(), out.data_ptr(), portable, 0)
     return out.to(x2.dtype)
 
 

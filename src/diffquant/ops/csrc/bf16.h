@@ -21,4 +21,12 @@ static inline uint16_t float_to_bf16(float f) {
 
 /* f rounded to bf16 and widened back: one bf16 op's result, kept in float32 */
 static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* out[r] = v, out float32, or bf16 (rounded once) when as_bf16: the one-row products' store */
+static inline void store_result(void *out, int64_t r, float v, int as_bf16) {
+    if (as_bf16)
+        ((uint16_t *)out)[r] = float_to_bf16(v);
+    else
+        ((float *)out)[r] = v;
+}
 #endif

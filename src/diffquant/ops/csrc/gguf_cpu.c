@@ -430,12 +430,7 @@ int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int6
     if (!portable) row = qtype == Q8_0 ? gemv_row_q8_0 : gemv_row_q6_k;
 #endif
     const int size = qtype == Q8_0 ? 34 : 210;
-    for (int64_t r = r0; r < r1; r++) {
-        float y = row(blocks + r * n_blocks * size, n_blocks, x);
-        if (out_bf16)
-            ((uint16_t *)out)[r] = float_to_bf16(y);
-        else
-            ((float *)out)[r] = y;
-    }
+    for (int64_t r = r0; r < r1; r++)
+        store_result(out, r, row(blocks + r * n_blocks * size, n_blocks, x), out_bf16);
     return 0;
 }

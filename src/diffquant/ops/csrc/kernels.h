@@ -33,7 +33,8 @@ int dq_scale_rows_bf16(uint16_t *y, int64_t ldy, int64_t r0, int64_t r1, int64_t
 int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float *x, int64_t r0,
                  int64_t r1, uint16_t *out, int portable);
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
-                 int64_t k, int64_t r0, int64_t r1, const float *x, float *out, int portable);
+                 int64_t k, int64_t r0, int64_t r1, const float *x, void *out, int portable,
+                 int out_bf16);
 int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k);
 int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, const float *sw,
                              const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y);

@@ -63,8 +63,14 @@ static int quanto_bits(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quanto_bits_bf16(P(0), a[1], g, (int)a[3], P(4), P(5), r0 * per, r1 * per, out);
 }
 
+/* a[8] = 1: x is bf16 and out bf16, else both float32 */
 static int lut4_gemv(const int64_t *a, int64_t r0, int64_t r1) {
-    return dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), P(6), (int)a[7]);
+    if (!a[8]) return dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), P(6), (int)a[7], 0);
+    float buf[WIDEN_CAP], *x = widen(P(5), a[4], buf);
+    if (!x) return 1;
+    int rc = dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, x, P(6), (int)a[7], 1);
+    if (x != buf) free(x);
+    return rc;
 }
 
 static int lut4_decode(const int64_t *a, int64_t r0, int64_t r1) {
