@@ -94,7 +94,7 @@ def _linear_float32(x2: torch.Tensor, w: "PreparedWeight", bias) -> torch.Tensor
         wf.copy_(buf)
     if w.out_scale is None:
         return _matmul_float32(x2, wf, bias)
-    return _scale_rows_out(_matmul_float32(x2, wf, None), w.out_scale, bias)
+    return _scale_rows_out(_matmul_float32(x2, wf, None), w, bias)
 
 
 def _matmul_float32(x2: torch.Tensor, wf: torch.Tensor, bias) -> torch.Tensor:
@@ -150,6 +150,14 @@ class PreparedWeight:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     make_packed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
     float32_exact: bool = False
+    _scale_casts: dict = field(default_factory=dict, repr=False)  # dtype -> out_scale in it
+
+    def out_scale_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """``out_scale`` cast to ``dtype``, cast once per dtype."""
+        s = self._scale_casts.get(dtype)
+        if s is None:
+            s = self._scale_casts[dtype] = self.out_scale.to(dtype)
+        return s
 
     def packed_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``packed``, built now from ``make_packed`` if it was left for the first use."""
@@ -198,19 +206,20 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
             return F.linear(x2, buf, bias).reshape(*x.shape[:-1], w.out_features)
         y = torch.mm(x2, buf.t())                                         # [M, N]
     if w.out_scale is not None:
-        y = _scale_rows_out(y, w.out_scale, bias)
+        y = _scale_rows_out(y, w, bias)
     elif bias is not None:
         y = y.add_(bias)
     return y.reshape(*x.shape[:-1], w.out_features)
 
 
-def _scale_rows_out(y: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
-    """In place: y [M, N] <- y * scale [N], then + bias: the reference's two roundings.
+def _scale_rows_out(y: torch.Tensor, w: "PreparedWeight", bias) -> torch.Tensor:
+    """In place: y [M, N] <- y * w.out_scale [N], then + bias: the reference's two roundings.
 
     The scale is cast to y's dtype first, as torchao does (``m * scale.to(m.dtype)``): the same
     numbers as torchao for any stored scale, and a same-dtype product is vectorised (a bf16 x
-    float32 one is not: 3x slower at 1280 x 3072)."""
-    s = scale.to(y.dtype)
+    float32 one is not: 3x slower at 1280 x 3072). The cast is kept per dtype: redone on every
+    call it was a torch op (~5-10 us) in each one-row product."""
+    s = w.out_scale_in(y.dtype)
     if native.scale_rows_supported(y, s, bias):  # both ops in one pass, the same bits
         return native.scale_rows_(y, s, bias)
     y.mul_(s)
