@@ -173,7 +173,7 @@ def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype, blocks):
     assert ((y.float() - ref).abs() <= bound).all()
 
 
-# 65 Q6_K blocks, 520 Q8_0: rows of 16640 values, past the 16384 a thread widens on its stack
+# 65 Q6_K blocks, 520 Q8_0: rows of 16640 values, past the 4096 a thread widens on its stack
 @pytest.mark.parametrize("qtype,k", [("Q8_0", 512), ("Q6_K", 512), ("Q8_0", 16640), ("Q6_K", 16640)])
 def test_gemv_widens_a_bf16_row_in_c_as_torch_would(qtype, k):
     """A bf16 row is widened per thread in C and the sums rounded to bf16 there: the same bits
@@ -212,7 +212,7 @@ def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
 
 # -- one row of int8 weights with a scale per row (torchao int8, quanto int8) -----------------
 @pytest.mark.parametrize("k", [384, 208, 16448])  # the vector loop (K % 64 == 0), the portable
-# one (int8pack itself needs K % 16 == 0: it crashes on K = 200), a row past the 16384 values
+# one (int8pack itself needs K % 16 == 0: it crashes on K = 200), a row past the 4096 values
 # a thread widens on its stack
 def test_int8_gemv_is_int8packs_product_and_the_builds_agree(k):
     g = torch.Generator().manual_seed(5)
@@ -385,7 +385,7 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
     assert torch.equal(portable, real(layer.weight, *layer._lut4_tables(), 64, (n, k), x))
 
 
-@pytest.mark.parametrize("k", [256, 16512])  # past the 16384 values a thread widens on its stack
+@pytest.mark.parametrize("k", [256, 16512])  # past the 4096 values a thread widens on its stack
 def test_bnb_4bit_one_row_widens_a_bf16_row_in_c_as_torch_would(k):
     g = torch.Generator().manual_seed(k)
     n = 40

@@ -24,10 +24,11 @@ typedef int (*rows_fn)(const int64_t *a, int64_t r0, int64_t r1);
 static int decode(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_decode((int)a[0], P(1), a[2], r0, r1, P(3), a[4], (int)a[5]);
 }
-/* A bf16 row x [k] as float32: into buf (WIDEN_CAP floats on the thread's stack) or, longer, a
-   malloc'd copy; NULL when out of memory. Each thread widens x itself: converting it in Python
-   first was a torch op (~10 us) per one-row product of ~1 ms. */
-#define WIDEN_CAP 16384
+/* A bf16 row x [k] as float32: into buf (WIDEN_CAP floats on the thread's stack: 16 KB, small
+   enough for any OpenMP stack size) or, longer, a malloc'd copy; NULL when out of memory. Each
+   thread widens x itself: converting it in Python first was a torch op (~10 us) per one-row
+   product of ~1 ms. */
+#define WIDEN_CAP 4096
 static float *widen(const uint16_t *x, int64_t k, float *buf) {
     float *f = k <= WIDEN_CAP ? buf : malloc((size_t)k * sizeof(float));
     if (f)
