@@ -230,15 +230,22 @@ def gemv(blocks: torch.Tensor, qtype, x2: torch.Tensor, portable: bool = False,
     n, groups = _geometry(blocks, qtype)
     if x2.shape[0] != 1 or int(qtype) not in GEMV_TYPES:
         raise ValueError("native GGUF gemv takes Q8_0/Q6_K blocks and one row")
-    if x2.dtype == torch.bfloat16 and x2.is_contiguous():  # widened and rounded in C
+    return _one_row(GEMV, n, (int(qtype), blocks.data_ptr(), groups), x2, portable,
+                    (x2.shape[1],), lib=lib)
+
+
+def _one_row(kernel: int, n: int, head: tuple, x2: torch.Tensor, portable: bool,
+             tail: tuple = (), lib=None) -> torch.Tensor:
+    """Run a one-row product whose arguments are ``head``, x, out, portable, bf16, ``tail``:
+    a contiguous bf16 x goes in as it is (each thread widens it, the sums are rounded to bf16
+    in C); any other x, or a kernel short of memory, takes float32 in and out, cast by torch."""
+    if x2.dtype == torch.bfloat16 and x2.is_contiguous():
         out = torch.empty(1, n, dtype=torch.bfloat16)
-        if _run(GEMV, n, int(qtype), blocks.data_ptr(), groups, x2.data_ptr(), out.data_ptr(),
-                portable, 1, x2.shape[1], lib=lib):
+        if _run(kernel, n, *head, x2.data_ptr(), out.data_ptr(), portable, 1, *tail, lib=lib):
             return out
     xf = x2.to(torch.float32).contiguous()
     out = torch.empty(1, n, dtype=torch.float32)
-    _run(GEMV, n, int(qtype), blocks.data_ptr(), groups, xf.data_ptr(), out.data_ptr(), portable,
-         0, 0, lib=lib)
+    _run(kernel, n, *head, xf.data_ptr(), out.data_ptr(), portable, 0, *tail, lib=lib)
     return out.to(x2.dtype)
 
 
@@ -339,15 +346,8 @@ def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blo
                          f"{n * k // 2} bytes")
     p = packed.contiguous().view(torch.uint8)
     lut, absmax = lut.float().contiguous(), absmax.float().contiguous()
-    args = (p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k)
-    if x2.dtype == torch.bfloat16 and x2.is_contiguous():  # widened and rounded in C
-        out = torch.empty(1, n, dtype=torch.bfloat16)
-        if _run(LUT4_GEMV, n, *args, x2.data_ptr(), out.data_ptr(), portable, 1):
-            return out
-    xf = x2.to(torch.float32).contiguous()
-    out = torch.empty(1, n, dtype=torch.float32)
-    _run(LUT4_GEMV, n, *args, xf.data_ptr(), out.data_ptr(), portable, 0)
-    return out.to(x2.dtype)
+    return _one_row(LUT4_GEMV, n, (p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k),
+                    x2, portable)
 
 
 def lut4_decode_into(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor,
