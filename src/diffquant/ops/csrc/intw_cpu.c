@@ -184,19 +184,6 @@ int dq_scale_rows_bf16(uint16_t *y, int64_t ldy, int64_t r0, int64_t r1, int64_t
     return 0;
 }
 
-/* int8 dynamic's product for a few tokens where torch._int_mm is a generic loop (no VNNI):
-   acc[i, r] = sum_j x[i, j] q[r, j] for tokens i < m and channels [r0, r1), in int32 (exact,
-   in any order). xw int16 [m, k]: the tokens' int8 codes widened once by the caller, so each
-   weight row is widened once and multiplied into four tokens at a time, two rows at a time. */
-static void int8_dot_portable(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
-                              int32_t *acc, int64_t ldacc) {
-    for (int64_t i = 0; i < m; i++) {
-        int32_t s = 0;
-        for (int64_t j = 0; j < k; j++) s += (int32_t)xw[i * k + j] * qr[j];
-        acc[i * ldacc] = s;
-    }
-}
-
 #if defined(__AVX2__)
 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -205,30 +192,40 @@ static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* one token at a time (the few left over from groups of four, or an odd last weight row):
-   two partial sums in flight */
-static void int8_dot1_avx2(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
-                           int32_t *acc, int64_t ldacc) {
-    for (int64_t i = 0; i < m; i++) {
-        const int16_t *xr = xw + i * k;
-        __m256i s0 = _mm256_setzero_si256(), s1 = s0;
-        int64_t j = 0;
-        for (; j + 32 <= k; j += 32) {
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j)));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j + 16)));
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(xr + j))));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xr + j + 16))));
-        }
-        if (j < k) {
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j)));
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(xr + j))));
-        }
-        acc[i * ldacc] = hsum_epi32(_mm256_add_epi32(s0, s1));
+#define MADD(S, W, X) S = _mm256_add_epi32(S, _mm256_madd_epi16(W, X))
+#endif
+
+/* One token's int32 sum with one weight row, read as a stream (prefetched AHEAD bytes on, as
+   the one-row float products): the one-token product of int8 dynamic. Exact, in any order. */
+int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k) {
+    int64_t j = 0;
+    int32_t s = 0;
+#if defined(__AVX2__)
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;  /* two partial sums in flight */
+    for (; j + 32 <= k; j += 32) {
+        _mm_prefetch((const char *)(qr + j + AHEAD), _MM_HINT_T0);
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j + 16)));
+        MADD(s0, w0, _mm256_loadu_si256((const __m256i *)(xw + j)));
+        MADD(s1, w1, _mm256_loadu_si256((const __m256i *)(xw + j + 16)));
     }
+    s = hsum_epi32(_mm256_add_epi32(s0, s1));
+#endif
+    for (; j < k; j++) s += (int32_t)xw[j] * qr[j];
+    return s;
 }
 
-#define MADD(S, W, X) S = _mm256_add_epi32(S, _mm256_madd_epi16(W, X))
+/* int8 dynamic's product for a few tokens where torch._int_mm is a generic loop (no VNNI):
+   acc[i, r] = sum_j x[i, j] q[r, j] for tokens i < m and channels [r0, r1), in int32 (exact,
+   in any order). xw int16 [m, k]: the tokens' int8 codes widened once by the caller, so each
+   weight row is widened once and multiplied into four tokens at a time, two rows at a time;
+   the tokens and rows left over go one at a time. */
+static void int8_dot_tokens(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
+                            int32_t *acc, int64_t ldacc) {
+    for (int64_t i = 0; i < m; i++) acc[i * ldacc] = dq_int8_dot_row(xw + i * k, qr, k);
+}
 
+#if defined(__AVX2__)
 /* two weight rows (qr, qr + k) x four tokens at a time: each token load serves two rows
    (~20% fewer instructions per product than one row) */
 static void int8_dot2_avx2(const int16_t *xw, int64_t m, const int8_t *qr, int64_t k,
@@ -261,31 +258,11 @@ static void int8_dot2_avx2(const int16_t *xw, int64_t m, const int8_t *qr, int64
         a[3 * ldacc] = hsum_epi32(s3), a[3 * ldacc + 1] = hsum_epi32(t3);
     }
     if (i < m) {
-        int8_dot1_avx2(xw + i * k, m - i, qr, k, acc + i * ldacc, ldacc);
-        int8_dot1_avx2(xw + i * k, m - i, qr + k, k, acc + i * ldacc + 1, ldacc);
+        int8_dot_tokens(xw + i * k, m - i, qr, k, acc + i * ldacc, ldacc);
+        int8_dot_tokens(xw + i * k, m - i, qr + k, k, acc + i * ldacc + 1, ldacc);
     }
 }
 #endif
-
-/* One token's int32 sum with one weight row, read as a stream (prefetched AHEAD bytes on, as
-   the one-row float products): the one-token product of int8 dynamic. Exact, in any order. */
-int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k) {
-    int64_t j = 0;
-    int32_t s = 0;
-#if defined(__AVX2__)
-    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
-    for (; j + 32 <= k; j += 32) {
-        _mm_prefetch((const char *)(qr + j + AHEAD), _MM_HINT_T0);
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j)));
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qr + j + 16)));
-        MADD(s0, w0, _mm256_loadu_si256((const __m256i *)(xw + j)));
-        MADD(s1, w1, _mm256_loadu_si256((const __m256i *)(xw + j + 16)));
-    }
-    s = hsum_epi32(_mm256_add_epi32(s0, s1));
-#endif
-    for (; j < k; j++) s += (int32_t)xw[j] * qr[j];
-    return s;
-}
 
 /* Tokens in blocks of DOT_TOKENS (64 x 3072 int16 = 384 KB: a core's L2) with the thread's
    weight rows (from L3) under each: 1280 tokens in one block took 1.4x the time. */
@@ -304,12 +281,8 @@ int dq_int8_dot_rows(const int16_t *xw, int64_t m, const int8_t *q, int64_t k, i
                 r++;
                 continue;
             }
-            if (k % 16 == 0) {
-                int8_dot1_avx2(xb, mb, q + r * k, k, ab + r, ldacc);
-                continue;
-            }
 #endif
-            int8_dot_portable(xb, mb, q + r * k, k, ab + r, ldacc);
+            int8_dot_tokens(xb, mb, q + r * k, k, ab + r, ldacc);
         }
     }
     return 0;
