@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, int4pack_matmul,
-                          linear_decoded, pack_int4_cpu)
+from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, int4_few_rows,
+                          linear_decoded)
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 
 
@@ -115,8 +115,7 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
         def make():
             codes = _quanto_codes(packed, bits, r_all).view(n, k)
             zero = (-shift) + 8 * scale                                   # bf16 math, as quanto
-            return int4pack_matmul(n, g, [pack_int4_cpu(codes, scale.view(n, per),
-                                                        zero.view(n, per), g)])
+            return int4_few_rows(n, g, codes, scale.view(n, per), zero.view(n, per))
 
     return PreparedWeight(n, k, dequant_into, None, None, INT4_SMALL_ROWS if make else 0,
                           f"quanto int{bits} g{g}", packed.device, make)

@@ -30,7 +30,8 @@ import torch
 from ..errors import QuantizationError
 from . import gguf_dequant as gd
 from . import native
-from .fast_linear import INT4_SMALL_ROWS, PreparedWeight, int4pack_matmul, pack_int4_cpu
+from .fast_linear import (INT4_SMALL_ROWS, PreparedWeight, int4_few_rows, int4pack_matmul,
+                          pack_int4_cpu)
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 from .gguf_dequant import GGMLType
 
@@ -318,7 +319,7 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int | None = No
             return _with_gemv(blocks, qtype, lambda: _q8_0_int4pack(blocks, n))
     elif blocks.device.type == "cpu" and qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K):
         def make():
-            return int4pack_matmul(n, 32, [pack_int4_cpu(*int4_codes(blocks, qtype)[0], 32)])
+            return int4_few_rows(n, 32, *int4_codes(blocks, qtype)[0])
     if small_rows is None:
         small_rows = Q8_0_SMALL_ROWS if qtype in (GGMLType.Q8_0, GGMLType.Q6_K) else INT4_SMALL_ROWS
     return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import QuantizationError
 from . import int_quant as iq
-from . import native
+from . import native, native_int4
 # clear_scratch is re-exported: callers of these paths free the buffer pool through this module
 from .scratch import chunk_rows, clear_scratch, dequant_rows, scratch_buffer  # noqa: F401
 
@@ -311,6 +311,36 @@ def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch
     return run
 
 
+def int4_few_rows(n: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The few-row product of ``codes`` [N, K] in 0..15 with w = (u - 8) * scale + zero per
+    ``group`` columns (scale/zero [N, K/group], rounded to bf16 as int4pack takes them).
+
+    torch's int4pack kernel, except one bf16 row where ``native_int4`` runs its AVX2 loop (CPUs
+    without AVX-512: there int4pack took 0.65-0.8x the bf16 product at one row, bound by its
+    own arithmetic). Then the int4pack copy is made only if more rows come.
+    """
+    k = codes.shape[1]
+    if codes.device.type != "cpu" or k % 32 or not native_int4.group_supported(k, group) \
+            or not native_int4.vector_loop():
+        return int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
+    packed, sz = native_int4.pack_rows(codes, scale, zero)
+    int4pack = []
+
+    def run(x2):                                                          # [M, K] -> [M, N]
+        if x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.is_contiguous():
+            y = native_int4.gemv(packed, sz, group, x2)
+            if y is not None:                                             # else int4pack's
+                return y
+        if not int4pack:
+            s, z = native_int4.scales(sz)
+            int4pack.append(int4pack_matmul(
+                n, group, [pack_int4_cpu(native_int4.unpack_rows(packed), s, z, group)]))
+        return int4pack[0](x2)
+
+    return run
+
+
 def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                         small_rows: int = INT4_SMALL_ROWS, lazy: bool = False) -> PreparedWeight:
     """torchao int4 (tinygemm numbers): packed uint8 [N, K/2] (column 2j in the low nibble),
@@ -355,7 +385,6 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     make = None
     if packed.device.type == "cpu" and group in (32, 64, 128, 256):
         def make():
-            codes = iq.int4_unpack(packed)                                # [N, K] in [0, 15]
-            return int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
+            return int4_few_rows(n, group, iq.int4_unpack(packed), scale, zero)
     return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),
                           small_rows, f"int4 g{group}", packed.device, make if lazy else None)

@@ -1,6 +1,6 @@
-/* The row kernels of gguf_cpu.c, int8_cpu.c, intw_cpu.c and lut4_cpu.c: each does rows [r0, r1) of its
-   output and returns 0, 1 (this input needs the caller's torch fallback) or -1 (bad
-   arguments). parallel.c runs them over row ranges on several threads. */
+/* The row kernels of gguf_cpu.c, int8_cpu.c, intw_cpu.c, int4_cpu.c and lut4_cpu.c: each does
+   rows [r0, r1) of its output and returns 0, 1 (this input needs the caller's torch fallback)
+   or -1 (bad arguments). parallel.c runs them over row ranges on several threads. */
 #ifndef DIFFQUANT_KERNELS_H
 #define DIFFQUANT_KERNELS_H
 #include <stdint.h>
@@ -40,6 +40,9 @@ int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, cons
                              const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y);
 int dq_int8_dot_rows(const int16_t *xw, int64_t m, const int8_t *q, int64_t k, int64_t r0,
                      int64_t r1, int32_t *acc, int64_t ldacc);
+int dq_int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t k, int64_t group,
+                 int64_t r0, int64_t r1, const float *x, uint16_t *out, int portable);
+int dq_int4_gemv_vector(void);
 int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *absmax,
                         int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,
                         int64_t ld);

@@ -86,6 +86,14 @@ static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {  /* x bf16 */
     return rc;
 }
 
+static int int4_gemv(const int64_t *a, int64_t r0, int64_t r1) {  /* x bf16 */
+    float buf[WIDEN_CAP], *x = widen(P(4), a[2], buf);
+    if (!x) return 1;
+    int rc = dq_int4_gemv(P(0), P(1), a[2], a[3], r0, r1, x, P(5), (int)a[6]);
+    if (x != buf) free(x);
+    return rc;
+}
+
 static int quantize_vnni(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quantize_rows_vnni_bf16(P(0), a[1], r0, r1, a[2], P(3), P(4));
 }
@@ -110,7 +118,7 @@ static int int8_dynamic_row(const int64_t *a, int64_t r0, int64_t r1) {
 
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
                                   quanto_bits, lut4_gemv, lut4_decode, int8_gemv, quantize_vnni,
-                                  amx_linear, scale_rows, int8_dot, int8_dynamic_row};
+                                  amx_linear, scale_rows, int8_dot, int8_dynamic_row, int4_gemv};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 

@@ -1,0 +1,158 @@
+/* One-row product of 4-bit weights in groups, w = (u - 8) * s + z (torchao int4, quanto int4,
+   GGUF Q4_0 / Q4_1 / Q4_K as fast_linear maps them), on a CPU, compiled on first use by
+   ops/native.py.
+
+   Why: where the CPU has AVX2 but not AVX-512 (AMD Zen 3), torch's int4pack kernel takes one
+   row of a 3072 x 3072 weight in ~0.75 ms on two cores (0.65-0.8x the bf16 product), bound by
+   its own arithmetic, not by the 5 MB it reads. This loop does three vector ops per 8 weights.
+
+   Layout (native.pack_int4_rows): packed uint8 [N, K/2], element 2i the low nibble of byte i and
+   2i + 1 the high one; the last element of every 8 (lane 7 below) stored xor 8. sz uint32
+   [N, K/group]: the bf16 bits of the group's scale (low half) and zero (high half), the values
+   int4pack is given.
+
+   The trick: the 8 elements of 4 bytes are broadcast to 8 lanes and lane l keeps its nibble in
+   place (a mask, no shift): lane l < 7 holds u * 16^l, lane 7 (its nibble xor 8, read as the
+   sign bits) (u - 8) * 2^28, each an exact float32 integer. Scaling a float32 product or sum by
+   a power of two changes none of its roundings, so each run's lane sums T are taken scaled and
+   multiplied back once per run. Then, per run r of 32 elements (element 32r + 8j + l in lane
+   l, j = 0..3), with X_l = ((x_0 + x_1) + x_2) + x_3 the lane's sum of the run's x:
+       T_l = c_0 x_0, then T_l = fma(c_j, x_j, T_l) for j = 1, 2, 3
+       A_l = fma(T_l * 16^-l, s, A_l)          (lane 7: * 2^-28)
+       B_l = fma(X_l, fma(s, e_l, z), B_l)     (e_l = -8 for l < 7, 0 for lane 7)
+   as sum_k ((u_k - 8) s + z) x_k = s sum u x - 8 s sum x + z sum x. Even runs go to (A, B)
+   accumulator 0, odd runs to 1; y = per lane (A0 + A1) + (B0 + B1), lanes added
+   ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)). The AVX2 loop and the portable one do these
+   operations in this order: the same bits. A row x with a value of magnitude 2^64 or more, or
+   a NaN, is left to the caller's torch path (return 1): the scaled sums then could overflow
+   where int4pack's do not. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "kernels.h"
+
+#define X_CAP 1024 /* per-run lane sums on the stack: K up to 4096 */
+
+static const float INV[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 0x1p-28f};
+static const float E[8] = {-8.0f, -8.0f, -8.0f, -8.0f, -8.0f, -8.0f, -8.0f, 0.0f};
+
+static inline uint32_t word_at(const uint8_t *p) {
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return w;
+}
+
+/* lane l's value of the 8 elements in the 4 bytes at p, as the vector loop converts it */
+static inline float lane_code(const uint8_t *p, int l) {
+    return (float)(int32_t)(word_at(p) & (0xfu << (4 * l)));
+}
+
+static float int4_row_portable(const uint8_t *p, const uint32_t *sz, int64_t runs, int64_t per,
+                               const float *x, const float *X) {
+    float A[2][8] = {{0}}, B[2][8] = {{0}};
+    for (int64_t r = 0; r < runs; r++, p += 16, x += 32, X += 8) {
+        uint32_t g = sz[r / per];
+        float s = bf16_to_float((uint16_t)(g & 0xffff)), z = bf16_to_float((uint16_t)(g >> 16));
+        for (int l = 0; l < 8; l++) {
+            float t = lane_code(p, l) * x[l];
+            for (int j = 1; j < 4; j++) t = __builtin_fmaf(lane_code(p + 4 * j, l), x[8 * j + l], t);
+            A[r % 2][l] = __builtin_fmaf(t * INV[l], s, A[r % 2][l]);
+            B[r % 2][l] = __builtin_fmaf(X[l], __builtin_fmaf(s, E[l], z), B[r % 2][l]);
+        }
+    }
+    float f[8];
+    for (int l = 0; l < 8; l++) f[l] = (A[0][l] + A[1][l]) + (B[0][l] + B[1][l]);
+    return ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+}
+
+#ifdef HAVE_AVX2_ROWS
+static inline __m256 codes8(const uint8_t *p, __m256i masks) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_set1_epi32((int)word_at(p)), masks));
+}
+
+/* T of the run at p (16 bytes) against x (32 values) */
+static inline __m256 run_sum(const uint8_t *p, const float *x, __m256i masks) {
+    __m256 t = _mm256_mul_ps(codes8(p, masks), _mm256_loadu_ps(x));
+    t = _mm256_fmadd_ps(codes8(p + 4, masks), _mm256_loadu_ps(x + 8), t);
+    t = _mm256_fmadd_ps(codes8(p + 8, masks), _mm256_loadu_ps(x + 16), t);
+    return _mm256_fmadd_ps(codes8(p + 12, masks), _mm256_loadu_ps(x + 24), t);
+}
+
+static inline __m256 bf16_broadcast(uint32_t bits16) {
+    return _mm256_castsi256_ps(_mm256_set1_epi32((int)(bits16 << 16)));
+}
+
+/* one run into (A, B): its group's scale and zero packed in g */
+#define INT4_RUN(P, XP, XS, G, A, B)                                                       \
+    do {                                                                                  \
+        __m256 s_ = bf16_broadcast((G) & 0xffff), z_ = bf16_broadcast((G) >> 16);          \
+        A = _mm256_fmadd_ps(_mm256_mul_ps(run_sum((P), (XP), masks), inv), s_, A);         \
+        B = _mm256_fmadd_ps(_mm256_loadu_ps(XS), _mm256_fmadd_ps(s_, e, z_), B);          \
+    } while (0)
+
+static float int4_row_avx2(const uint8_t *p, const uint32_t *sz, int64_t runs, int64_t per,
+                           const float *x, const float *X) {
+    const __m256i masks = _mm256_setr_epi32(0xf, 0xf0, 0xf00, 0xf000, 0xf0000, 0xf00000,
+                                            0xf000000, (int)0xf0000000u);
+    const __m256 inv = _mm256_loadu_ps(INV), e = _mm256_loadu_ps(E);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t r = 0, left = per;  /* runs left in the current group: no division per run */
+    for (; r + 1 < runs; r += 2, p += 32, x += 64, X += 16) {
+        _mm_prefetch((const char *)(p + AHEAD), _MM_HINT_T0);
+        uint32_t g0 = *sz, g1;
+        if (per == 1) {
+            g1 = sz[1];
+            sz += 2;
+        } else {  /* groups of 2 runs or more: both runs in this one */
+            g1 = g0;
+            if ((left -= 2) == 0) sz++, left = per;
+        }
+        INT4_RUN(p, x, X, g0, a0, b0);
+        INT4_RUN(p + 16, x + 32, X + 8, g1, a1, b1);
+    }
+    if (r < runs) INT4_RUN(p, x, X, *sz, a0, b0);
+    float f[8];
+    _mm256_storeu_ps(f, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)));
+    return ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+}
+#endif
+
+/* out bf16 [N]: rows [r0, r1) of the weight times x float32 [k]. k % 32 == 0, group a multiple
+   of 32 that is 32 or of an even number of runs (64, 128, 256: a pair of runs never straddles
+   two groups) and k % group == 0, else -1; 1 for an x this loop leaves to the caller (see above) or no
+   memory; portable = 1 forces the scalar loop. */
+int dq_int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t k, int64_t group,
+                 int64_t r0, int64_t r1, const float *x, uint16_t *out, int portable) {
+    if (k % 32 || group % 32 || k % group || (group > 32 && group % 64)) return -1;
+    for (int64_t i = 0; i < k; i++)
+        if (!(fabsf(x[i]) < 0x1p64f)) return 1;  /* also NaN */
+    int64_t runs = k / 32, per = group / 32, groups = k / group;
+    float buf[X_CAP], *X = runs * 8 <= X_CAP ? buf : malloc((size_t)runs * 8 * sizeof(float));
+    if (!X) return 1;
+    for (int64_t r = 0; r < runs; r++)
+        for (int l = 0; l < 8; l++) {
+            const float *xr = x + 32 * r + l;
+            X[8 * r + l] = ((xr[0] + xr[8]) + xr[16]) + xr[24];
+        }
+    float (*row)(const uint8_t *, const uint32_t *, int64_t, int64_t, const float *,
+                 const float *) = int4_row_portable;
+#ifdef HAVE_AVX2_ROWS
+    if (!portable) row = int4_row_avx2;
+#endif
+    for (int64_t r = r0; r < r1; r++)
+        out[r] = float_to_bf16(row(packed + r * (k / 2), sz + r * groups, runs, per, x, X));
+    if (X != buf) free(X);
+    return 0;
+}
+
+/* Whether dq_int4_gemv has its vector loop in this build: where the CPU has AVX-512, torch's
+   int4pack kernel is the faster one-row product (0.3-0.4x bf16) and keeps that job. */
+int dq_int4_gemv_vector(void) {
+#ifdef HAVE_AVX2_ROWS
+    return 1;
+#else
+    return 0;
+#endif
+}

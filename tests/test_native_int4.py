@@ -1,0 +1,148 @@
+"""ops/native_int4.py: the one-row product of 4-bit weights in groups (csrc/int4_cpu.c) is within
+bf16 rounding of the exact product and of torch's int4pack kernel, its vector and scalar loops
+give the same bits, its layout round-trips, and the few-row path of every 4-bit format uses
+it for one row where it has its vector loop (and int4pack otherwise)."""
+
+import pytest
+import torch
+
+from diffquant.ops import fast_gguf as fg
+from diffquant.ops import fast_linear as fl
+from diffquant.ops import int_quant as iq
+from diffquant.ops import native, native_int4
+from tests.test_fast_linear import gguf_blocks
+
+BF16 = torch.bfloat16
+
+
+def affine4(n, k, group, seed=0):
+    """codes [N, K] in 0..15 and bf16 scale/zero [N, K/group] of a typical range"""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(n, k // group, generator=g) / 8 + 1e-3).to(BF16)
+    zero = (torch.randn(n, k // group, generator=g) / 10).to(BF16)
+    return codes, scale, zero
+
+
+def weight(codes, scale, zero, group):
+    n, k = codes.shape
+    w = (codes.double() - 8).view(n, -1, group) * scale.double().unsqueeze(-1)
+    return (w + zero.double().unsqueeze(-1)).view(n, k)
+
+
+def test_the_layout_round_trips():
+    codes, scale, zero = affine4(24, 256, 64)
+    packed, sz = native_int4.pack_rows(codes, scale.float(), zero.float())
+    assert packed.shape == (24, 128) and packed.dtype == torch.uint8
+    assert sz.shape == (24, 4) and sz.dtype == torch.int32
+    assert torch.equal(native_int4.unpack_rows(packed), codes)
+    s, z = native_int4.scales(sz)
+    assert torch.equal(s, scale) and torch.equal(z, zero)
+    # element 2i in the low nibble of byte i; the 8th of every 8 stored xor 8
+    assert packed[0, 0].item() == codes[0, 0].item() | codes[0, 1].item() << 4
+    assert packed[0, 3].item() == codes[0, 6].item() | (codes[0, 7].item() ^ 8) << 4
+
+
+# K = 96: an odd number of runs of 32 (the loop's tail); 16640: a row past the 4096 values a
+# thread widens on its stack and the 1024 run sums it keeps there; 200 rows: split over
+# threads at unequal bounds
+@pytest.mark.parametrize("n,k,group", [(64, 128, 32), (40, 96, 32), (64, 256, 64),
+                                       (200, 512, 256), (96, 3072, 128), (33, 16640, 128)])
+def test_one_row_is_within_bf16_rounding_and_the_loops_agree(n, k, group):
+    codes, scale, zero = affine4(n, k, group)
+    packed, sz = native_int4.pack_rows(codes, scale, zero)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(BF16)
+    y = native_int4.gemv(packed, sz, group, x)
+    assert y.dtype == BF16 and y.shape == (1, n)
+    assert torch.equal(native_int4.gemv(packed, sz, group, x, portable=True), y)
+    w = weight(codes, scale, zero, group)
+    exact = x.double() @ w.t()
+    bound = x.double().abs() @ w.abs().t() * 2.0**-8 + 1e-30
+    assert ((y.double() - exact).abs() <= bound).all()
+    int4pack = fl.int4pack_matmul(n, group, [fl.pack_int4_cpu(codes, scale, zero, group)])(x)
+    assert ((y.double() - int4pack.double()).abs() <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("value", [2.0**64, float("inf"), float("nan")])
+def test_a_row_it_could_overflow_on_is_left_to_int4pack(value):
+    n, k, group = 48, 128, 32
+    codes, scale, zero = affine4(n, k, group)
+    packed, sz = native_int4.pack_rows(codes, scale, zero)
+    x = torch.randn(1, k).to(BF16)
+    x[0, 37] = value
+    assert native_int4.gemv(packed, sz, group, x) is None
+    run = fl.int4_few_rows(n, group, codes, scale, zero)
+    ref = fl.int4pack_matmul(n, group, [fl.pack_int4_cpu(codes, scale, zero, group)])(x)
+    torch.testing.assert_close(run(x), ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_large_but_safe_row_stays_close():
+    n, k, group = 48, 128, 32
+    codes, scale, zero = affine4(n, k, group)
+    packed, sz = native_int4.pack_rows(codes, scale, zero)
+    x = (torch.randn(1, k) * 2.0**60).to(BF16)  # the scaled lane sums reach ~2^95: no overflow
+    y = native_int4.gemv(packed, sz, group, x)
+    w = weight(codes, scale, zero, group)
+    exact = x.double() @ w.t()
+    assert ((y.double() - exact).abs() <= x.double().abs() @ w.abs().t() * 2.0**-8).all()
+
+
+def test_bad_arguments_are_refused_by_name():
+    codes, scale, zero = affine4(8, 192, 32)
+    packed, sz = native_int4.pack_rows(codes, scale, zero)
+    x = torch.randn(1, 192).to(BF16)
+    with pytest.raises(ValueError, match="group 32 or a multiple of 64"):
+        native_int4.gemv(packed, sz[:, :2], 96, x)             # runs of a group would straddle
+    with pytest.raises(ValueError, match=r"x bf16 \[1, 192\]"):
+        native_int4.gemv(packed, sz, 32, x.float())
+    with pytest.raises(ValueError, match=r"x bf16 \[1, 192\]"):
+        native_int4.gemv(packed, sz, 32, torch.randn(2, 192).to(BF16))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native_int4.pack_rows(codes[:, :12], scale, zero)
+
+
+def _few_rows_paths(monkeypatch) -> list:
+    """The product each few-row call takes from now on, in order: "native" or "int4pack"."""
+    seen = []
+    gemv, make = native_int4.gemv, fl.int4pack_matmul
+    monkeypatch.setattr(native_int4, "gemv", lambda *a, **k: seen.append("native") or gemv(*a, **k))
+
+    def counted(*a, **k):
+        run = make(*a, **k)
+        return lambda x2: seen.append("int4pack") or run(x2)
+
+    monkeypatch.setattr(fl, "int4pack_matmul", counted)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", ["int4wo", "Q4_0", "Q4_1", "Q4_K"])
+def test_the_4bit_formats_take_it_for_one_row_where_it_has_its_vector_loop(fmt, monkeypatch):
+    seen = _few_rows_paths(monkeypatch)
+    n, k = 48, 256
+    if fmt == "int4wo":
+        packed, scale, zero = iq.int4_quantize_groupwise(torch.randn(n, k).to(BF16), 128)
+        w = fl.prepare_int4_weight(packed, scale, zero, lazy=True)
+    else:
+        w = fg.prepare_gguf_weight(gguf_blocks(n, k, fmt), fmt, lazy=True)
+    ref = w.dequantize(BF16).double()
+    for rows in (1, 3, 1):
+        x = torch.randn(rows, k).to(BF16)
+        y = fl.linear_weight_only(x, w)
+        exact = x.double() @ ref.t()
+        assert ((y.double() - exact).abs() <= x.double().abs() @ ref.abs().t() * 2.0**-7 + 1e-6).all()
+    # one row: the native loop where it is vectorised; 3 rows (and every row elsewhere): int4pack
+    assert seen == (["native", "int4pack", "native"] if native_int4.vector_loop()
+                    else ["int4pack"] * 3)
+
+
+@pytest.mark.skipif(native.platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_the_vector_loop_is_built_exactly_where_avx2_is_and_avx512_is_not(tmp_path, monkeypatch):
+    flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    assert native_int4.vector_loop() == ("avx2" in flags and "fma" in flags
+                                         and "avx512f" not in flags)
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
+    cc = native.shutil.which("cc") or "gcc"
+    for march, vector in (("x86-64", 0), ("haswell", 1), ("skylake-avx512", 0)):
+        flags = [f if f != "-march=native" else f"-march={march}" for f in native.FLAGS]
+        lib = native.bind(native.ctypes.CDLL(str(native._build(cc, flags))))
+        assert lib.dq_int4_gemv_vector() == vector, march
