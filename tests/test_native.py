@@ -399,6 +399,24 @@ def test_bnb_4bit_one_row_widens_a_bf16_row_in_c_as_torch_would(k):
     assert torch.equal(y, as_float.to(torch.bfloat16))
 
 
+# blocks of 64 (bitsandbytes' default), and of 128 / 256 over rows of 192 values: blocks that
+# start in one row and end in the next (the vector loops track the block, not divide per step)
+@pytest.mark.parametrize("blocksize,k", [(64, 256), (128, 192), (256, 192), (64, 96)])
+def test_bnb_4bit_one_row_vector_and_portable_loops_agree_and_are_close(blocksize, k):
+    g = torch.Generator().manual_seed(blocksize + k)
+    n = 70
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g)
+    lut = torch.randn(16, generator=g)
+    absmax = torch.rand(-(-n * k // blocksize), generator=g) + 0.5
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    y = native.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x)
+    assert torch.equal(native.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x, portable=True), y)
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
+    w = (lut[codes].double() * absmax.double().repeat_interleave(blocksize)[:n * k]).view(n, k)
+    exact = x.double() @ w.t()
+    assert ((y.double() - exact).abs() <= x.double().abs() @ w.abs().t() * 2.0**-8 + 1e-30).all()
+
+
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
 def test_bnb_4bit_many_rows_give_bitsandbytes_bits_from_a_reused_buffer(quant_type, double_quant,
                                                                          monkeypatch):
