@@ -10,7 +10,10 @@ GGUF, the same raw ggml blocks) as diffquant's layer, in bf16:
   to ``TorchAoConfig`` on a CPU;
 - GGUF: diffusers' ``GGUFLinear`` holding a ``GGUFParameter`` of the blocks, compute dtype bf16,
   so its forward is diffusers' ``dequantize_gguf_tensor`` then ``F.linear``;
-- quanto: optimum.quanto's ``quantize(module, weights=qint8 / qint4)`` then ``freeze``.
+- quanto: optimum.quanto's ``quantize(module, weights=qint8 / qint4)`` then ``freeze``;
+- bitsandbytes NF4: bitsandbytes' ``Linear4bit`` (compute dtype bf16), the layer diffusers
+  swaps in. diffusers itself refuses to load a bitsandbytes model without a GPU, so on a CPU
+  this column is bitsandbytes' own layer, which runs there.
 
 A layer that cannot be built is reported as the string ``"n/a: <reason>"``, never raised.
 
@@ -100,6 +103,8 @@ def library_layer(fmt: str, w: torch.Tensor, bias: torch.Tensor,
             return _gguf(fmt, blocks, bias)
         if fmt.startswith("quanto"):
             return _quanto(fmt, w, bias)
+        if fmt == "bnb nf4":
+            return _bnb_nf4(w, bias)
         return _torchao(fmt, w, bias)
     except Exception as e:  # noqa: BLE001 - a missing package or a refused shape is a table cell
         reason = str(e).splitlines()[0][:80] if str(e) else ""
@@ -109,3 +114,14 @@ def library_layer(fmt: str, w: torch.Tensor, bias: torch.Tensor,
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: how far a layer's output is from the library's (0 = identical)."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _bnb_nf4(w: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    import bitsandbytes as bnb
+
+    n, k = w.shape
+    lin = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=BF16, quant_type="nf4")
+    # as diffusers' loader: the bf16 weight in a Params4bit, quantized when it reaches its device
+    lin.weight = bnb.nn.Params4bit(w.to(BF16), requires_grad=False, quant_type="nf4")
+    lin.bias = nn.Parameter(bias.to(BF16), requires_grad=False)
+    return lin.to(w.device)

@@ -3,9 +3,9 @@
 For each format and number of rows: milliseconds of a bf16 and a float32 ``F.linear``, of the
 format's reference forward (dequantize-then-matmul, as the backend layers do today), of the
 fast path, and of the layer diffusers runs for the same scheme, built with its library from the
-same weights (``bench/kernel_refs.py``: torchao, diffusers' GGUFLinear, optimum.quanto), with the
-ratios fast / bf16 and fast / library. The candidates are timed in turn, round after round, and
-the median is reported, so a loaded machine slows them alike. Under each table, how far the fast
+same weights (``bench/kernel_refs.py``: torchao, diffusers' GGUFLinear, optimum.quanto,
+bitsandbytes), with the ratios fast / bf16 and fast / library. The candidates are timed in
+turn, round after round, and the median is reported, so a loaded machine slows them alike. Under each table, how far the fast
 output is from the library's (max |fast - library| / max |library|), so like is compared with like.
 
     python -m bench.kernels                       # 3072x3072 (Flux width), rows 1 16 256 1280
@@ -44,7 +44,7 @@ from .kernel_refs import agreement, int4_group, library_layer  # noqa: E402
 
 BF16 = torch.bfloat16
 FORMATS = ("int8dq", "int8wo", "int4wo", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K",
-           "quanto int8", "quanto int4")
+           "quanto int8", "quanto int4", "bnb nf4")
 
 
 def _kquant_blocks(n, k, qtype):
@@ -85,6 +85,8 @@ def _build(fmt, w, bias):
         return ref, lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None
     if fmt.startswith("quanto"):
         return _build_quanto(fmt, wb, bias) + (None,)
+    if fmt == "bnb nf4":
+        return _build_bnb(wb, bias) + (None,)
     blocks = _kquant_blocks(*w.shape, fmt) if fmt in ("Q4_K", "Q6_K") else gd.quantize(w, fmt)
     p = fg.prepare_gguf_weight(blocks, fmt)
     return (lambda x: F.linear(x, gd.dequantize(blocks, fmt, BF16), bias),
@@ -107,6 +109,24 @@ def _build_quanto(fmt, wb, bias):
     fast = layer(True)
     p = fast._prepare()
     return layer(False), fast, p.small_rows if (p.packed or p.make_packed) else 0
+
+
+def _build_bnb(wb, bias):
+    """diffquant's BnB4BitLinear (NF4, bitsandbytes' own quantization); the reference is the
+    same layer with its fast path off (bitsandbytes' matmul_4bit). The fast path is a C product
+    for one row and bitsandbytes' dequantization in C for more."""
+    from diffquant.quantizers.bitsandbytes import BnB4BitLinear
+
+    def layer(fast):
+        with torch.device("meta"):
+            m = BnB4BitLinear(wb.shape[1], wb.shape[0], True, quant_type="nf4")
+        m.load_piece("weight", wb, pre_quantized=False, dtype=BF16, device=None)
+        m.bias = torch.nn.Parameter(bias, requires_grad=False)
+        if not fast:
+            m.use_fast_path = lambda x: False
+        return m
+
+    return layer(False), layer(True), 1
 
 
 _EVICT: list = []  # a buffer larger than the last-level cache, written before each timed call
