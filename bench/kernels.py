@@ -5,8 +5,9 @@ format's reference forward (dequantize-then-matmul, as the backend layers do tod
 fast path, and of the layer diffusers runs for the same scheme, built with its library from the
 same weights (``bench/kernel_refs.py``: torchao, diffusers' GGUFLinear, optimum.quanto,
 bitsandbytes), with the ratios fast / bf16 and fast / library. The candidates are timed in
-turn, round after round, and the median is reported, so a loaded machine slows them alike. Under each table, how far the fast
-output is from the library's (max |fast - library| / max |library|), so like is compared with like.
+turn, round after round, and the median is reported, so a loaded machine slows them alike.
+Under each table, how far the fast output is from the library's (max |fast - library| /
+max |library|), so like is compared with like.
 
     python -m bench.kernels                       # 3072x3072 (Flux width), rows 1 16 256 1280
     python -m bench.kernels --rows 1 64 --formats Q4_0 int8dq quanto-int4 --reps 9
