@@ -1,6 +1,7 @@
 """The C kernels of ``csrc/`` (GGUF, torchao int4, quanto and bitsandbytes 4-bit decoding;
-one-row products of GGUF, int8 and 4-bit weights; int8 dynamic quantization's, whose wrappers
-are ``native_int8``'s and ``native_amx``'s): compiled on first use with the machine's C
+one-row products of GGUF, int8 and 4-bit weights, the affine 4-bit one's wrappers in
+``native_int4``; int8 dynamic quantization's, whose wrappers are ``native_int8``'s and
+``native_amx``'s): compiled on first use with the machine's C
 compiler, cached, loaded with ctypes, and split across torch's own OpenMP threads
 (``csrc/parallel.c``; POSIX threads of their own where torch's runtime is not GNU OpenMP). Like torch's ops, they inherit GNU OpenMP's limit: a process
 forked after they ran must ``torch.set_num_threads(1)`` (as DataLoader workers do) or hang.
