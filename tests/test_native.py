@@ -417,6 +417,23 @@ def test_bnb_4bit_one_row_vector_and_portable_loops_agree_and_are_close(blocksiz
     assert ((y.double() - exact).abs() <= x.double().abs() @ w.abs().t() * 2.0**-8 + 1e-30).all()
 
 
+# blocks of 64 over rows of 128 (the vector loops), of 32 (the scalar loop), of 128 over rows
+# of 192 (blocks across rows); absmax values that overflow, are infinite, NaN, zero, subnormal
+@pytest.mark.parametrize("blocksize,k", [(64, 128), (32, 128), (128, 192)])
+def test_bnb_4bit_decode_is_torchs_product_rounded_to_bf16(blocksize, k):
+    g = torch.Generator().manual_seed(k + blocksize)
+    n = 70
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g)
+    lut = torch.randn(16, generator=g)
+    absmax = torch.rand(n * k // blocksize, generator=g) + 0.5
+    absmax[:6] = torch.tensor([3e38, float("inf"), float("nan"), 0.0, 1e-40, -2.0])
+    out = native.lut4_decode_into(packed, lut, absmax, blocksize,
+                                  torch.empty(n, k, dtype=torch.bfloat16))
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
+    ref = (lut[codes] * absmax.repeat_interleave(blocksize)).view(n, k).to(torch.bfloat16)
+    assert_same(out, ref)  # NaN where torch's is (its own bits for NaN vary by code path)
+
+
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", True)])
 def test_bnb_4bit_many_rows_give_bitsandbytes_bits_from_a_reused_buffer(quant_type, double_quant,
                                                                          monkeypatch):

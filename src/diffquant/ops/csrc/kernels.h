@@ -79,6 +79,18 @@ static inline __m256 int8x8_to_float(const void *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
+/* float_to_bf16 of 8 values stored at o (NaN -> 0x7fc0, as torch) */
+static inline void store_bf16x8(uint16_t *o, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0),
+                           _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(packed));
+}
+
 /* the eight lane accumulators (lanes 0-7, 8-15, ...) -> their sum, in sum_lanes' order */
 static inline float sum_registers8(const __m256 *a) {
     float acc[LANES] __attribute__((aligned(32)));

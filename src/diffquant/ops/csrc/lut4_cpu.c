@@ -159,6 +159,23 @@ int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *ab
         return 0;
     }
 #endif
+#ifdef HAVE_AVX2_ROWS
+    if (k % 64 == 0 && blocksize % 64 == 0) {  /* the one-row loop's lookup, 8 values a step */
+        const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+        const __m256 lo = _mm256_loadu_ps(lut), hi = _mm256_loadu_ps(lut + 8);
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *p = packed + r * k / 2;
+            uint16_t *o = out + r * ld;
+            for (int64_t j = 0; j < k; j += 64, p += 32) {  /* 64 values lie in one block */
+                __m256 s = _mm256_broadcast_ss(absmax + (r * k + j) / blocksize);
+                __m256 lo_s = _mm256_mul_ps(lo, s), hi_s = _mm256_mul_ps(hi, s);
+                for (int i = 0; i < 8; i++)
+                    store_bf16x8(o + j + 8 * i, lut8(p + 4 * i, lo_s, hi_s, shifts));
+            }
+        }
+        return 0;
+    }
+#endif
     for (int64_t r = r0; r < r1; r++) {
         uint16_t *o = out + r * ld;
         for (int64_t j = 0; j < k; j += 2) {
