@@ -418,8 +418,9 @@ def test_bnb_4bit_one_row_vector_and_portable_loops_agree_and_are_close(blocksiz
 
 
 # blocks of 64 over rows of 128 (the vector loops), of 32 (the scalar loop), of 128 over rows
-# of 192 (blocks across rows); absmax values that overflow, are infinite, NaN, zero, subnormal
-@pytest.mark.parametrize("blocksize,k", [(64, 128), (32, 128), (128, 192)])
+# of 192 (blocks across rows), of 3 (a pair of values across two blocks); absmax values that
+# overflow, are infinite, NaN, zero, subnormal
+@pytest.mark.parametrize("blocksize,k", [(64, 128), (32, 128), (128, 192), (3, 12)])
 def test_bnb_4bit_decode_is_torchs_product_rounded_to_bf16(blocksize, k):
     g = torch.Generator().manual_seed(k + blocksize)
     n = 70

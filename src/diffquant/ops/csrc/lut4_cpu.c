@@ -178,12 +178,23 @@ int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *ab
 #endif
     for (int64_t r = r0; r < r1; r++) {
         uint16_t *o = out + r * ld;
+        const uint8_t *p = packed + r * k / 2;
+        /* the block followed, not divided for: a division per pair cost more than the rest */
+        const float *am = absmax + r * k / blocksize;
+        int64_t left = blocksize - r * k % blocksize;
+        if (blocksize % 2) {  /* odd blocks: a pair can straddle two (bitsandbytes' are even) */
+            for (int64_t j = 0; j < k; j += 2) {
+                int64_t i = r * k + j;
+                o[j] = float_to_bf16(lut[p[j / 2] >> 4] * absmax[i / blocksize]);
+                o[j + 1] = float_to_bf16(lut[p[j / 2] & 0x0f] * absmax[(i + 1) / blocksize]);
+            }
+            continue;
+        }
         for (int64_t j = 0; j < k; j += 2) {
-            int64_t i = r * k + j;
-            uint8_t byte = packed[i / 2];
-            float s = absmax[i / blocksize];  /* blocksize is even: i and i + 1 share it */
-            o[j] = float_to_bf16(lut[byte >> 4] * s);
-            o[j + 1] = float_to_bf16(lut[byte & 0x0f] * s);
+            float s = *am;  /* blocksize is even: i and i + 1 share it */
+            o[j] = float_to_bf16(lut[p[j / 2] >> 4] * s);
+            o[j + 1] = float_to_bf16(lut[p[j / 2] & 0x0f] * s);
+            if ((left -= 2) == 0) am++, left = blocksize;
         }
     }
     return 0;
