@@ -399,19 +399,25 @@ def test_bnb_4bit_one_row_widens_a_bf16_row_in_c_as_torch_would(k):
     assert torch.equal(y, as_float.to(torch.bfloat16))
 
 
+def lut4_weight(n, k, blocksize):
+    """A random bitsandbytes-layout 4-bit weight: (packed uint8 [N*K/2], 16 code values, absmax
+    per block (> 0.5), the codes of the flat weight in element order)."""
+    g = torch.Generator().manual_seed(blocksize + k)
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g)
+    lut = torch.randn(16, generator=g)
+    absmax = torch.rand(-(-n * k // blocksize), generator=g) + 0.5
+    return packed, lut, absmax, torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
+
+
 # blocks of 64 (bitsandbytes' default), and of 128 / 256 over rows of 192 values: blocks that
 # start in one row and end in the next (the vector loops track the block, not divide per step)
 @pytest.mark.parametrize("blocksize,k", [(64, 256), (128, 192), (256, 192), (64, 96)])
 def test_bnb_4bit_one_row_vector_and_portable_loops_agree_and_are_close(blocksize, k):
-    g = torch.Generator().manual_seed(blocksize + k)
     n = 70
-    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g)
-    lut = torch.randn(16, generator=g)
-    absmax = torch.rand(-(-n * k // blocksize), generator=g) + 0.5
-    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    packed, lut, absmax, codes = lut4_weight(n, k, blocksize)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
     y = native.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x)
     assert torch.equal(native.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x, portable=True), y)
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
     w = (lut[codes].double() * absmax.double().repeat_interleave(blocksize)[:n * k]).view(n, k)
     exact = x.double() @ w.t()
     assert ((y.double() - exact).abs() <= x.double().abs() @ w.abs().t() * 2.0**-8 + 1e-30).all()
@@ -422,15 +428,11 @@ def test_bnb_4bit_one_row_vector_and_portable_loops_agree_and_are_close(blocksiz
 # overflow, are infinite, NaN, zero, subnormal
 @pytest.mark.parametrize("blocksize,k", [(64, 128), (32, 128), (128, 192), (3, 12)])
 def test_bnb_4bit_decode_is_torchs_product_rounded_to_bf16(blocksize, k):
-    g = torch.Generator().manual_seed(k + blocksize)
     n = 70
-    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g)
-    lut = torch.randn(16, generator=g)
-    absmax = torch.rand(n * k // blocksize, generator=g) + 0.5
+    packed, lut, absmax, codes = lut4_weight(n, k, blocksize)
     absmax[:6] = torch.tensor([3e38, float("inf"), float("nan"), 0.0, 1e-40, -2.0])
     out = native.lut4_decode_into(packed, lut, absmax, blocksize,
                                   torch.empty(n, k, dtype=torch.bfloat16))
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1).long()
     ref = (lut[codes] * absmax.repeat_interleave(blocksize)).view(n, k).to(torch.bfloat16)
     assert_same(out, ref)  # NaN where torch's is (its own bits for NaN vary by code path)
 
