@@ -232,6 +232,24 @@ def test_int8_gemv_is_int8packs_product_and_the_builds_agree(k):
     assert ((y.double() - ref).abs() <= 2 * bound).all()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_gemv_folds_the_output_scale_and_bias_as_torchs_two_ops(with_bias):
+    """torchao int8's one row in one call: y = bf16(sum), then y.mul_(scale), y.add_(bias) each
+    rounded to bf16, bit for bit what the product followed by scale_rows_ gives."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 130, 384
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    post = (torch.rand(n, generator=g) * 1e-2).to(torch.bfloat16)
+    post[:4] = torch.tensor([0.0, -3e38, float("inf"), float("nan")])      # overflow, inf, NaN
+    bias = torch.randn(n, generator=g).to(torch.bfloat16) if with_bias else None
+    folded = native.int8_gemv(q, None, x, post=post, bias=bias)
+    two_passes = native.scale_rows_(native.int8_gemv(q, torch.ones(n, dtype=torch.bfloat16), x),
+                                    post, bias)
+    assert_same(folded, two_passes)
+    assert_same(native.int8_gemv(q, None, x, portable=True, post=post, bias=bias), folded)
+
+
 def test_int8_gemv_refuses_what_it_cannot_read():
     q, s = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16)
     for x, qq, ss in [(torch.zeros(2, 64, dtype=torch.bfloat16), q, s),   # two rows
@@ -240,6 +258,8 @@ def test_int8_gemv_refuses_what_it_cannot_read():
                       (torch.zeros(1, 64, dtype=torch.bfloat16), q, s.float())]:
         with pytest.raises(ValueError, match=r"expected x bf16 \[1, \d+\], contiguous int8"):
             native.int8_gemv(qq, ss, x)
+    with pytest.raises(ValueError, match="bf16 scale / post / bias of 4 values"):
+        native.int8_gemv(q, None, torch.zeros(1, 64, dtype=torch.bfloat16), bias=s[:3])
     assert not native.int8_gemv_supported(torch.zeros(4, 96, dtype=torch.int8),
                                           torch.zeros(1, 96, dtype=torch.bfloat16))
 

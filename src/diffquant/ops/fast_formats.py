@@ -51,21 +51,28 @@ def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
         else:
             dequant_rows(out, sdt, fill)
 
-    packed = None
+    packed = one_row = None
     if q.dtype == torch.int8 and q.device.type == "cpu" and k % 16 == 0:
         per_row = scale.reshape(-1).expand(n)                             # [N]
         cast: dict = {}
 
-        def packed(x2):                                                   # [M, K] -> [M, N]
-            s = cast.get(x2.dtype)
+        def scale_in(dtype):
+            s = cast.get(dtype)
             if s is None:
-                s = cast[x2.dtype] = per_row.to(x2.dtype).contiguous()
-            if native.int8_gemv_supported(q, x2):                          # one row, in C
-                return native.int8_gemv(q, s, x2)
-            return torch._weight_int8pack_mm(x2, _aligned(q), s)
+                s = cast[dtype] = per_row.to(dtype).contiguous()
+            return s
+
+        def packed(x2):                                                   # [M, K] -> [M, N]
+            return torch._weight_int8pack_mm(x2, _aligned(q), scale_in(x2.dtype))
+
+        def one_row(x2, bias):  # in C: int8pack's numbers, then + bias rounded (quanto's order)
+            if not native.int8_gemv_supported(q, x2) or (bias is not None
+                                                          and bias.dtype != x2.dtype):
+                return None
+            return native.int8_gemv(q, scale_in(x2.dtype), x2, bias=bias)
 
     return PreparedWeight(n, k, dequant_into, None, packed, small_rows, f"{q.dtype} row-scaled",
-                          q.device)
+                          q.device, one_row=one_row)
 
 
 def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int,

@@ -138,6 +138,8 @@ class PreparedWeight:
     ``prepare_*`` functions), so only layers called with few rows pay its memory.
     ``float32_exact``: ``dequant_into`` a float32 buffer gives exactly the values it gives in
     bf16 (integer codes), so the float32 product need not decode in bf16 first.
+    ``one_row(x2, bias)``: the whole product of one row, ``out_scale`` and ``bias`` included,
+    in one native call (None back where it does not take this row).
     """
 
     out_features: int
@@ -150,6 +152,7 @@ class PreparedWeight:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     make_packed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
     float32_exact: bool = False
+    one_row: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None] | None = None
     _scale_casts: dict = field(default_factory=dict, repr=False)  # dtype -> out_scale in it
 
     def out_scale_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -194,6 +197,10 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
     limit = w.small_rows if small_rows is None else small_rows
     few = x2.shape[0] <= limit and x.dtype in _PACKED_DTYPES and x.device.type == "cpu" \
         and not (torch.is_grad_enabled() and x.requires_grad)
+    if few and w.one_row is not None and x2.shape[0] == 1:
+        y = w.one_row(x2, bias)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], w.out_features)
     if few and w.packed_kernel() is not None:
         y = w.packed(_aligned(x2))                                        # [M, N] in x.dtype
     elif float32_product(x):
@@ -264,12 +271,20 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
             unit = ones.get(x2.dtype)
             if unit is None:
                 unit = ones[x2.dtype] = torch.ones(n, dtype=x2.dtype)
-            if native.int8_gemv_supported(q, x2):                          # one row, in C
-                return native.int8_gemv(q, unit, x2)
             return torch._weight_int8pack_mm(x2, _aligned(q), unit)  # a copy only if misaligned
 
+    post = {}
+
+    def one_row(x2, bias):  # sum, channel scale (cast to bf16 as torchao) and bias: one C call
+        if not native.int8_gemv_supported(q, x2) or (bias is not None and bias.dtype != x2.dtype):
+            return None
+        s16 = post.get(0)
+        if s16 is None:
+            s16 = post[0] = scale.to(torch.bfloat16)
+        return native.int8_gemv(q, None, x2, post=s16, bias=bias)
+
     return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device,
-                          float32_exact=True)
+                          float32_exact=True, one_row=one_row)
 
 
 # -- int4 with groups of columns, (u - 8) * scale + zero: torch's CPU "int4pack" kernel ---------

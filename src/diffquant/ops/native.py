@@ -304,21 +304,27 @@ def int8_gemv_supported(q: torch.Tensor, x2: torch.Tensor) -> bool:
             and q.shape[1] % 64 == 0 and available())
 
 
-def int8_gemv(q: torch.Tensor, scale: torch.Tensor, x2: torch.Tensor,
-              portable: bool = False) -> torch.Tensor:
+def int8_gemv(q: torch.Tensor, scale: torch.Tensor | None, x2: torch.Tensor,
+              portable: bool = False, post: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x bf16 [1, K] @ (int8 q [N, K]).T times a bf16 ``scale`` [N] -> bf16 [1, N]: the numbers
     of ``torch._weight_int8pack_mm(x, q, scale)`` (a float32 sum per row, times the scale,
-    rounded once), reading q in place at memory speed. ``portable``: the loop without AVX-512."""
+    rounded once), reading q in place at memory speed. ``scale`` None: 1. Then, in the same
+    call, each rounded to bf16 as torch's ``y.mul_(post)`` / ``y.add_(bias)``: times ``post``
+    and plus ``bias`` (bf16 [N]) where given. ``portable``: the loop without AVX-512."""
     n, k = q.shape
-    if x2.shape != (1, k) or x2.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 \
-            or scale.numel() != n or q.dtype != torch.int8 or not q.is_contiguous():
+    vectors = [("scale", scale), ("post", post), ("bias", bias)]
+    if x2.shape != (1, k) or x2.dtype != torch.bfloat16 or q.dtype != torch.int8 \
+            or not q.is_contiguous() or any(v is not None and (v.dtype != torch.bfloat16
+                                                               or v.numel() != n)
+                                            for _, v in vectors):
         raise ValueError(f"native int8 gemv: expected x bf16 [1, {k}], contiguous int8 q "
-                         f"[{n}, {k}], bf16 scale [{n}]")
+                         f"[{n}, {k}], bf16 scale / post / bias of {n} values")
     xb = x2.contiguous()                                  # widened in C, by each thread
-    s = scale.contiguous()
+    held = [None if v is None else v.contiguous() for _, v in vectors]  # pointers used below
     out = torch.empty(1, n, dtype=torch.bfloat16)
-    if not _run(INT8_GEMV, n, q.data_ptr(), k, s.data_ptr(), xb.data_ptr(), out.data_ptr(),
-                portable):
+    s, p, b = (None if v is None else v.data_ptr() for v in held)
+    if not _run(INT8_GEMV, n, q.data_ptr(), k, s, xb.data_ptr(), out.data_ptr(), portable, p, b):
         raise MemoryError(f"native int8 gemv: no memory to widen a row of {k} values")
     return out
 

@@ -205,6 +205,10 @@ class QuantoLinear(PiecesLinear):
         if self.use_fast_path(x):  # same math in reused buffers; packed kernels for few rows
             w = self.fast_weight(self._prepare, self.weight_data, self.weight_scale,
                                  *(() if self.bits == 8 else (self.weight_shift,)))
+            if w.one_row is not None and x.numel() == self.in_features:  # the bias in the call
+                out = w.one_row(x.reshape(1, -1), self.bias)
+                if out is not None:
+                    return out.reshape(*x.shape[:-1], self.out_features)
             out = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
             return out if self.bias is None else out.add_(self.bias)
         elif self.bits != 8:

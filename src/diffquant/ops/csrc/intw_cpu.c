@@ -153,16 +153,24 @@ static float int8_row(const int8_t *q, int64_t k, const float *x) {
 }
 #endif
 
-/* q int8 [N, K], scale bf16 [N], x float32 [K] -> out bf16 [N], rows [r0, r1); portable = 1
-   forces the portable loop (tests compare the two) */
+/* q int8 [N, K], scale bf16 [N] (NULL: 1), x float32 [K] -> out bf16 [N], rows [r0, r1):
+   y = bf16(sum * scale); then, each rounded to bf16 as torch's ops, y * post and y + bias where
+   given (bf16 [N], NULL: none): torchao int8's output scale and bias, or quanto's unfused bias,
+   in this one call instead of a second pass. portable = 1 forces the portable loop. */
 int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float *x, int64_t r0,
-                 int64_t r1, uint16_t *out, int portable) {
+                 int64_t r1, uint16_t *out, int portable, const uint16_t *post,
+                 const uint16_t *bias) {
     float (*row)(const int8_t *, int64_t, const float *) = int8_row_portable;
 #if defined(__AVX512F__) || defined(HAVE_AVX2_ROWS)
     if (!portable && k % 64 == 0) row = int8_row;
 #endif
-    for (int64_t r = r0; r < r1; r++)
-        out[r] = float_to_bf16(row(q + r * k, k, x) * bf16_to_float(scale[r]));
+    for (int64_t r = r0; r < r1; r++) {
+        float y = row(q + r * k, k, x);
+        if (scale) y *= bf16_to_float(scale[r]);
+        if (post) y = round_bf16(y) * bf16_to_float(post[r]);
+        if (bias) y = round_bf16(y) + bf16_to_float(bias[r]);
+        out[r] = float_to_bf16(y);
+    }
     return 0;
 }
 

@@ -31,7 +31,8 @@ int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
 int dq_scale_rows_bf16(uint16_t *y, int64_t ldy, int64_t r0, int64_t r1, int64_t n,
                        const uint16_t *scale, const uint16_t *bias);
 int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float *x, int64_t r0,
-                 int64_t r1, uint16_t *out, int portable);
+                 int64_t r1, uint16_t *out, int portable, const uint16_t *post,
+                 const uint16_t *bias);
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
                  int64_t k, int64_t r0, int64_t r1, const float *x, void *out, int portable,
                  int out_bf16);

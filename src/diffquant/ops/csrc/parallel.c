@@ -81,7 +81,7 @@ static int lut4_decode(const int64_t *a, int64_t r0, int64_t r1) {
 static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {  /* x bf16 */
     float buf[WIDEN_CAP], *x = widen(P(3), a[1], buf);
     if (!x) return 1;
-    int rc = dq_int8_gemv(P(0), a[1], P(2), x, r0, r1, P(4), (int)a[5]);
+    int rc = dq_int8_gemv(P(0), a[1], P(2), x, r0, r1, P(4), (int)a[5], P(6), P(7));
     if (x != buf) free(x);
     return rc;
 }
