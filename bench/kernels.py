@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from diffquant.ops import fast_gguf as fg  # noqa: E402
+from diffquant.ops import fast_int4 as f4  # noqa: E402
 from diffquant.ops import fast_int8 as fi  # noqa: E402
 from diffquant.ops import fast_linear as fl  # noqa: E402
 from diffquant.ops import gguf_dequant as gd  # noqa: E402
@@ -79,7 +80,7 @@ def _build(fmt, w, bias):
                 lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None)
     if fmt == "int4wo":
         packed, scale, zero = iq.int4_quantize_groupwise(wb, int4_group(w.shape[1]))
-        p = fl.prepare_int4_weight(packed, scale, zero)
+        p = f4.prepare_int4_weight(packed, scale, zero)
         def ref(x):  # Int4WeightOnlyLinear.forward
             return torch.matmul(x, iq.int4_dequantize(packed, scale, zero, BF16).t()) + bias
 

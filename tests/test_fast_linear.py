@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffquant.errors import QuantizationError
 from diffquant.ops import fast_gguf as fg
 from diffquant.ops import fast_int8 as fi
+from diffquant.ops import fast_int4 as f4
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import gguf_dequant as gd
 from diffquant.ops import int_quant as iq
@@ -138,7 +139,7 @@ def test_int4_weight_only(m, n, k, group):
     w = iq.int4_dequantize(packed, scale, zero, BF16)
     bias = _x(1, n, seed=2).flatten()
     x = _x(m, k)
-    prepared = fl.prepare_int4_weight(packed, scale, zero)
+    prepared = f4.prepare_int4_weight(packed, scale, zero)
     assert torch.equal(prepared.dequantize(BF16), w)  # the reference's bf16 math, bit for bit
     ref = torch.matmul(x, w.t()) + bias  # Int4WeightOnlyLinear.forward
     assert_bf16_close(fl.linear_weight_only(x, prepared, bias), ref, x, w)
@@ -147,7 +148,7 @@ def test_int4_weight_only(m, n, k, group):
 def test_int4_float32_activations_dequantize_in_scale_dtype():
     packed, scale, zero = iq.int4_quantize_groupwise(_x(32, 64, seed=1), 32)
     x = _x(3, 64, torch.float32)
-    y = fl.linear_weight_only(x, fl.prepare_int4_weight(packed, scale, zero))
+    y = fl.linear_weight_only(x, f4.prepare_int4_weight(packed, scale, zero))
     ref = x @ iq.int4_dequantize(packed, scale, zero, BF16).float().t()
     assert y.dtype == torch.float32 and torch.equal(y, ref)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from diffquant.ops import fast_gguf as fg
 from diffquant.ops import fast_int8 as fi
+from diffquant.ops import fast_int4 as f4
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import int_quant as iq
 from diffquant.ops import native, native_int8
@@ -41,7 +42,7 @@ def _weights():
     n, k = 40, 512
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
     p, s, z = iq.int4_quantize_groupwise(w.to(BF16), 64)
-    yield "int4 g64", fl.prepare_int4_weight(p, s, z)
+    yield "int4 g64", f4.prepare_int4_weight(p, s, z)
     for qtype in ("Q8_0", "Q4_0", "Q4_K", "Q6_K"):
         yield qtype, fg.prepare_gguf_weight(gguf_blocks(n, k, qtype), qtype)
 

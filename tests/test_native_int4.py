@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffquant.ops import fast_gguf as fg
+from diffquant.ops import fast_int4 as f4
 from diffquant.ops import fast_linear as fl
 from diffquant.ops import int_quant as iq
 from diffquant.ops import native, native_int4
@@ -59,7 +60,7 @@ def test_one_row_is_within_bf16_rounding_and_the_loops_agree(n, k, group):
     exact = x.double() @ w.t()
     bound = x.double().abs() @ w.abs().t() * 2.0**-8 + 1e-30
     assert ((y.double() - exact).abs() <= bound).all()
-    int4pack = fl.int4pack_matmul(n, group, [fl.pack_int4_cpu(codes, scale, zero, group)])(x)
+    int4pack = f4.int4pack_matmul(n, group, [f4.pack_int4_cpu(codes, scale, zero, group)])(x)
     assert ((y.double() - int4pack.double()).abs() <= 2 * bound).all()
 
 
@@ -71,8 +72,8 @@ def test_a_row_it_could_overflow_on_is_left_to_int4pack(value):
     x = torch.randn(1, k).to(BF16)
     x[0, 37] = value
     assert native_int4.gemv(packed, sz, group, x) is None
-    run = fl.int4_few_rows(n, group, codes, scale, zero)
-    ref = fl.int4pack_matmul(n, group, [fl.pack_int4_cpu(codes, scale, zero, group)])(x)
+    run = f4.int4_few_rows(n, group, codes, scale, zero)
+    ref = f4.int4pack_matmul(n, group, [f4.pack_int4_cpu(codes, scale, zero, group)])(x)
     torch.testing.assert_close(run(x), ref, rtol=0, atol=0, equal_nan=True)
 
 
@@ -104,14 +105,14 @@ def test_bad_arguments_are_refused_by_name():
 def _few_rows_paths(monkeypatch) -> list:
     """The product each few-row call takes from now on, in order: "native" or "int4pack"."""
     seen = []
-    gemv, make = native_int4.gemv, fl.int4pack_matmul
+    gemv, make = native_int4.gemv, f4.int4pack_matmul
     monkeypatch.setattr(native_int4, "gemv", lambda *a, **k: seen.append("native") or gemv(*a, **k))
 
     def counted(*a, **k):
         run = make(*a, **k)
         return lambda x2: seen.append("int4pack") or run(x2)
 
-    monkeypatch.setattr(fl, "int4pack_matmul", counted)
+    monkeypatch.setattr(f4, "int4pack_matmul", counted)
     return seen
 
 
@@ -121,7 +122,7 @@ def test_the_4bit_formats_take_it_for_one_row_where_it_has_its_vector_loop(fmt, 
     n, k = 48, 256
     if fmt == "int4wo":
         packed, scale, zero = iq.int4_quantize_groupwise(torch.randn(n, k).to(BF16), 128)
-        w = fl.prepare_int4_weight(packed, scale, zero, lazy=True)
+        w = f4.prepare_int4_weight(packed, scale, zero, lazy=True)
     else:
         w = fg.prepare_gguf_weight(gguf_blocks(n, k, fmt), fmt, lazy=True)
     ref = w.dequantize(BF16).double()

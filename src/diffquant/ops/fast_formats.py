@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .fast_linear import (INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, int4_few_rows,
-                          linear_decoded)
+from .fast_int4 import int4_few_rows
+from .fast_linear import INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, linear_decoded
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 
 

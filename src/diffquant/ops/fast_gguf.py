@@ -30,8 +30,8 @@ import torch
 from ..errors import QuantizationError
 from . import gguf_dequant as gd
 from . import native
-from .fast_linear import (INT4_SMALL_ROWS, PreparedWeight, int4_few_rows, int4pack_matmul,
-                          pack_int4_cpu)
+from .fast_int4 import int4_few_rows, int4pack_matmul, pack_int4_cpu
+from .fast_linear import INT4_SMALL_ROWS, PreparedWeight
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 from .gguf_dequant import GGMLType
 

@@ -1,5 +1,6 @@
 """Fast weight-only linear kernels as plain functions: same numbers as the reference math, less
-time (int8 dynamic quantization is ``fast_int8.py``).
+time (int8 dynamic quantization is ``fast_int8.py``; 4-bit group formats' few-row products and
+torchao int4's prepared weight ``fast_int4.py``).
 
 Every format's reference forward (``ops/int_quant.py``, ``ops/gguf_dequant.py``) dequantizes the
 whole weight into a fresh tensor, often through float32 temporaries, and then multiplies. Here
@@ -41,10 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QuantizationError
-from . import int_quant as iq
-from . import native, native_int4
+from . import native
 # clear_scratch is re-exported: callers of these paths free the buffer pool through this module
-from .scratch import chunk_rows, clear_scratch, dequant_rows, scratch_buffer  # noqa: F401
+from .scratch import clear_scratch, scratch_buffer  # noqa: F401
 
 # Up to this many rows the packed CPU kernels beat dequantize + matmul. Crossovers measured with
 # 2 threads at 3072x3072: int8 ~16 rows (its dequantization is a mere cast), int4 formats ~64-96,
@@ -285,121 +285,3 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
 
     return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device,
                           float32_exact=True, one_row=one_row)
-
-
-# -- int4 with groups of columns, (u - 8) * scale + zero: torch's CPU "int4pack" kernel ---------
-def pack_int4_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
-    """codes [N, K] ints in [0, 15], scale/zero [N, K/group] float -> the int4pack kernel's inputs.
-
-    Returns (packed uint8 [N', K/2], scales_and_zeros bf16 [K/group, N', 2]) with N padded to a
-    multiple of 16 (zero codes and scales, sliced off after the matmul). The kernel takes its
-    scales in the activations' dtype; bf16 is the usual one and the smallest to keep.
-    """
-    n, k = codes.shape
-    pad = -n % 16
-    codes = F.pad(codes.to(torch.int32), (0, 0, 0, pad))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    sz = torch.stack([scale.float(), zero.float()], dim=-1)              # [N, G, 2]
-    sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).to(torch.bfloat16).contiguous()
-    return packed, sz                                                     # sz [G, N', 2]
-
-
-def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The packed CPU product for ``packs`` = [(packed, scales_and_zeros)], summed over packs.
-
-    Scales are cast once per other activation dtype (the kernel wants them in x's dtype). Keep
-    activations in bf16: the kernel's float16 variant is 20-100x slower on AVX-512 CPUs without
-    FP16 arithmetic (measured at 3072x3072, 1-64 rows).
-    """
-    cast: dict = {packs[0][1].dtype: packs}
-
-    def run(x2):                                                          # [M, K] -> [M, N]
-        pieces = cast.get(x2.dtype)
-        if pieces is None:
-            pieces = cast[x2.dtype] = [(p, sz.to(x2.dtype)) for p, sz in packs]
-        y = None
-        for p, sz in pieces:
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p, group, sz)
-            y = part if y is None else y.add_(part)
-        return y if y.shape[1] == n else y[:, :n].contiguous()
-
-    return run
-
-
-def int4_few_rows(n: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The few-row product of ``codes`` [N, K] in 0..15 with w = (u - 8) * scale + zero per
-    ``group`` columns (scale/zero [N, K/group], rounded to bf16 as int4pack takes them).
-
-    torch's int4pack kernel, except one bf16 row where ``native_int4`` runs its AVX2 loop (CPUs
-    without AVX-512: there int4pack took 0.65-0.8x the bf16 product at one row, bound by its
-    own arithmetic). Then the int4pack copy is made only if more rows come.
-    """
-    k = codes.shape[1]
-    if codes.device.type != "cpu" or k % 32 or not native_int4.group_supported(k, group) \
-            or not native_int4.vector_loop():
-        return int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
-    packed, sz = native_int4.pack_rows(codes, scale, zero)
-    int4pack = []
-
-    def run(x2):                                                          # [M, K] -> [M, N]
-        if x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.is_contiguous():
-            y = native_int4.gemv(packed, sz, group, x2)
-            if y is not None:                                             # else int4pack's
-                return y
-        if not int4pack:
-            s, z = native_int4.scales(sz)
-            int4pack.append(int4pack_matmul(
-                n, group, [pack_int4_cpu(native_int4.unpack_rows(packed), s, z, group)]))
-        return int4pack[0](x2)
-
-    return run
-
-
-def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                        small_rows: int = INT4_SMALL_ROWS, lazy: bool = False) -> PreparedWeight:
-    """torchao int4 (tinygemm numbers): packed uint8 [N, K/2] (column 2j in the low nibble),
-    scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero. ``lazy``: the packed
-    kernel's copy (~0.6 B/weight) is made on the first few-row call, not now.
-
-    Example:
-        >>> import torch
-        >>> from diffquant.ops import int_quant as iq
-        >>> p, s, z = iq.int4_quantize_groupwise(torch.randn(32, 128, dtype=torch.bfloat16), 64)
-        >>> prepare_int4_weight(p, s, z).in_features
-        128
-    """
-    n, k = packed.shape[0], packed.shape[1] * 2
-    groups = scale.shape[1]
-    group = k // groups
-    sdt = scale.dtype
-    scale3, zero3 = scale.unsqueeze(-1), zero.to(sdt).unsqueeze(-1)      # [N, G, 1]
-
-    def fill(r0, r1, t):                                                  # t [R, K] in scale dtype
-        rows = r1 - r0
-        most = chunk_rows(n, k, sdt, t.device)
-        # int16 words: low byte <- low nibble (column 2j), high byte <- high nibble (2j + 1)
-        codes = scratch_buffer((most, k // 2), torch.int16, t.device, "int4")[:rows]
-        high = scratch_buffer((most, k // 2), torch.int16, t.device, "int4 high")[:rows]
-        codes.copy_(packed[r0:r1])
-        torch.bitwise_left_shift(codes, 4, out=high).bitwise_and_(0x0F00)
-        codes.bitwise_and_(0x0F).bitwise_or_(high)
-        t.copy_(codes.view(torch.int8).sub_(8).view(rows, k))             # u - 8, exact
-        # the reference's bf16 math: (u - 8) * scale, rounded, + zero, rounded
-        tg = t.view(rows, groups, group)
-        tg.mul_(scale3[r0:r1]).add_(zero3[r0:r1])
-
-    zero_s = zero.to(sdt).contiguous()
-
-    def dequant_into(out):                                                # out [N, K]
-        if native.bf16_weight_supported(out, packed, scale, zero_s):      # one pass in C
-            native.int4_tinygemm_into(packed, scale, zero_s, out)
-        else:
-            dequant_rows(out, sdt, fill)
-
-    make = None
-    if packed.device.type == "cpu" and group in (32, 64, 128, 256):
-        def make():
-            return int4_few_rows(n, group, iq.int4_unpack(packed), scale, zero)
-    return PreparedWeight(n, k, dequant_into, None, None if lazy or make is None else make(),
-                          small_rows, f"int4 g{group}", packed.device, make if lazy else None)

@@ -1,7 +1,7 @@
 """The one-row product of 4-bit weights in groups (``csrc/int4_cpu.c``) through ``native``'s
-library: w = (u - 8) * scale + zero, the form ``fast_linear`` gives torchao int4, quanto int4
+library: w = (u - 8) * scale + zero, the form ``fast_int4`` gives torchao int4, quanto int4
 and GGUF Q4_0 / Q4_1 / Q4_K for torch's int4pack kernel, in a layout of its own
-(``pack_rows``). ``fast_linear.int4_few_rows`` sends one bf16 row here where the kernel has its
+(``pack_rows``). ``fast_int4.int4_few_rows`` sends one bf16 row here where the kernel has its
 AVX2 loop (CPUs without AVX-512), and every other row count to int4pack.
 
 Example:

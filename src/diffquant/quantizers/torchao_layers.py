@@ -9,6 +9,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..ops import fast_formats as ff
+from ..ops import fast_int4 as f4
 from ..ops import fast_int8 as fi
 from ..ops import fast_linear as fl
 from ..ops import int_quant as iq
@@ -101,7 +102,7 @@ class Int4WeightOnlyLinear(TorchAoLinear):
 
     def forward(self, x):
         if self.use_fast_path(x):  # packed int4 kernel for few rows (built on first such call)
-            w = self.fast_weight(lambda: fl.prepare_int4_weight(
+            w = self.fast_weight(lambda: f4.prepare_int4_weight(
                 self.weight, self.weight_scale, self.weight_zero, lazy=True),
                 self.weight, self.weight_scale, self.weight_zero)
             y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
