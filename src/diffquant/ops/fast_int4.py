@@ -5,10 +5,10 @@ weight for ``fast_linear.linear_weight_only``.
 
 Example:
     >>> import torch
-    >>> from diffquant.ops import int_quant as iq
-    >>> p, s, z = iq.int4_quantize_groupwise(torch.randn(32, 128, dtype=torch.bfloat16), 64)
-    >>> prepare_int4_weight(p, s, z).in_features
-    128
+    >>> codes = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
+    >>> run = int4_few_rows(32, 64, codes, torch.rand(32, 2) / 8, torch.zeros(32, 2))
+    >>> run(torch.randn(1, 128, dtype=torch.bfloat16)).shape
+    torch.Size([1, 32])
 """
 
 from __future__ import annotations
