@@ -228,7 +228,9 @@ static float gemv_row_q8_0_portable(const uint8_t *b, int64_t n_blocks, const fl
     return sum_lanes(acc);
 }
 
-/* Q6_K one-row order: element k of a row into lane k % LANES, weight times x */
+#ifdef HAVE_DECODE_SMALL
+/* Q6_K one-row order of the AVX-512 kernel: element k of a row into lane k % LANES, weight
+   times x */
 static float gemv_row_q6_k_portable(const uint8_t *b, int64_t n_blocks, const float *x) {
     float w[256], acc[LANES] = {0};
     for (int64_t g = 0; g < n_blocks; g++, b += 210) {
@@ -240,6 +242,43 @@ static float gemv_row_q6_k_portable(const uint8_t *b, int64_t n_blocks, const fl
     }
     return sum_lanes(acc);
 }
+#else
+/* block b's 256 codes minus 32 (block_q6_k's order) and its 16 sub-block scales d * sc[j] */
+static void q6_k_codes(const uint8_t *b, int8_t *c, float *s) {
+    const uint8_t *ql = b, *qh = b + 128;
+    for (int h = 0; h < 2; h++, ql += 64, qh += 32, c += 128)
+        for (int l = 0; l < 32; l++) {
+            c[l] = (int8_t)(((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) - 32);
+            c[l + 32] = (int8_t)(((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            c[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            c[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    float d = half_to_float(b + 208);
+    for (int j = 0; j < 16; j++) s[j] = d * (float)((const int8_t *)(b + 192))[j];
+}
+
+/* Q6_K one-row order elsewhere: the scale multiplies once per two codes, not once per code.
+   Sub-block j (16 values) of a block: lane l < 8 sums t = c[l] x[l] + c[8 + l] x[8 + l] (the
+   integer codes, exact as floats) and lane (j % 8) * 8 + l gets t * s[j]. The weight is never
+   rounded on its own (the reference's s * c): the sums differ from the reference's by float32
+   rounding only. On Zen 3 this is 3.5 vector ops per 8 weights, not 4: the kernel is bound by
+   its vector ops (~2 a cycle there), not by memory. */
+static float gemv_row_q6_k_portable(const uint8_t *b, int64_t n_blocks, const float *x) {
+    float acc[LANES] = {0}, s[16];
+    int8_t c[256];
+    for (int64_t g = 0; g < n_blocks; g++, b += 210, x += 256) {
+        q6_k_codes(b, c, s);
+        for (int j = 0; j < 16; j++)
+            for (int l = 0; l < 8; l++) {
+                int e = 16 * j + l;
+                float t = (float)c[e] * x[e];
+                t = __builtin_fmaf((float)c[e + 8], x[e + 8], t);
+                acc[(j % 8) * 8 + l] = __builtin_fmaf(t, s[j], acc[(j % 8) * 8 + l]);
+            }
+    }
+    return sum_lanes(acc);
+}
+#endif
 
 #ifdef HAVE_DECODE_SMALL
 /* one Q8_0 block's lane partials, t = c[0:16] x[0:16] + c[16:32] x[16:32] (portable order) */
@@ -357,61 +396,72 @@ static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
     return sum_registers8(a);
 }
 
-/* 8 codes c[0:8] of a sub-block of scale *s, times x[0:8], into A. Codes and scales come from
-   memory: a broadcast from memory and vpmovsxbd from memory are loads, where taking them out
-   of registers cost shuffles (and the scales, kept in registers by gcc, a scalar convert each) */
-static inline __m256 q6_8(const int8_t *c, const float *s, const float *x, __m256 A) {
-    __m256 w = _mm256_mul_ps(_mm256_broadcast_ss(s), int8x8_to_float(c));
-    return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), A);
+/* block b's codes minus 32, block_q6_k's order: 4 x 32 bytes per half */
+static inline void q6_codes8(const uint8_t *b, int8_t *codes) {
+    /* a code is its low nibble plus 16 * (its two high bits) - 32; the second term comes from a
+       16-entry table indexed by a nibble of qh, which holds two codes' high bits: one vpshufb
+       where shifting, masking and subtracting took three ops */
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i lut0 = _mm256_broadcastsi128_si256(            /* the pair at bits 0-1 */
+        _mm_setr_epi8(-32, -16, 0, 16, -32, -16, 0, 16, -32, -16, 0, 16, -32, -16, 0, 16));
+    const __m256i lut1 = _mm256_broadcastsi128_si256(            /* the pair at bits 2-3 */
+        _mm_setr_epi8(-32, -32, -32, -32, -16, -16, -16, -16, 0, 0, 0, 0, 16, 16, 16, 16));
+    for (int h = 0; h < 2; h++, codes += 128) {
+        __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+        __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        /* the high-bit pairs of quarters 0, 1 are bits 0-1, 2-3 of qh (hlo); of 2, 3 bits 4-7 */
+        __m256i hlo = _mm256_and_si256(qh, low4);
+        __m256i hhi = _mm256_and_si256(_mm256_srli_epi16(qh, 4), low4);
+        __m256i lo0 = _mm256_and_si256(ql0, low4), lo1 = _mm256_and_si256(ql1, low4);
+        __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4);
+        __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4);
+        __m256i *out = (__m256i *)codes;
+        _mm256_store_si256(out, _mm256_add_epi8(lo0, _mm256_shuffle_epi8(lut0, hlo)));
+        _mm256_store_si256(out + 1, _mm256_add_epi8(lo1, _mm256_shuffle_epi8(lut1, hlo)));
+        _mm256_store_si256(out + 2, _mm256_add_epi8(hi0, _mm256_shuffle_epi8(lut0, hhi)));
+        _mm256_store_si256(out + 3, _mm256_add_epi8(hi1, _mm256_shuffle_epi8(lut1, hhi)));
+    }
 }
 
-/* 32 codes c (block elements e..e+31, sub-blocks of scales s[0], s[1]) into lanes e % 64.. */
-#define Q6_V(C, S, X, A0, A1, A2, A3)                                                     \
+/* sub-blocks j, j + 1 (codes C, scales S, x X) into accumulators A0, A1: the portable order */
+#define Q6_PAIR(C, S, X, A0, A1)                                                          \
     do {                                                                                  \
-        A0 = q6_8((C), (S), (X), A0);                                                     \
-        A1 = q6_8((C) + 8, (S), (X) + 8, A1);                                             \
-        A2 = q6_8((C) + 16, (S) + 1, (X) + 16, A2);                                       \
-        A3 = q6_8((C) + 24, (S) + 1, (X) + 24, A3);                                       \
+        __m256 t0 = _mm256_mul_ps(int8x8_to_float(C), _mm256_loadu_ps(X));               \
+        __m256 t1 = _mm256_mul_ps(int8x8_to_float((C) + 16), _mm256_loadu_ps((X) + 16));  \
+        t0 = _mm256_fmadd_ps(int8x8_to_float((C) + 8), _mm256_loadu_ps((X) + 8), t0);     \
+        t1 = _mm256_fmadd_ps(int8x8_to_float((C) + 24), _mm256_loadu_ps((X) + 24), t1);   \
+        A0 = _mm256_fmadd_ps(t0, _mm256_broadcast_ss(S), A0);                             \
+        A1 = _mm256_fmadd_ps(t1, _mm256_broadcast_ss((S) + 1), A1);                       \
     } while (0)
 
-/* The codes are put together 32 at a time as block_q6_k's four runs of 32 and stored; elements
-   0-31 and 64-95 of a half go to lanes 0-31, 32-63 and 96-127 to lanes 32-63, each lane in
-   element order: the portable loop's sums. (That loop's lane index at % LANES kept gcc from
-   vectorising it: 13 ms for one row of a 3072 x 3072 weight on Zen 3, bf16 1.9 ms.) */
+/* Two blocks at a time: their codes and scales are made and stored, then read back as loads
+   (vpmovsxbd and a broadcast from memory: no shuffles). Stored and read in one step, the
+   loads waited on the stores (17% slower); taken out of registers, the shuffles cost more. */
+#define Q6_AHEAD 2
 static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30),
-                  off = _mm256_set1_epi8(32);
     __m256 a[8];
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    float dl[16] __attribute__((aligned(32)));
-    int8_t codes[128] __attribute__((aligned(32)));
-    for (int64_t g = 0; g < n_blocks; g++, b += 210, x += 256) {
-        for (int line = 0; line < 210; line += 64) _mm_prefetch((const char *)(b + AHEAD + line), _MM_HINT_T0);
-        __m256 d = half_broadcast8(b + 208);                            /* d * sc[i], as block_q6_k */
-        _mm256_store_ps(dl, _mm256_mul_ps(d, int8x8_to_float(b + 192)));
-        _mm256_store_ps(dl + 8, _mm256_mul_ps(d, int8x8_to_float(b + 200)));
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-            __m256i v0 = _mm256_or_si256(_mm256_and_si256(ql0, low4),
-                                         _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45));
-            __m256i v1 = _mm256_or_si256(_mm256_and_si256(ql1, low4),
-                                         _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45));
-            __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-                                         _mm256_and_si256(qh, bits45));
-            __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-                                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45));
-            _mm256_store_si256((__m256i *)codes, _mm256_sub_epi8(v0, off));
-            _mm256_store_si256((__m256i *)(codes + 32), _mm256_sub_epi8(v1, off));
-            _mm256_store_si256((__m256i *)(codes + 64), _mm256_sub_epi8(v2, off));
-            _mm256_store_si256((__m256i *)(codes + 96), _mm256_sub_epi8(v3, off));
-            __asm__ __volatile__("" : : : "memory");  /* read them back: gcc would shuffle */
-            const float *xh = x + 128 * h, *s = dl + 8 * h;
-            Q6_V(codes, s, xh, a0, a1, a2, a3);
-            Q6_V(codes + 32, s + 2, xh + 32, a4, a5, a6, a7);
-            Q6_V(codes + 64, s + 4, xh + 64, a0, a1, a2, a3);
-            Q6_V(codes + 96, s + 6, xh + 96, a4, a5, a6, a7);
+    float dl[Q6_AHEAD * 16] __attribute__((aligned(32)));
+    int8_t codes[Q6_AHEAD * 256] __attribute__((aligned(32)));
+    for (int64_t g0 = 0; g0 < n_blocks; g0 += Q6_AHEAD) {
+        int64_t nb = n_blocks - g0 < Q6_AHEAD ? n_blocks - g0 : Q6_AHEAD;
+        for (int64_t g = 0; g < nb; g++) {
+            const uint8_t *bb = b + (g0 + g) * 210;
+            for (int line = 0; line < 210; line += 64) _mm_prefetch((const char *)(bb + AHEAD + line), _MM_HINT_T0);
+            __m256 d = half_broadcast8(bb + 208);                     /* d * sc[j], as block_q6_k */
+            _mm256_store_ps(dl + 16 * g, _mm256_mul_ps(d, int8x8_to_float(bb + 192)));
+            _mm256_store_ps(dl + 16 * g + 8, _mm256_mul_ps(d, int8x8_to_float(bb + 200)));
+            q6_codes8(bb, codes + 256 * g);
+        }
+        __asm__ __volatile__("" : : : "memory");  /* read them back: gcc would shuffle */
+        for (int64_t i = 0; i < 2 * nb; i++) {  /* half i: sub-blocks 8i .. 8i + 7 */
+            const int8_t *c = codes + 128 * i;
+            const float *xh = x + 256 * g0 + 128 * i, *s = dl + 8 * i;
+            Q6_PAIR(c, s, xh, a0, a1);
+            Q6_PAIR(c + 32, s + 2, xh + 32, a2, a3);
+            Q6_PAIR(c + 64, s + 4, xh + 64, a4, a5);
+            Q6_PAIR(c + 96, s + 6, xh + 96, a6, a7);
         }
     }
     a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
