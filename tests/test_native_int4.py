@@ -48,7 +48,8 @@ def test_the_layout_round_trips():
 # thread widens on its stack and the 1024 run sums it keeps there; 200 rows: split over
 # threads at unequal bounds
 @pytest.mark.parametrize("n,k,group", [(64, 128, 32), (40, 96, 32), (64, 256, 64),
-                                       (200, 512, 256), (96, 3072, 128), (33, 16640, 128)])
+                                       (200, 512, 256), (96, 3072, 128), (33, 16640, 128),
+                                       (48, 384, 128), (40, 192, 64)])  # odd group counts
 def test_one_row_is_within_bf16_rounding_and_the_loops_agree(n, k, group):
     codes, scale, zero = affine4(n, k, group)
     packed, sz = native_int4.pack_rows(codes, scale, zero)
