@@ -485,3 +485,62 @@ def test_scale_rows_is_torchs_mul_then_add(with_bias):
     out = native.scale_rows_(y, scale, bias)
     assert out is y
     assert_same(y, ref)
+
+
+# -- one-row products with the bias in the same C call ------------------------------------------
+def _one_row_cases():
+    """name -> (n, k, f(x2, bias, portable)) for each one-row kernel that takes a bias"""
+    from diffquant.ops import native_int4
+    from tests.test_native_int4 import affine4
+    q8, q6 = gguf_blocks(70, 256, "Q8_0"), gguf_blocks(70, 512, "Q6_K")
+    packed, sz = native_int4.pack_rows(*affine4(70, 256, 64))
+    nf4, lut, absmax, _ = lut4_weight(70, 256, 64)
+    return {
+        "Q8_0": (70, 256, lambda x, b, p: native.gemv(q8, gd.GGMLType.Q8_0, x, p, bias=b)),
+        "Q6_K": (70, 512, lambda x, b, p: native.gemv(q6, gd.GGMLType.Q6_K, x, p, bias=b)),
+        "int4": (70, 256, lambda x, b, p: native_int4.gemv(packed, sz, 64, x, p, bias=b)),
+        "nf4": (70, 256, lambda x, b, p: native.lut4_gemv(nf4, lut, absmax, 64, (70, 256), x, p,
+                                                         bias=b)),
+    }
+
+
+@pytest.mark.parametrize("case", ["Q8_0", "Q6_K", "int4", "nf4"])
+def test_one_row_products_add_the_bias_as_torchs_add(case):
+    """The bias goes in the product's C call: bit for bit y.add_(bias) after it, for bf16 biases
+    with special values (overflow to inf, inf, NaN, -0), for a float32 bias (added by torch,
+    as before) and, for the GGUF kernel, a float32 row."""
+    n, k, f = _one_row_cases()[case]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    bias[:5] = torch.tensor([3.3e38, float("-inf"), float("nan"), -0.0, 1e-40])
+    strided = torch.randn(2 * n, generator=g).to(torch.bfloat16)[::2]  # added by torch
+    for b in (bias, bias.float(), strided):
+        assert_same(f(x, b, False), f(x, None, False).add_(b))
+        assert_same(f(x, b, True), f(x, None, True).add_(b))
+    if case in ("Q8_0", "Q6_K", "nf4"):                       # the float32 entry: torch adds it
+        assert_same(f(x.float(), bias, False), f(x.float(), None, False).add_(bias))
+
+
+@pytest.mark.parametrize("fmt,lazy", [("Q6_K", True), ("Q4_0", True), ("Q8_0", False)])
+def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monkeypatch):
+    """The packed kernels of GGUF and int4 bring a one_row that takes the bias: one native call
+    per one-row product, no torch add after it, whether built now or on first use."""
+    from diffquant.ops import native_int4
+    k = 256 if fmt == "Q6_K" else 64
+    blocks = gguf_blocks(48, k, fmt)
+    w = fg.prepare_gguf_weight(blocks, fmt, lazy=lazy)
+    seen = []
+    for mod, name in ((native, "gemv"), (native_int4, "gemv")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, **kw: seen.append(kw.get("bias"))
+                            or real(*a, **kw))
+    bias = torch.randn(48).to(torch.bfloat16)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = fl.linear_weight_only(x, w, bias)
+        if fmt == "Q4_0" and not native_int4.vector_loop():
+            assert seen == []           # AVX-512: int4pack's row, the bias added by torch
+        else:
+            assert len(seen) == 1 and seen[0] is bias
+        assert_same(y, fl.linear_weight_only(x, w).add_(bias))

@@ -147,8 +147,7 @@ def linear_lut4(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, absmax
     """
     n, k = shape
     if x.numel() == k:
-        out = native.lut4_gemv(packed, lut, absmax, blocksize, shape, x.reshape(1, k))
-        out = out.reshape(*x.shape[:-1], n)
-        return out if bias is None else out + bias
+        out = native.lut4_gemv(packed, lut, absmax, blocksize, shape, x.reshape(1, k), bias=bias)
+        return out.reshape(*x.shape[:-1], n)
     buf = scratch_buffer((n, k), x.dtype, x.device)
     return linear_decoded(x, native.lut4_decode_into(packed, lut, absmax, blocksize, buf), bias)

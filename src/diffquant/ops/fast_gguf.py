@@ -274,14 +274,19 @@ def _with_gemv(blocks: torch.Tensor, qtype, make_int4pack):
     B/weight read, copied on its first use; at 2+ rows it beats the one-row kernel)."""
     int4pack = []
 
+    def one_row(x2, bias):                                  # [1, K] -> [1, N], bias added
+        if blocks.is_contiguous() and native.supports(qtype, x2.device):
+            return native.gemv(blocks, qtype, x2, bias=bias)
+        return None
+
     def run(x2):                                                          # [M, K] -> [M, N]
-        if x2.shape[0] == 1 and blocks.is_contiguous() \
-                and native.supports(qtype, x2.device):
-            return native.gemv(blocks, qtype, x2)
+        if x2.shape[0] == 1 and (y := one_row(x2, None)) is not None:
+            return y
         if not int4pack:
             int4pack.append(make_int4pack())
         return int4pack[0](x2)
 
+    run.one_row = one_row  # PreparedWeight takes it: the bias then goes in the same C call
     return run
 
 

@@ -78,17 +78,21 @@ def int4_few_rows(n: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
     packed, sz = native_int4.pack_rows(codes, scale, zero)
     int4pack = []
 
+    def one_row(x2, bias):                                  # [1, K] -> [1, N], bias added
+        if x2.dtype == torch.bfloat16 and x2.is_contiguous():
+            return native_int4.gemv(packed, sz, group, x2, bias=bias)   # None: int4pack's
+        return None
+
     def run(x2):                                                          # [M, K] -> [M, N]
-        if x2.shape[0] == 1 and x2.dtype == torch.bfloat16 and x2.is_contiguous():
-            y = native_int4.gemv(packed, sz, group, x2)
-            if y is not None:                                             # else int4pack's
-                return y
+        if x2.shape[0] == 1 and (y := one_row(x2, None)) is not None:
+            return y
         if not int4pack:
             s, z = native_int4.scales(sz)
             int4pack.append(int4pack_matmul(
                 n, group, [pack_int4_cpu(native_int4.unpack_rows(packed), s, z, group)]))
         return int4pack[0](x2)
 
+    run.one_row = one_row  # PreparedWeight takes it: the bias then goes in the same C call
     return run
 
 

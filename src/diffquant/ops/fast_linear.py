@@ -139,7 +139,8 @@ class PreparedWeight:
     ``float32_exact``: ``dequant_into`` a float32 buffer gives exactly the values it gives in
     bf16 (integer codes), so the float32 product need not decode in bf16 first.
     ``one_row(x2, bias)``: the whole product of one row, ``out_scale`` and ``bias`` included,
-    in one native call (None back where it does not take this row).
+    in one native call (None back where it does not take this row); a packed kernel that has
+    one (its ``one_row`` attribute) brings it when it is built.
     """
 
     out_features: int
@@ -155,6 +156,10 @@ class PreparedWeight:
     one_row: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None] | None = None
     _scale_casts: dict = field(default_factory=dict, repr=False)  # dtype -> out_scale in it
 
+    def __post_init__(self):
+        if self.one_row is None:
+            self.one_row = getattr(self.packed, "one_row", None)
+
     def out_scale_in(self, dtype: torch.dtype) -> torch.Tensor:
         """``out_scale`` cast to ``dtype``, cast once per dtype."""
         s = self._scale_casts.get(dtype)
@@ -166,6 +171,8 @@ class PreparedWeight:
         """``packed``, built now from ``make_packed`` if it was left for the first use."""
         if self.packed is None and self.make_packed is not None:
             self.packed, self.make_packed = self.make_packed(), None
+            if self.one_row is None:
+                self.one_row = getattr(self.packed, "one_row", None)
         return self.packed
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -197,10 +204,13 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
     limit = w.small_rows if small_rows is None else small_rows
     few = x2.shape[0] <= limit and x.dtype in _PACKED_DTYPES and x.device.type == "cpu" \
         and not (torch.is_grad_enabled() and x.requires_grad)
-    if few and w.one_row is not None and x2.shape[0] == 1:
-        y = w.one_row(x2, bias)
-        if y is not None:
-            return y.reshape(*x.shape[:-1], w.out_features)
+    if few and x2.shape[0] == 1:
+        if w.one_row is None and w.make_packed is not None:
+            w.packed_kernel()                          # a lazy kernel may bring its one_row
+        if w.one_row is not None:
+            y = w.one_row(x2, bias)
+            if y is not None:
+                return y.reshape(*x.shape[:-1], w.out_features)
     if few and w.packed_kernel() is not None:
         y = w.packed(_aligned(x2))                                        # [M, N] in x.dtype
     elif float32_product(x):

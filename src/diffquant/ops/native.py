@@ -223,33 +223,47 @@ GEMV_TYPES = (8, 14)  # Q8_0, Q6_K: no exact int4pack mapping at 1 B/weight or l
 
 
 def gemv(blocks: torch.Tensor, qtype, x2: torch.Tensor, portable: bool = False,
-         lib=None) -> torch.Tensor:
-    """x [1, K] @ W.T for W the Q8_0/Q6_K blocks [N, bytes] -> [1, N] in x's dtype, reading
-    the blocks once.
+         lib=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ W.T (+ bias [N]) for W the Q8_0/Q6_K blocks [N, bytes] -> [1, N] in x's
+    dtype, reading the blocks once.
 
     The weight is the reference's exact float32 values (the bf16 reference rounds them to bf16
     first: this is closer to the exact product, and within bf16 rounding of the reference); the
-    sums run in float32 and are rounded once. ``portable``: the C loop without AVX-512."""
+    sums run in float32 and are rounded once, then the bias is added as ``y.add_(bias)`` would
+    (in C for a bf16 x and bias). ``portable``: the C loop without AVX-512."""
     n, groups = _geometry(blocks, qtype)
     if x2.shape[0] != 1 or int(qtype) not in GEMV_TYPES:
         raise ValueError("native GGUF gemv takes Q8_0/Q6_K blocks and one row")
     return _one_row(GEMV, n, (int(qtype), blocks.data_ptr(), groups), x2, portable,
-                    (x2.shape[1],), lib=lib)
+                    (x2.shape[1],), lib=lib, bias=bias)
+
+
+def bf16_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``bias`` where a kernel can add it in C (contiguous bf16 of ``n`` values on the CPU:
+    ``y.add_(bias)``'s numbers for a bf16 y), else None (the caller adds it with torch)."""
+    if bias is not None and bias.dtype == torch.bfloat16 and bias.numel() == n \
+            and bias.is_contiguous() and bias.device.type == "cpu":
+        return bias
+    return None
 
 
 def _one_row(kernel: int, n: int, head: tuple, x2: torch.Tensor, portable: bool,
-             tail: tuple = (), lib=None) -> torch.Tensor:
-    """Run a one-row product whose arguments are ``head``, x, out, portable, bf16, ``tail``:
-    a contiguous bf16 x goes in as it is (each thread widens it, the sums are rounded to bf16
-    in C); any other x, or a kernel short of memory, takes float32 in and out, cast by torch."""
+             tail: tuple = (), lib=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a one-row product whose arguments are ``head``, x, out, portable, bf16, ``tail``,
+    bias: a contiguous bf16 x goes in as it is (each thread widens it, the sums are rounded to
+    bf16 and a bf16 bias added in C); any other x, or a kernel short of memory, takes float32
+    in and out, cast and given the bias by torch."""
     if x2.dtype == torch.bfloat16 and x2.is_contiguous():
         out = torch.empty(1, n, dtype=torch.bfloat16)
-        if _run(kernel, n, *head, x2.data_ptr(), out.data_ptr(), portable, 1, *tail, lib=lib):
-            return out
+        in_c = bf16_bias(bias, n)
+        if _run(kernel, n, *head, x2.data_ptr(), out.data_ptr(), portable, 1, *tail,
+                None if in_c is None else in_c.data_ptr(), lib=lib):
+            return out if bias is None or in_c is not None else out.add_(bias)
     xf = x2.to(torch.float32).contiguous()
     out = torch.empty(1, n, dtype=torch.float32)
-    _run(kernel, n, *head, xf.data_ptr(), out.data_ptr(), portable, 0, *tail, lib=lib)
-    return out.to(x2.dtype)
+    _run(kernel, n, *head, xf.data_ptr(), out.data_ptr(), portable, 0, *tail, None, lib=lib)
+    y = out.to(x2.dtype)
+    return y if bias is None else y.add_(bias)
 
 
 # -- integer weights into a bf16 buffer (the reference's bf16 math, bit for bit) ----------------
@@ -344,10 +358,12 @@ def quanto_bits_into(packed: torch.Tensor, bits: int, scale: torch.Tensor, shift
 
 # -- bitsandbytes 4-bit ---------------------------------------------------------------------------
 def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-              shape: tuple[int, int], x2: torch.Tensor, portable: bool = False) -> torch.Tensor:
-    """x [1, K] @ W.T for a bitsandbytes NF4/FP4 weight of ``shape`` [N, K] -> [1, N] in x's
-    dtype: packed uint8 (element i in the high nibble of byte i / 2 when i is even), ``lut``
-    the 16 float32 code values, ``absmax`` float32 per ``blocksize`` elements (expanded)."""
+              shape: tuple[int, int], x2: torch.Tensor, portable: bool = False,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ W.T (+ bias [N], as ``y.add_(bias)``) for a bitsandbytes NF4/FP4 weight of
+    ``shape`` [N, K] -> [1, N] in x's dtype: packed uint8 (element i in the high nibble of byte
+    i / 2 when i is even), ``lut`` the 16 float32 code values, ``absmax`` float32 per
+    ``blocksize`` elements (expanded)."""
     n, k = shape
     if x2.shape != (1, k) or k % 2 or lut.numel() != 16 \
             or packed.numel() * packed.element_size() * 2 < n * k:
@@ -356,7 +372,7 @@ def lut4_gemv(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blo
     p = packed.contiguous().view(torch.uint8)
     lut, absmax = lut.float().contiguous(), absmax.float().contiguous()
     return _one_row(LUT4_GEMV, n, (p.data_ptr(), lut.data_ptr(), absmax.data_ptr(), blocksize, k),
-                    x2, portable)
+                    x2, portable, bias=bias)
 
 
 def lut4_decode_into(packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor,

@@ -64,9 +64,10 @@ def scales(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gemv(packed: torch.Tensor, sz: torch.Tensor, group: int, x2: torch.Tensor,
-         portable: bool = False) -> torch.Tensor | None:
-    """x bf16 [1, K] @ W.T -> bf16 [1, N] for W in ``pack_rows``' layout: float32 sums (see
-    int4_cpu.c for their order), rounded once; within bf16 rounding of int4pack's result.
+         portable: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x bf16 [1, K] @ W.T (+ bias [N]) -> bf16 [1, N] for W in ``pack_rows``' layout: float32
+    sums (see int4_cpu.c for their order), rounded once, then the bias added as
+    ``y.add_(bias)`` would (in C where it is bf16); within bf16 rounding of int4pack's result.
     None where the kernel leaves x to the caller (a value of magnitude 2^64 or more, a NaN) or
     is short of memory. ``portable``: the scalar loop (the same bits)."""
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -79,7 +80,9 @@ def gemv(packed: torch.Tensor, sz: torch.Tensor, group: int, x2: torch.Tensor,
                          f"32 or a multiple of 64 dividing K; got x {x2.dtype} "
                          f"{list(x2.shape)}, sz {sz.dtype} {list(sz.shape)}, group {group}")
     out = torch.empty(1, n, dtype=torch.bfloat16)
+    in_c = native.bf16_bias(bias, n)
     if not native._run(native.INT4_GEMV, n, packed.data_ptr(), sz.data_ptr(), k, group,
-                       x2.data_ptr(), out.data_ptr(), portable):
+                       x2.data_ptr(), out.data_ptr(), portable,
+                       None if in_c is None else in_c.data_ptr()):
         return None
-    return out
+    return out if bias is None or in_c is not None else out.add_(bias)

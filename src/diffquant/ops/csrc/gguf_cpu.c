@@ -469,10 +469,11 @@ static float gemv_row_q6_k(const uint8_t *b, int64_t n_blocks, const float *x) {
 }
 #endif
 
-/* Q8_0 or Q6_K only; out [N] float32, or bf16 (rounded once) with out_bf16. portable = 1 forces
-   the portable loop (tests compare the two). Returns 0, or -1 for another type. */
+/* Q8_0 or Q6_K only; out [N] float32, or bf16 (rounded once) with out_bf16, then plus bias
+   (bf16 [N] or NULL; bf16 output only) as torch's y.add_(bias). portable = 1 forces the
+   portable loop (tests compare the two). Returns 0, or -1 for another type. */
 int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
-            const float *x, void *out, int portable, int out_bf16) {
+            const float *x, void *out, int portable, int out_bf16, const uint16_t *bias) {
     if (qtype != Q8_0 && qtype != Q6_K) return -1;
     float (*row)(const uint8_t *, int64_t, const float *) =
         qtype == Q8_0 ? gemv_row_q8_0_portable : gemv_row_q6_k_portable;
@@ -481,6 +482,6 @@ int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int6
 #endif
     const int size = qtype == Q8_0 ? 34 : 210;
     for (int64_t r = r0; r < r1; r++)
-        store_result(out, r, row(blocks + r * n_blocks * size, n_blocks, x), out_bf16);
+        store_result(out, r, row(blocks + r * n_blocks * size, n_blocks, x), out_bf16, bias);
     return 0;
 }

@@ -193,9 +193,11 @@ static float int4_row_groups_avx2(const uint8_t *p, const uint32_t *sz, int64_t 
 /* out bf16 [N]: rows [r0, r1) of the weight times x float32 [k]. k % 32 == 0, group a multiple
    of 32 that is 32 or of an even number of runs (64, 128, 256: a pair of runs never straddles
    two groups) and k % group == 0, else -1; 1 for an x this loop leaves to the caller (see above) or no
-   memory; portable = 1 forces the scalar loop. */
+   memory; portable = 1 forces the scalar loop. bias: bf16 [N] added as torch's y.add_(bias)
+   would, or NULL. */
 int dq_int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t k, int64_t group,
-                 int64_t r0, int64_t r1, const float *x, uint16_t *out, int portable) {
+                 int64_t r0, int64_t r1, const float *x, uint16_t *out, int portable,
+                 const uint16_t *bias) {
     if (k % 32 || group % 32 || k % group || (group > 32 && group % 64)) return -1;
     for (int64_t i = 0; i < k; i++)
         if (!(fabsf(x[i]) < 0x1p64f)) return 1;  /* also NaN */
@@ -226,7 +228,7 @@ int dq_int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t k, int64_t g
 #endif
             y = per > 1 ? int4_row_groups_portable(pr, szr, groups, per, x, X)
                         : int4_row_portable(pr, szr, runs, x, X);
-        out[r] = float_to_bf16(y);
+        out[r] = bf16_plus(y, bias ? bias + r : 0);
     }
     if (X != buf) free(X);
     return 0;

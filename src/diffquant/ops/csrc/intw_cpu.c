@@ -168,8 +168,7 @@ int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float 
         float y = row(q + r * k, k, x);
         if (scale) y *= bf16_to_float(scale[r]);
         if (post) y = round_bf16(y) * bf16_to_float(post[r]);
-        if (bias) y = round_bf16(y) + bf16_to_float(bias[r]);
-        out[r] = float_to_bf16(y);
+        out[r] = bf16_plus(y, bias ? bias + r : 0);
     }
     return 0;
 }

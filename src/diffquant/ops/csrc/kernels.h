@@ -8,7 +8,7 @@
 int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
               void *out, int64_t ld_out, int out_bf16);
 int dq_gemv(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
-            const float *x, void *out, int portable, int out_bf16);
+            const float *x, void *out, int portable, int out_bf16, const uint16_t *bias);
 int dq_quantize_rows_bf16(const uint16_t *x, int64_t ldx, int64_t r0, int64_t r1, int64_t k,
                           int8_t *q, float *scale);
 int dq_row_scale_bf16(const uint16_t *xr, int64_t k, float *s);
@@ -35,14 +35,15 @@ int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float 
                  const uint16_t *bias);
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
                  int64_t k, int64_t r0, int64_t r1, const float *x, void *out, int portable,
-                 int out_bf16);
+                 int out_bf16, const uint16_t *bias);
 int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k);
 int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, const float *sw,
                              const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y);
 int dq_int8_dot_rows(const int16_t *xw, int64_t m, const int8_t *q, int64_t k, int64_t r0,
                      int64_t r1, int32_t *acc, int64_t ldacc);
 int dq_int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t k, int64_t group,
-                 int64_t r0, int64_t r1, const float *x, uint16_t *out, int portable);
+                 int64_t r0, int64_t r1, const float *x, uint16_t *out, int portable,
+                 const uint16_t *bias);
 int dq_int4_gemv_vector(void);
 int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *absmax,
                         int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,

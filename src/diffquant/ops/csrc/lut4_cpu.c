@@ -18,7 +18,7 @@
 
 static void lut4_rows_portable(const uint8_t *packed, const float *lut, const float *absmax,
                                int64_t blocksize, int64_t k, int64_t r0, int64_t r1,
-                               const float *x, void *out, int out_bf16) {
+                               const float *x, void *out, int out_bf16, const uint16_t *bias) {
     float acc[LANES];
     for (int64_t r = r0; r < r1; r++) {
         memset(acc, 0, sizeof acc);
@@ -29,7 +29,7 @@ static void lut4_rows_portable(const uint8_t *packed, const float *lut, const fl
             float w = lut[code] * absmax[i / blocksize];
             acc[j % LANES] = __builtin_fmaf(w, x[j], acc[j % LANES]);
         }
-        store_result(out, r, sum_lanes(acc), out_bf16);
+        store_result(out, r, sum_lanes(acc), out_bf16, bias);
     }
 }
 
@@ -111,14 +111,14 @@ static float lut4_row_avx2(const uint8_t *p, const float *lut, const float *absm
    portable = 1 forces the portable loop. Returns 0, or -1 for a K that is odd. */
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
                  int64_t k, int64_t r0, int64_t r1, const float *x, void *out, int portable,
-                 int out_bf16) {
+                 int out_bf16, const uint16_t *bias) {
     if (k % 2 || blocksize < 1) return -1;
 #ifdef HAVE_LUT4_AVX512
     if (!portable && k % 64 == 0 && blocksize % 32 == 0) {
         __m512 table = _mm512_loadu_ps(lut);
         for (int64_t r = r0; r < r1; r++)
             store_result(out, r, lut4_row_avx512(packed + r * k / 2, table, absmax, blocksize,
-                                                  r * k, k, x), out_bf16);
+                                                  r * k, k, x), out_bf16, bias);
         return 0;
     }
 #endif
@@ -126,11 +126,11 @@ int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, i
     if (!portable && k % 64 == 0 && blocksize % 64 == 0) {
         for (int64_t r = r0; r < r1; r++)
             store_result(out, r, lut4_row_avx2(packed + r * k / 2, lut, absmax, blocksize, r * k,
-                                               k, x), out_bf16);
+                                               k, x), out_bf16, bias);
         return 0;
     }
 #endif
-    lut4_rows_portable(packed, lut, absmax, blocksize, k, r0, r1, x, out, out_bf16);
+    lut4_rows_portable(packed, lut, absmax, blocksize, k, r0, r1, x, out, out_bf16, bias);
     return 0;
 }
 

@@ -36,12 +36,13 @@ static float *widen(const uint16_t *x, int64_t k, float *buf) {
     return f;
 }
 
-/* a[6] = 1: x is bf16 (k = a[7] values) and out bf16, else both float32 */
+/* a[6] = 1: x is bf16 (k = a[7] values) and out bf16 (plus the bf16 bias a[8], if any), else
+   both float32 */
 static int gemv(const int64_t *a, int64_t r0, int64_t r1) {
-    if (!a[6]) return dq_gemv((int)a[0], P(1), a[2], r0, r1, P(3), P(4), (int)a[5], 0);
+    if (!a[6]) return dq_gemv((int)a[0], P(1), a[2], r0, r1, P(3), P(4), (int)a[5], 0, 0);
     float buf[WIDEN_CAP], *x = widen(P(3), a[7], buf);
     if (!x) return 1;
-    int rc = dq_gemv((int)a[0], P(1), a[2], r0, r1, x, P(4), (int)a[5], 1);
+    int rc = dq_gemv((int)a[0], P(1), a[2], r0, r1, x, P(4), (int)a[5], 1, P(8));
     if (x != buf) free(x);
     return rc;
 }
@@ -64,12 +65,13 @@ static int quanto_bits(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quanto_bits_bf16(P(0), a[1], g, (int)a[3], P(4), P(5), r0 * per, r1 * per, out);
 }
 
-/* a[8] = 1: x is bf16 and out bf16, else both float32 */
+/* a[8] = 1: x is bf16 and out bf16 (plus the bf16 bias a[9], if any), else both float32 */
 static int lut4_gemv(const int64_t *a, int64_t r0, int64_t r1) {
-    if (!a[8]) return dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), P(6), (int)a[7], 0);
+    if (!a[8])
+        return dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, P(5), P(6), (int)a[7], 0, 0);
     float buf[WIDEN_CAP], *x = widen(P(5), a[4], buf);
     if (!x) return 1;
-    int rc = dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, x, P(6), (int)a[7], 1);
+    int rc = dq_lut4_gemv(P(0), P(1), P(2), a[3], a[4], r0, r1, x, P(6), (int)a[7], 1, P(9));
     if (x != buf) free(x);
     return rc;
 }
@@ -89,7 +91,7 @@ static int int8_gemv(const int64_t *a, int64_t r0, int64_t r1) {  /* x bf16 */
 static int int4_gemv(const int64_t *a, int64_t r0, int64_t r1) {  /* x bf16 */
     float buf[WIDEN_CAP], *x = widen(P(4), a[2], buf);
     if (!x) return 1;
-    int rc = dq_int4_gemv(P(0), P(1), a[2], a[3], r0, r1, x, P(5), (int)a[6]);
+    int rc = dq_int4_gemv(P(0), P(1), a[2], a[3], r0, r1, x, P(5), (int)a[6], P(7));
     if (x != buf) free(x);
     return rc;
 }
