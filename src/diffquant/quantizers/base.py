@@ -239,5 +239,21 @@ def require(package: str, extra: str):
                                       f"pip install 'diffquant[{extra}]' ({err})") from err
 
 
+def require_installed(package: str, extra: str) -> None:
+    """``require`` without the import, for a backend whose package is needed only later (or on
+    other devices) and slow to import."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except ImportError:  # a missing parent package
+        found = False
+    if not found:
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"this backend needs the '{package}' package: "
+                                      f"pip install 'diffquant[{extra}]' (not installed)")
+
+
 __all__ = ["DiffusersQuantizer", "PiecesLinear", "QuantizedLinear", "QuantizationError", "owner_of",
-           "require"]
+           "require", "require_installed"]

@@ -8,7 +8,8 @@ buffers named as quanto serializes them, so diffusers' quanto checkpoints load h
   codes along dim 0), ``weight._scale`` and ``weight._shift`` ([groups, 1]), w = scale*q - shift;
 - always ``input_scale`` and ``output_scale`` (scalars of ones: weight-only quantization).
 
-Quantization is quanto's own (its optimizers and ``quantize_weight``), so the bytes match what
+Quantization is quanto's (its optimizers and ``quantize_weight``, repeated op for op in
+``ops.quanto_math`` so that loading needs no import of optimum-quanto), so the bytes match what
 diffusers writes. Forward for int8/float8 is quanto's ``qbytes_mm`` op (its CPU int8 kernel
 crashes on memory that is not 16-byte aligned, so operands are realigned first); int4/int2
 dequantize in plain torch and matmul, which also works under ``torch.inference_mode()`` where
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError
 from ..ops import fast_formats as ff
 from ..ops import fast_linear as fl
+from ..ops import quanto_math as qm
 from .auto import register_quantizer
-from .base import DiffusersQuantizer, PiecesLinear, require
+from .base import DiffusersQuantizer, PiecesLinear, require, require_installed
 from .config import QuantizationConfigMixin, QuantizationMethod
 
 WEIGHTS_DTYPES = ("float8", "int8", "int4", "int2")
@@ -90,8 +92,22 @@ def group_size_for(weights_dtype: str, in_features: int) -> int | None:
 
 
 def quantize(w: torch.Tensor, weights_dtype: str, group_size: int | None) -> dict[str, torch.Tensor]:
-    """``w`` [out, in] -> quanto's serialized pieces, computed by quanto itself (as QLinear
-    freezes: absmax scales for 8 bits, min/max scale and shift for 4/2 bits)."""
+    """``w`` [out, in] -> quanto's serialized pieces, as QLinear freezes (absmax scales for 8
+    bits, min/max scale and shift for 4/2 bits): ``ops.quanto_math``'s copy of its ops (the same
+    bits, without importing optimum-quanto: ~5 s), quanto itself for a single row."""
+    bits = _BITS[weights_dtype]
+    if not qm.supported(w, None if bits == 8 else group_size):
+        return quantize_with_quanto(w, weights_dtype, group_size)
+    if bits == 8:
+        data, scale = qm.quantize_symmetric(w, _CODE_DTYPES[weights_dtype])
+        return {"weight._data": data, "weight._scale": scale}
+    packed, scale, shift = qm.quantize_affine(w, bits, group_size)
+    return {"weight._data._data": packed, "weight._scale": scale, "weight._shift": shift}
+
+
+def quantize_with_quanto(w: torch.Tensor, weights_dtype: str,
+                         group_size: int | None) -> dict[str, torch.Tensor]:
+    """``quantize`` by quanto's own optimizers and ``quantize_weight``."""
     quanto = _quanto()
     from optimum.quanto.tensor.optimizers import AbsmaxOptimizer, MaxOptimizer
 
@@ -238,7 +254,7 @@ class QuantoQuantizer(DiffusersQuantizer):
     default_torch_dtype = torch.float32
 
     def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
-        _quanto()
+        require_installed("optimum.quanto", "quanto")  # imported only where it runs (~5 s)
 
     def make_layer(self, name, module):
         with torch.device("meta"):  # the bias is filled from the checkpoint

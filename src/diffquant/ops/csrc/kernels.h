@@ -36,6 +36,10 @@ int dq_int8_gemv(const int8_t *q, int64_t k, const uint16_t *scale, const float 
 int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, int64_t blocksize,
                  int64_t k, int64_t r0, int64_t r1, const float *x, void *out, int portable,
                  int out_bf16, const uint16_t *bias);
+int dq_quanto_int8_bf16(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, int8_t *q,
+                        uint16_t *scale);
+int dq_quanto_affine_bf16(const uint16_t *w, int64_t g, int bits, int64_t r0, int64_t r1,
+                          uint8_t *codes, uint16_t *scale, uint16_t *shift);
 int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k);
 int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, const float *sw,
                              const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y);
