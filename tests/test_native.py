@@ -544,3 +544,25 @@ def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monke
         else:
             assert len(seen) == 1 and seen[0] is bias
         assert_same(y, fl.linear_weight_only(x, w).add_(bias))
+
+
+# -- torchao int4's group-wise quantization on load ----------------------------------------------
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_groupwise_quantization_in_c_is_the_torch_ops(group, monkeypatch):
+    """bf16 weights are quantized in csrc/wquant_cpu.c: the torch form's packed codes, scales
+    and zeros bit for bit, with zero and constant groups, tiny ranges (the scale's clamp to the
+    smallest normal), huge ones, infinities and NaN (NaN places compared), over threads."""
+    g = torch.Generator().manual_seed(group)
+    w = torch.randn(70, 512, generator=g) * 0.05
+    w[0] = 0.0
+    w[1] = 0.3
+    w[2, :group] = torch.linspace(0, 1e-38, group)
+    w[3, 5], w[4, 9], w[5, 0], w[6, :3] = float("inf"), float("-inf"), float("nan"), 3e38
+    w = w.to(torch.bfloat16)
+    assert iq._int4_in_c(w, group)
+    in_c = iq.int4_quantize_groupwise(w, group)
+    monkeypatch.setattr(iq, "_int4_in_c", lambda *a: False)
+    ops = iq.int4_quantize_groupwise(w, group)
+    for a, b in zip(in_c, ops):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

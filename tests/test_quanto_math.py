@@ -93,7 +93,7 @@ def test_a_missing_package_is_named_without_importing_it():
 
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "int2"])
 def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch):
-    """bf16 weights go through csrc/quanto_cpu.c: the torch ops' codes for rows holding an
+    """bf16 weights go through csrc/wquant_cpu.c: the torch ops' codes for rows holding an
     infinity or a NaN too (a NaN makes the row's scale NaN and its codes 0), split over
     threads (70 rows of groups)."""
     w = weight(70, 256, torch.bfloat16, seed=4)

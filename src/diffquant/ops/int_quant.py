@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native_int8
+from . import native, native_int8
 
 _F32_EPS = torch.finfo(torch.float32).eps  # torchao uses float32's eps for int8 whatever the dtype
 
@@ -124,6 +124,12 @@ def int4_quantize_groupwise(w: torch.Tensor, group_size: int):
     if k % group_size or k % 2:
         raise ValueError(f"int4 group-wise quantization: in_features={k} is not a multiple of "
                          f"group_size={group_size}")
+    if _int4_in_c(w, group_size):                   # the same ops in one pass per group (C)
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        scale, zero = (torch.empty(n, k // group_size, dtype=w.dtype) for _ in range(2))
+        native._run(native.INT4_GROUPWISE, n, w.data_ptr(), k, group_size, packed.data_ptr(),
+                    scale.data_ptr(), zero.data_ptr(), min_rows=16)
+        return packed, scale, zero
     g = w.reshape(n, k // group_size, group_size)                     # [N, G, g]
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)                           # [N, G] in w.dtype
     eps = torch.finfo(w.dtype).smallest_normal
@@ -132,6 +138,13 @@ def int4_quantize_groupwise(w: torch.Tensor, group_size: int):
     min_val = (zero - scale * 8.0).unsqueeze(-1)
     q = torch.clamp(torch.round((g - min_val) / scale.unsqueeze(-1)), 0, 15)
     return int4_pack(q.reshape(n, k).to(torch.uint8)), scale, zero
+
+
+def _int4_in_c(w: torch.Tensor, group_size: int) -> bool:
+    """csrc/wquant_cpu.c's case: contiguous bf16 rows on the CPU, an even group, the kernels
+    built (the torch form below took 5.8 of 6.5 s of a 1.16B-parameter load on 2 AVX2 cores)."""
+    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
+        and group_size % 2 == 0 and not w.requires_grad and native.available()
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "int4_cpu.c",
-                                    "quanto_cpu.c", "lut4_cpu.c", "amx_cpu.c", "parallel.c")]
+                                    "wquant_cpu.c", "lut4_cpu.c", "amx_cpu.c", "parallel.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 # parallel.c runs on torch's OpenMP pool when built with this (see _torch_uses_libgomp)
 OPENMP = ["-fopenmp"]
@@ -178,7 +178,7 @@ def supports(qtype, device: torch.device) -> bool:
 # the kernel ids of parallel.c's table
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
  LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS, INT8_DOT,
- INT8_DYNAMIC_ROW, INT4_GEMV, QUANTO_INT8, QUANTO_AFFINE) = range(18)
+ INT8_DYNAMIC_ROW, INT4_GEMV, QUANTO_INT8, QUANTO_AFFINE, INT4_GROUPWISE) = range(19)
 
 
 def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THREAD) -> bool:

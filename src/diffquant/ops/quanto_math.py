@@ -15,7 +15,7 @@ itself over random and special values, for bf16, float16 and float32 weights).
   [0, 2^bits - 1]; packed along dim 0 as quanto's ``pack_weights`` (value k of byte i is row
   i + k * rows of the packed tensor).
 
-bf16 weights on a CPU go through ``csrc/quanto_cpu.c`` (the same ops, one pass per row: the
+bf16 weights on a CPU go through ``csrc/wquant_cpu.c`` (the same ops, one pass per row: the
 torch ops were 5 of 6.6 s of that load); other dtypes and devices through torch.
 
 A weight whose quantization axis has one row (quanto then quantizes per tensor) is not handled
@@ -83,7 +83,7 @@ def quantize_affine(w: torch.Tensor, bits: int, group: int | None
 
 
 def _in_c(w: torch.Tensor) -> bool:
-    """bf16 rows on the CPU, contiguous, with the kernels built: quanto_cpu.c's case."""
+    """bf16 rows on the CPU, contiguous, with the kernels built: wquant_cpu.c's case."""
     return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
         and not w.requires_grad and native.available()
 

@@ -126,10 +126,14 @@ static int quanto_affine(const int64_t *a, int64_t r0, int64_t r1) {
     return dq_quanto_affine_bf16(P(0), a[1], (int)a[2], r0, r1, P(3), P(4), P(5));
 }
 
+static int int4_groupwise(const int64_t *a, int64_t r0, int64_t r1) {
+    return dq_int4_groupwise_bf16(P(0), a[1], a[2], r0, r1, P(3), P(4), P(5));
+}
+
 static const rows_fn KERNELS[] = {decode, gemv, quantize, int8_output, int4_tinygemm, int8_rows,
                                   quanto_bits, lut4_gemv, lut4_decode, int8_gemv, quantize_vnni,
                                   amx_linear, scale_rows, int8_dot, int8_dynamic_row, int4_gemv,
-                                  quanto_int8, quanto_affine};
+                                  quanto_int8, quanto_affine, int4_groupwise};
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 #define MAX_THREADS 256
 

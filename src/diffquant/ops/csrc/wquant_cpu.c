@@ -1,10 +1,11 @@
-/* optimum-quanto's weight quantization of bf16 weights (ops/quanto_math.py), one pass per row,
-   compiled on first use by ops/native.py.
+/* Weight quantization on load of bf16 weights: optimum-quanto's (ops/quanto_math.py) and
+   torchao int4's group-wise (int_quant.int4_quantize_groupwise), one pass per row, compiled on
+   first use by ops/native.py.
 
-   Why C: quanto's recipe is six bf16 torch passes over the weight (abs, amax, a division, round,
-   clamp, a cast), each rounding to bf16; on a 2-core AVX2 machine they were 5 of the 6.6 s of
-   quantizing a 1.16B-parameter transformer on load. Here each row is read twice (its extreme
-   values, then its codes) and written once.
+   Why C: these recipes are six to ten bf16 torch passes over the weight (abs, amax, divisions,
+   round, clamp, casts), each rounding to bf16; on a 2-core AVX2 machine quanto's were 5 of the
+   6.6 s of quantizing a 1.16B-parameter transformer on load, torchao int4's 5.8 of 6.5. Here each
+   row (or group) is read twice (its extreme values, then its codes) and written once.
 
    The numbers are torch's, op for op: every bf16 op is computed in float32 and rounded to bf16
    (round_bf16), the division by the scalar qmax too (checked over every bf16 value); round is
@@ -36,6 +37,20 @@ static inline float rbf16(float f) {
     return f;
 }
 
+/* the extremes of n bf16 values; NaN in them makes both NaN (torch's amin / amax) */
+static void extremes(const uint16_t *w, int64_t n, float *lo_out, float *hi_out) {
+    float lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = bf16_to_float(w[i]);
+        nan += v != v;
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    *lo_out = nan ? NAN : lo;
+    *hi_out = nan ? NAN : hi;
+}
+
 /* int8, absmax per row: w bf16 [N, k] rows [r0, r1) -> q int8 [N, k], scale bf16 [N]:
    scale = bf16(amax|w| / 127), q = clamp(round(bf16(w / scale)), -128, 127) */
 int dq_quanto_int8_bf16(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, int8_t *q,
@@ -64,15 +79,8 @@ int dq_quanto_affine_bf16(const uint16_t *w, int64_t g, int bits, int64_t r0, in
     const float top_code = (float)((1 << bits) - 1);
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wr = w + r * g;
-        float lo = INFINITY, hi = -INFINITY;
-        int nan = 0;
-        for (int64_t i = 0; i < g; i++) {
-            float v = bf16_to_float(wr[i]);
-            nan += v != v;
-            lo = v < lo ? v : lo;
-            hi = v > hi ? v : hi;
-        }
-        if (nan) lo = hi = NAN;
+        float lo, hi;
+        extremes(wr, g, &lo, &hi);
         float s = round_bf16(round_bf16(hi - lo) / top_code), sh = -lo;
         scale[r] = float_to_bf16(s);
         shift[r] = float_to_bf16(sh);
@@ -82,5 +90,33 @@ int dq_quanto_affine_bf16(const uint16_t *w, int64_t g, int bits, int64_t r0, in
             cr[i] = (uint8_t)code_of(v, 0.0f, top_code);
         }
     }
+    return 0;
+}
+
+/* torchao int4, w bf16 [N, k] rows [r0, r1) in groups of g (even) -> packed uint8 [N, k/2]
+   (column 2j in the low nibble), scale and zero bf16 [N, k/g]:
+   scale = max(bf16(bf16(max - min) / 15), smallest normal), zero = bf16(min + bf16(8 scale)),
+   q = clamp(round(bf16(bf16(w - bf16(zero - bf16(8 scale))) / scale)), 0, 15) */
+int dq_int4_groupwise_bf16(const uint16_t *w, int64_t k, int64_t g, int64_t r0, int64_t r1,
+                           uint8_t *packed, uint16_t *scale, uint16_t *zero) {
+    if (g % 2 || k % g) return -1;
+    const float eps = 0x1p-126f;  /* bf16's smallest normal, torch.clamp's min */
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t j = 0; j < k / g; j++) {
+            const uint16_t *wg = w + r * k + j * g;
+            float lo, hi;
+            extremes(wg, g, &lo, &hi);
+            float s = rbf16(rbf16(hi - lo) / 15.0f);
+            s = s < eps ? eps : s;                           /* NaN stays NaN */
+            float z = rbf16(lo + rbf16(s * 8.0f)), m = rbf16(z - rbf16(s * 8.0f));
+            scale[r * (k / g) + j] = float_to_bf16(s);
+            zero[r * (k / g) + j] = float_to_bf16(z);
+            uint8_t *pg = packed + (r * k + j * g) / 2;
+            for (int64_t i = 0; i < g / 2; i++) {
+                int c0 = code_of(rbf16(rbf16(bf16_to_float(wg[2 * i]) - m) / s), 0.0f, 15.0f);
+                int c1 = code_of(rbf16(rbf16(bf16_to_float(wg[2 * i + 1]) - m) / s), 0.0f, 15.0f);
+                pg[i] = (uint8_t)(c0 | (c1 << 4));
+            }
+        }
     return 0;
 }
