@@ -11,6 +11,7 @@
    - output: y = bf16(float(acc) * s_x), then bf16(y * s_w [+ bias]) with the product and the
      sum each rounded to float32 first.
    bf16 activations only; rows [r0, r1) per call, so callers split rows across threads. */
+#include <math.h>
 #include <stdlib.h>
 
 #include "bf16.h"
@@ -35,10 +36,12 @@ int dq_row_scale_bf16(const uint16_t *xr, int64_t k, float *s) {
 static inline void quantize_run(const uint16_t *xr, int64_t n, float inv, int8_t *q) {
     for (int64_t i = 0; i < n; i++) {
         float v = bf16_to_float(xr[i]) * inv;
-        v = v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v;
-        /* round half to even: exact for |v| < 2^22 (the default rounding mode) */
-        v = (v + 12582912.0f) - 12582912.0f;
-        q[i] = (int8_t)v;
+        v = v < -128.0f ? -128.0f : v;
+        v = v > 127.0f ? 127.0f : v;
+        /* round half to even (the default rounding mode); written as (v + 1.5 * 2^23) - 1.5 *
+           2^23, the same numbers, or with a nested select, gcc left this loop scalar */
+        int c = (int)rintf(v);
+        q[i] = (int8_t)c;
     }
 }
 
