@@ -266,6 +266,13 @@ def _one_row(kernel: int, n: int, head: tuple, x2: torch.Tensor, portable: bool,
     return y if bias is None else y.add_(bias)
 
 
+def bf16_rows_supported(w: torch.Tensor) -> bool:
+    """Whether a weight quantization kernel of wquant_cpu.c takes ``w``: contiguous bf16 rows
+    on the CPU, no autograd, the kernels built."""
+    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
+        and not w.requires_grad and available()
+
+
 # -- integer weights into a bf16 buffer (the reference's bf16 math, bit for bit) ----------------
 def bf16_weight_supported(out: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether a bf16 decode into ``out`` can run here: a bf16 CPU buffer with unit column

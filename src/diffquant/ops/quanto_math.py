@@ -83,9 +83,8 @@ def quantize_affine(w: torch.Tensor, bits: int, group: int | None
 
 
 def _in_c(w: torch.Tensor) -> bool:
-    """bf16 rows on the CPU, contiguous, with the kernels built: wquant_cpu.c's case."""
-    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
-        and not w.requires_grad and native.available()
+    """wquant_cpu.c's case (``native.bf16_rows_supported``)."""
+    return native.bf16_rows_supported(w)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
