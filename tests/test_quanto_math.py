@@ -107,3 +107,33 @@ def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch
     for name in in_c:
         for other in (ops, theirs):   # NaN scales: the same places (torch's NaN bits vary)
             torch.testing.assert_close(in_c[name], other[name], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("weights_dtype", ["int4", "int2"])
+def test_zero_extremes_keep_their_sign_and_all_zero_groups_their_values(weights_dtype):
+    """A group whose minimum (or maximum) is a zero, with -0 and +0 in it: the C pass takes
+    the first zero, as quanto's amin / amax do, so the shift's bits are quanto's. In a group of
+    nothing but zeros of both signs torch's reduction order picks the sign, and the shift's
+    zero may have the other sign: the dequantized weight is the same (0 - -0 == 0 - 0)."""
+    w = torch.rand(16, 256, generator=torch.Generator().manual_seed(3)) * 0.1
+    w[0, 3], w[0, 40] = -0.0, 0.0                # min is zero, -0 met first
+    w[1, 3], w[1, 40] = 0.0, -0.0                # +0 met first
+    w[2] = -w[2]
+    w[2, 5], w[2, 9] = -0.0, 0.0                 # max is zero
+    w[3] = -w[3]
+    w[3, 5], w[3, 9] = 0.0, -0.0
+    w[4, 200], w[4, 130] = -0.0, 0.0             # the row's second group
+    w[5] = 0.0
+    w[5, ::3] = -0.0                             # all zeros, both signs
+    w = w.to(torch.bfloat16)
+    group = qz.group_size_for(weights_dtype, 256)
+    ours = qz.quantize(w, weights_dtype, group)
+    theirs = qz.quantize_with_quanto(w, weights_dtype, group)
+    first = 5 * (256 // group)                   # the groups of rows 0-4
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        if name == "weight._shift":
+            assert torch.equal(bits_of(a[:first]), bits_of(b[:first]))
+            assert torch.equal(a, b)             # values: -0 == 0
+        else:
+            assert torch.equal(bits_of(a), bits_of(b)), name

@@ -15,8 +15,9 @@ itself over random and special values, for bf16, float16 and float32 weights).
   [0, 2^bits - 1]; packed along dim 0 as quanto's ``pack_weights`` (value k of byte i is row
   i + k * rows of the packed tensor).
 
-bf16 weights on a CPU go through ``csrc/wquant_cpu.c`` (the same ops, one pass per row: the
-torch ops were 5 of 6.6 s of that load); other dtypes and devices through torch.
+bf16 weights on a CPU go through ``csrc/wquant_cpu.c`` (the same ops, one pass per row, the
+codes written packed: the torch ops were 5 of 6.6 s of that load); other dtypes and devices
+through torch.
 
 A weight whose quantization axis has one row (quanto then quantizes per tensor) is not handled
 here: ``supported`` says so and the caller uses quanto.
@@ -69,11 +70,12 @@ def quantize_affine(w: torch.Tensor, bits: int, group: int | None
     base = w if group is None else w.reshape(-1, group)
     if _in_c(base):                                         # the same ops, one pass per row
         r, g = base.shape
-        codes = torch.empty(r, g, dtype=torch.uint8)
+        rows = -(-r // (8 // bits))                         # pack's rows
+        packed = torch.empty(rows, g, dtype=torch.uint8)
         scale, shift = (torch.empty(r, 1, dtype=torch.bfloat16) for _ in range(2))
-        native._run(native.QUANTO_AFFINE, r, base.data_ptr(), g, bits, codes.data_ptr(),
-                    scale.data_ptr(), shift.data_ptr(), min_rows=16)
-        return pack(codes, bits), scale, shift
+        native._run(native.QUANTO_AFFINE, rows, base.data_ptr(), g, bits, r, packed.data_ptr(),
+                    scale.data_ptr(), shift.data_ptr(), min_rows=8)
+        return packed, scale, shift
     rmin = torch.amin(base, dim=[1], keepdim=True)
     rmax = torch.amax(base, dim=[1], keepdim=True)
     scale = (rmax - rmin) / ((2 ** (bits - 1) - 1) - (-(2 ** (bits - 1))))

@@ -38,8 +38,8 @@ int dq_lut4_gemv(const uint8_t *packed, const float *lut, const float *absmax, i
                  int out_bf16, const uint16_t *bias);
 int dq_quanto_int8_bf16(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, int8_t *q,
                         uint16_t *scale);
-int dq_quanto_affine_bf16(const uint16_t *w, int64_t g, int bits, int64_t r0, int64_t r1,
-                          uint8_t *codes, uint16_t *scale, uint16_t *shift);
+int dq_quanto_affine_bf16(const uint16_t *w, int64_t g, int bits, int64_t rows, int64_t p0,
+                          int64_t p1, uint8_t *packed, uint16_t *scale, uint16_t *shift);
 int dq_int4_groupwise_bf16(const uint16_t *w, int64_t k, int64_t g, int64_t r0, int64_t r1,
                            uint8_t *packed, uint16_t *scale, uint16_t *zero);
 int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k);

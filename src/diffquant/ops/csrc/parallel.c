@@ -123,7 +123,7 @@ static int quanto_int8(const int64_t *a, int64_t r0, int64_t r1) {
 }
 
 static int quanto_affine(const int64_t *a, int64_t r0, int64_t r1) {
-    return dq_quanto_affine_bf16(P(0), a[1], (int)a[2], r0, r1, P(3), P(4), P(5));
+    return dq_quanto_affine_bf16(P(0), a[1], (int)a[2], a[3], r0, r1, P(4), P(5), P(6));
 }
 
 static int int4_groupwise(const int64_t *a, int64_t r0, int64_t r1) {
