@@ -30,6 +30,20 @@ _BNB_SCHEMES = {
     "int8": {"load_in_8bit": True},
 }
 _BNB_ALIASES = {"8bit": "int8", "llm.int8": "int8", "4bit": "nf4"}
+# ModelOpt's block formats need block sizes that NVIDIAModelOptConfig (as diffusers') leaves to
+# the caller; a SPEC cannot carry them, so these are the usual ones. INT8 per output channel, as
+# ModelOpt's INT8 default (the config alone gives one scale per tensor); INT4 in blocks of 128 as
+# its INT4_BLOCKWISE_WEIGHT_ONLY_CFG; NF4 in blocks of 64 with its scales quantized in blocks of
+# 256, bitsandbytes' sizes; NVFP4 in its blocks of 16 (the scale block does not change its
+# weights: their second scale is per tensor).
+_MODELOPT_BLOCKS = {
+    "int8": {"channel_quantize": 0},
+    "int4": {"channel_quantize": -1, "block_quantize": 128},
+    "nf4": {"channel_quantize": -1, "block_quantize": 64, "scale_channel_quantize": -1,
+            "scale_block_quantize": 256},
+    "nvfp4": {"channel_quantize": -1, "block_quantize": 16, "scale_channel_quantize": -1,
+              "scale_block_quantize": 16},
+}
 # The other backends take the scheme as one field; each backend file declares the values it
 # runs under this module-level name (names, a dict keyed by name, or enum members).
 _DECLARED = {"torchao": "SCHEMES", "gguf": "QUANTIZABLE_TYPES", "modelopt": "QUANT_TYPE_BITS",
@@ -112,7 +126,9 @@ def _kwargs(spec: QuantSpec) -> dict:
         return dict(_BNB_SCHEMES[spec.scheme])
     if spec.backend == "quanto":
         return {"weights_dtype": spec.scheme}
-    if spec.backend in ("gguf", "modelopt"):  # their type names are upper case: Q4_0, INT8
+    if spec.backend == "modelopt":  # its type names are upper case: INT8
+        return {"quant_type": spec.scheme.upper(), **_MODELOPT_BLOCKS.get(spec.scheme, {})}
+    if spec.backend == "gguf":  # Q4_0
         return {"quant_type": spec.scheme.upper()}
     return {"quant_type": spec.scheme}
 

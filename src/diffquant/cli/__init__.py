@@ -49,8 +49,9 @@ EPILOGS = {
 }
 SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: transformer), "
              "e.g. torchao:int8wo, bnb:nf4@transformer,text_encoder_2, gguf:q4_0, quanto:int8, "
-             "modelopt:int8 (bnb = bitsandbytes: nf4, fp4, nf4-dq, fp4-dq, int8); an unknown one "
-             "is answered with every backend and scheme")
+             "modelopt:int8 (bnb = bitsandbytes: nf4, fp4, nf4-dq, fp4-dq, int8; modelopt int8 "
+             "per output channel, int4 / nf4 / nvfp4 in blocks of 128 / 64 / 16 inputs); an "
+             "unknown one is answered with every backend and scheme")
 
 
 def _common(parser, model_flag=True) -> None:
