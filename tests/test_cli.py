@@ -146,7 +146,9 @@ def test_every_scheme_the_cli_lists_quantizes_and_runs_the_transformer(tiny, tex
     assert out.shape == (1, 4, cfg.in_channels) and torch.isfinite(out).all(), text
 
 
-def test_granular_config_uses_transformers_classes_for_text_encoders():
+def test_granular_config_uses_transformers_classes_for_text_encoders(monkeypatch):
+    import importlib.util
+
     import transformers
 
     from diffquant import BitsAndBytesConfig
@@ -160,6 +162,14 @@ def test_granular_config_uses_transformers_classes_for_text_encoders():
     assert type(pq.quant_mapping["text_encoder"]) is transformers.QuantoConfig
     ao = transformers_config(parse_spec("torchao:int8wo@text_encoder"), "text_encoder")
     assert type(ao.quant_type).__name__ == "Int8WeightOnlyConfig"
+    # torchao int4 for transformers needs the mslk package (not installed here: no CPU int4)
+    with pytest.raises(ConfigError, match="transformers' TorchAoConfig refused it .torchao "
+                                          "int4wo on a transformers model .* needs the mslk "
+                                          "package, which is not installed"):
+        transformers_config(parse_spec("torchao:int4wo@text_encoder"), "text_encoder")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "mslk" else find_spec(name, *a))
     ao = transformers_config(parse_spec("torchao:int4wo@text_encoder"), "text_encoder")
     assert type(ao.quant_type).__name__ == "Int4WeightOnlyConfig"
     bnb8 = transformers_config(parse_spec("bnb:int8@text_encoder"), "text_encoder")
@@ -317,6 +327,16 @@ def test_inspect(saved, capsys):
     assert rows["vae"][1:3] == ["AutoencoderKL", "-"]
     assert rows["text_encoder"][1:3] == ["CLIPTextModel", "-"]
     assert rows["scheduler"][1:3] == ["FlowMatchEulerDiscreteScheduler", "-"]
+
+
+def test_generate_with_quanto_int4_text_encoders(tiny, tmp_path, capsys):
+    """transformers puts optimum-quanto's own int4 layers in a quanto-quantized text encoder,
+    and they fail under torch.inference_mode(), which the CLI used to run the pipeline in."""
+    out = tmp_path / "te.png"
+    capsys.readouterr()
+    assert main_in_process("generate", "--model", tiny, *RUN, "--quantize",
+                           "quanto:int4@text_encoder,text_encoder_2", "--out", out, "-q") == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (")
 
 
 def test_generate_defaults_to_the_shipped_pipeline(tmp_path, capsys):

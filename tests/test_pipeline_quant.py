@@ -132,7 +132,7 @@ def test_global_mode_quantizes_each_component_with_its_librarys_config(global_pi
     assert 0 < diff < INT8_ATOL, diff
 
 
-def test_global_mode_string_quant_type_is_translated_for_the_text_encoder():
+def test_global_mode_string_quant_type_is_translated_for_the_text_encoder(monkeypatch):
     # transformers 5.23's TorchAoConfig takes only torchao config objects ("int8wo" raises there);
     # diffquant turns the scheme name into the object, so the DESIGN example works as written.
     pq = PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
@@ -143,6 +143,16 @@ def test_global_mode_string_quant_type_is_translated_for_the_text_encoder():
     assert type(theirs.quant_type) is Int8WeightOnlyConfig
     int4 = PipelineQuantizationConfig(quant_backend="torchao",
                                       quant_kwargs={"quant_type": "int4wo", "group_size": 64})
+    # transformers' torchao int4 packs with the mslk package: without it, a clear error up front
+    # (it used to fail inside transformers' weight conversion) ...
+    with pytest.raises(ConfigError, match="component 'text_encoder_2': torchao int4wo on a "
+                                          "transformers model .* needs the mslk package"):
+        int4._resolve_quant_config(is_diffusers=False, module_name="text_encoder_2")
+    # ... and with it, the torchao object with the caller's group size
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "mslk" else find_spec(name, *a))
     assert int4._resolve_quant_config(is_diffusers=False, module_name="text_encoder_2").quant_type.group_size == 64
 
 

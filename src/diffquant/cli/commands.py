@@ -191,7 +191,9 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
             return callback_kwargs
         kwargs["callback_on_step_end"] = on_step
     start = time.perf_counter()
-    with torch.inference_mode():
+    # no_grad, as the pipeline's own __call__: optimum-quanto's int4 / int2 layers, which
+    # transformers puts in quanto-quantized text encoders, fail under inference_mode
+    with torch.no_grad():
         image = pipe(args.prompt, **kwargs).images[0]
     total = time.perf_counter() - start
     # Between step callbacks is denoising only; without them, the whole call over the steps.

@@ -142,7 +142,11 @@ class PipelineQuantizationConfig:
                 f"transformers.{cls.__name__}(...), ...}}, or leave it out of components_to_quantize")
         # our kwargs, in transformers' names (diffquant's QuantoConfig weights_dtype= is its weights=;
         # a torchao scheme name becomes the torchao config object transformers 5 requires)
-        kwargs = AUTO_QUANTIZATION_CONFIG_MAPPING[self.quant_backend].transformers_kwargs(self.quant_kwargs)
+        try:
+            kwargs = AUTO_QUANTIZATION_CONFIG_MAPPING[self.quant_backend].transformers_kwargs(
+                self.quant_kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"component {module_name!r}: {err}") from err
         # transformers' configs swallow unknown names in **kwargs: refuse one it does not name
         names, _ = _init_names(cls)
         bad = sorted(set(kwargs) - names)

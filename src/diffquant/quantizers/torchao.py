@@ -176,11 +176,29 @@ class TorchAoConfig(QuantizationConfigMixin):
 
         make = {"int8wo": tq.Int8WeightOnlyConfig, "int8dq": tq.Int8DynamicActivationInt8WeightConfig,
                 "int4wo": tq.Int4WeightOnlyConfig, "float8wo": tq.Float8WeightOnlyConfig}[kind]
+        if kind == "int4wo":
+            _require_torchao_int4_kernels()
         return {"quant_type": make(**params), "modules_to_not_convert": ours.modules_to_not_convert}
 
     @classmethod
     def cpu_examples(cls) -> list["TorchAoConfig"]:
         return [cls("int8wo"), cls("int8dq"), cls("int4wo", group_size=64), cls("float8wo_e4m3")]
+
+
+def _require_torchao_int4_kernels() -> None:
+    """transformers quantizes its models (the text encoders) with torchao itself, and torchao's
+    Int4WeightOnlyConfig packs with the mslk package (torchao 0.18 has no CPU int4 of its own:
+    its other packings are CUDA's or refuse the CPU). Without mslk every such load failed deep in
+    transformers' weight conversion; say so before loading."""
+    import importlib.util
+
+    if importlib.util.find_spec("mslk") is None:
+        raise ConfigError("torchao int4wo on a transformers model (a text encoder): transformers "
+                          "quantizes it with torchao's Int4WeightOnlyConfig, whose packing needs "
+                          "the mslk package, which is not installed (torchao has no CPU int4 for "
+                          "it). Quantize text encoders with torchao int8wo, bitsandbytes nf4 or "
+                          "quanto int4, or give transformers a torchao config object of your own "
+                          "(on CUDA: Int4WeightOnlyConfig(int4_packing_format='tile_packed_to_4d'))")
 
 
 def _scheme_of_object(cfg) -> tuple[str, dict]:
