@@ -183,3 +183,37 @@ def test_quantization_config_without_method():
 def test_all_errors_are_diffquant_errors():
     assert issubclass(CheckpointError, (DiffquantError, OSError))
     assert issubclass(ConfigError, (DiffquantError, ValueError))
+
+
+# -- torch_dtype given as a name ------------------------------------------------------------------
+@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
+                                         ("float32", torch.float32)])
+def test_torch_dtype_by_name_is_that_dtype(good, name, dtype):
+    """diffusers turns a string torch_dtype into float32 with a warning; a name loads its dtype,
+    the same weights as the dtype object, quantized or not."""
+    from diffquant import TorchAoConfig
+
+    by_name = ToyModel.from_pretrained(good, torch_dtype=name)
+    by_dtype = ToyModel.from_pretrained(good, torch_dtype=dtype)
+    assert by_name.dtype == dtype
+    for key, value in by_dtype.state_dict().items():
+        assert torch.equal(by_name.state_dict()[key], value), key
+    quantized = ToyModel.from_pretrained(good, torch_dtype=name, quantization_config=TorchAoConfig("int8wo"))
+    assert quantized.proj_in.bias.dtype == dtype
+
+
+def test_torch_dtype_auto_is_the_checkpoints_own(tmp_path):
+    torch.manual_seed(0)
+    ToyModel(width=16, hidden=32, depth=1).to(torch.float16).save_pretrained(tmp_path)
+    assert ToyModel.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.float16
+    assert ToyModel.from_pretrained(tmp_path).dtype == torch.float32   # None: diffusers' default
+
+
+@pytest.mark.parametrize("value", ["bf16", "int8", torch.int8, 3, ""])
+def test_bad_torch_dtype_is_named(good, value):
+    with pytest.raises(ConfigError) as info:
+        ToyModel.from_pretrained(good, torch_dtype=value)
+    assert str(info.value) == (
+        f"ToyModel.from_pretrained: torch_dtype={value!r}: expected a floating torch.dtype "
+        "(torch.bfloat16), its name ('bfloat16', 'torch.float16'), 'auto' (the checkpoint's own "
+        "dtype) or None")

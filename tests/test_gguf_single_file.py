@@ -307,3 +307,14 @@ def test_bfl_safetensors_quantizes_while_loading(flux, tmp_path):
     with pytest.raises(QuantizationError, match=r"quant_type=None\) only loads pre-quantized GGUF weights"):
         FluxTransformer2DModel.from_single_file(tmp_path / "bfl.safetensors", config=flux["root"] / "config",
                                                 quantization_config=GGUFQuantizationConfig())
+
+
+def test_torch_dtype_by_name_and_auto_in_a_single_file(flux):
+    model = FluxTransformer2DModel.from_single_file(flux["root"] / "diffusers.gguf",
+                                                    config=flux["root"] / "config",
+                                                    torch_dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="FluxTransformer2DModel.from_single_file: "
+                                          "torch_dtype='auto' has no single dtype to follow"):
+        FluxTransformer2DModel.from_single_file(flux["root"] / "diffusers.gguf",
+                                                config=flux["root"] / "config", torch_dtype="auto")

@@ -84,6 +84,23 @@ def _stored_dtype(model: nn.Module, ckpt: Checkpoint) -> torch.dtype | None:
     return None
 
 
+def parse_torch_dtype(value, where: str = "from_pretrained"):
+    """``torch_dtype`` as given -> a torch.dtype, None, or "auto" (the checkpoint's own dtype,
+    transformers' meaning). diffusers turns anything but a torch.dtype into float32 with a
+    warning, so ``torch_dtype="bfloat16"`` loaded float32; here a dtype's name is that dtype and
+    anything else is refused by name."""
+    if value is None or value == "auto" or (isinstance(value, torch.dtype)
+                                            and value.is_floating_point):
+        return value
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    dtype = getattr(torch, name, None) if name else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{where}: torch_dtype={value!r}: expected a floating torch.dtype "
+                          "(torch.bfloat16), its name ('bfloat16', 'torch.float16'), 'auto' (the "
+                          "checkpoint's own dtype) or None")
+    return dtype
+
+
 class ModelMixin(nn.Module):
     """Base of diffquant's models: loading, saving and quantization state."""
 
@@ -108,6 +125,7 @@ class ModelMixin(nn.Module):
             >>> from diffquant import AutoencoderKL
             >>> vae = AutoencoderKL.from_pretrained("pipe_dir", subfolder="vae")  # doctest: +SKIP
         """
+        torch_dtype = parse_torch_dtype(torch_dtype, f"{cls.__name__}.from_pretrained")
         hub_kwargs = split_hub_kwargs(kwargs)
         kwargs.pop("output_loading_info", None)
         directory = resolve_dir(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
@@ -125,6 +143,8 @@ class ModelMixin(nn.Module):
                              "quantized layers are built on the meta device; drop the argument")
         model = cls._build_on_meta(config, config_path)
         with Checkpoint.open(weights) as ckpt:
+            if torch_dtype == "auto":
+                torch_dtype = _stored_dtype(model, ckpt)
             if quantizer is not None:
                 if quantizer.pre_quantized and torch_dtype is None:
                     # Reload in the dtype it was saved in, so save -> load is bit-identical
