@@ -211,7 +211,10 @@ class FluxPipeline(DiffusionPipeline):
                  latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512,
+                 joint_attention_kwargs: dict | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                 negative_ip_adapter_image_embeds=None):
         """Generate images for ``prompt``; returns FluxPipelineOutput(images=...).
 
         Example:
@@ -219,7 +222,23 @@ class FluxPipeline(DiffusionPipeline):
             ...            num_inference_steps=4, output_type="np")
             >>> out.images.shape                                                           # doctest: +SKIP
             (4, 512, 512, 3)
+
+        diffusers' arguments are all taken. ``joint_attention_kwargs`` reach attention
+        processors and LoRA layers there, which diffquant has not: they are ignored with a
+        warning (its usual ``{"scale": ...}`` changes nothing without a LoRA). IP-Adapter images
+        are refused: there is no image encoder to take them.
         """
+        adapters = {"ip_adapter_image": ip_adapter_image,
+                    "ip_adapter_image_embeds": ip_adapter_image_embeds,
+                    "negative_ip_adapter_image": negative_ip_adapter_image,
+                    "negative_ip_adapter_image_embeds": negative_ip_adapter_image_embeds}
+        given = sorted(k for k, v in adapters.items() if v is not None)
+        if given:
+            raise ValueError(f"FluxPipeline: {', '.join(given)} given, but diffquant's FluxPipeline "
+                             "has no IP-Adapter (no image encoder); drop them")
+        if joint_attention_kwargs:
+            logger.warning("FluxPipeline: joint_attention_kwargs %s are ignored (no attention "
+                           "processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds, pooled_prompt_embeds,
