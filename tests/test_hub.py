@@ -41,3 +41,52 @@ def test_hub_id_loads_from_cache_offline(tmp_path):
     assert "loaded 48" in out.stdout
     assert "error someorg/absent: could not fetch from the hub or its cache" in out.stdout
     assert "HF_HUB_OFFLINE" in out.stdout
+
+
+class _FakeApi:
+    """huggingface_hub.HfApi without a network: records what a push asks of it."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
+        return type("RepoUrl", (), {"repo_id": f"me/{repo_id}" if "/" not in repo_id else repo_id})
+
+    def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*")
+                       if p.is_file())
+        self.calls.append(("upload_folder", repo_id, commit_message, create_pr, files))
+        return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})
+
+
+def test_push_to_hub_uploads_what_was_saved(tmp_path, monkeypatch):
+    """save_pretrained(push_to_hub=True) writes the folder, then uploads it as diffusers does:
+    repo_id (default: the folder's name) created if missing, then the whole folder."""
+    import huggingface_hub
+
+    from diffquant import DiffusionPipeline
+    from tests.tiny_pipeline import build_tiny_flux_pipeline_dir
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    _FakeApi.calls = []
+    torch.manual_seed(0)
+    model = ToyModel(width=16, hidden=48, depth=1)
+    model.save_pretrained(tmp_path / "toy-out", push_to_hub=True, private=True, token="t")
+    assert _FakeApi.calls == [
+        ("create_repo", "toy-out", True, True, "t"),
+        ("upload_folder", "me/toy-out", "Upload with diffquant", False,
+         ["config.json", "diffusion_pytorch_model.safetensors"])]
+    model.save_pretrained(tmp_path / "again")                    # no push without the flag
+    assert len(_FakeApi.calls) == 2
+
+    pipe = DiffusionPipeline.from_pretrained(build_tiny_flux_pipeline_dir(tmp_path / "tiny"))
+    _FakeApi.calls = []
+    pipe.save_pretrained(tmp_path / "pipe-out", push_to_hub=True, repo_id="org/flux-tiny",
+                         commit_message="tiny", create_pr=True)
+    (create, repo, *_), (upload, repo_id, message, pr, files) = _FakeApi.calls
+    assert (create, repo, upload, repo_id, message, pr) == (
+        "create_repo", "org/flux-tiny", "upload_folder", "org/flux-tiny", "tiny", True)
+    assert "model_index.json" in files and "transformer/config.json" in files

@@ -57,3 +57,25 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, subfolder: str 
         return path
     rel = f"{subfolder}/{filename}" if subfolder else filename
     return resolve_dir(name_or_path, allow_patterns=[rel], **hub_kwargs) / rel
+
+
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "create_pr", "token")
+
+
+def push_folder(folder: str | os.PathLike, kwargs: dict) -> str | None:
+    """``save_pretrained(..., push_to_hub=True)``: upload the folder just written, as diffusers
+    does (repo ``repo_id``, default the folder's name; created if missing). Pops diffusers'
+    push arguments out of ``kwargs``; returns the commit URL, or None without push_to_hub."""
+    push = kwargs.pop("push_to_hub", False)
+    args = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs}
+    if not push:
+        return None
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.get("token"))
+    repo_id = args.get("repo_id") or Path(os.fspath(folder)).name
+    repo_id = api.create_repo(repo_id, private=args.get("private"), exist_ok=True).repo_id
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder,
+                             commit_message=args.get("commit_message") or "Upload with diffquant",
+                             create_pr=bool(args.get("create_pr")))
+    return str(getattr(info, "commit_url", info))

@@ -25,7 +25,7 @@ from torch import nn
 from .atomic import atomic_directory
 from .checkpoint import Checkpoint, find_weights, write_sharded
 from .errors import CheckpointError, ConfigError, QuantizationError
-from .hub import resolve_dir, split_hub_kwargs
+from .hub import push_folder, resolve_dir, split_hub_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -250,11 +250,14 @@ class ModelMixin(nn.Module):
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         variant: str | None = None, max_shard_size: int | str = "10GB",
-                        is_main_process: bool = True, **kwargs) -> None:
+                        is_main_process: bool = True, push_to_hub: bool = False,
+                        **kwargs) -> None:
         """Write config.json and safetensors weights atomically into ``save_directory``.
 
         Example:
             >>> model.save_pretrained("out/transformer", max_shard_size="200MB")  # doctest: +SKIP
+
+        ``push_to_hub=True`` then uploads the folder as ``DiffusionPipeline.save_pretrained``.
         """
         if not safe_serialization:
             raise ValueError("safe_serialization=False: diffquant writes only safetensors "
@@ -268,6 +271,7 @@ class ModelMixin(nn.Module):
             return
         with atomic_directory(save_directory) as tmp:
             self.write_into(tmp, variant=variant, max_shard_size=max_shard_size)
+        push_folder(save_directory, {**kwargs, "push_to_hub": push_to_hub})
 
     def write_into(self, directory: Path, variant=None, max_shard_size="10GB") -> None:
         """Write config and weights into an existing (fresh) directory, no atomic swap."""

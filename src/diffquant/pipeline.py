@@ -31,7 +31,7 @@ from torch import nn
 from .atomic import atomic_directory
 from .configuration import DIFFUSERS_FORMAT_VERSION, read_json
 from .errors import ConfigError, QuantizationError
-from .hub import resolve_dir, split_hub_kwargs
+from .hub import push_folder, resolve_dir, split_hub_kwargs
 from .pipeline_components import DIFFUSERS_CLASSES  # noqa: F401 (read by the CLI)
 from .pipeline_components import (PIPELINE_CLASSES, import_class, is_plain_folder_name,
                                   is_serializable, library_of, load_component, resolve_class,
@@ -194,7 +194,7 @@ class DiffusionPipeline:
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         variant: str | None = None, max_shard_size: int | str | None = None,
-                        **unused) -> None:
+                        push_to_hub: bool = False, **unused) -> None:
         """Write every component into its folder plus model_index.json, atomically as a whole.
 
         Either the whole new pipeline is at ``save_directory`` afterwards, or (on any error) the
@@ -202,6 +202,9 @@ class DiffusionPipeline:
 
         Example:
             >>> pipe.save_pretrained("out", max_shard_size="200MB")   # doctest: +SKIP
+
+        ``push_to_hub=True`` then uploads the folder with huggingface_hub (``repo_id``, default
+        the folder's name; ``private``, ``token``, ``commit_message``, ``create_pr``).
         """
         if not safe_serialization:
             raise ValueError("safe_serialization=False: diffquant writes only safetensors "
@@ -224,6 +227,7 @@ class DiffusionPipeline:
                 index[name] = [library_of(obj), type(obj).__name__]
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
+        push_folder(save_directory, {**unused, "push_to_hub": push_to_hub})
 
     # -- devices ---------------------------------------------------------------------------
     def to(self, *args, **kwargs):
