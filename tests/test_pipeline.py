@@ -80,6 +80,27 @@ def test_call_takes_every_argument_diffusers_takes(ours, ref_pipe, ref_image, ca
         run(ours, ip_adapter_image=np.zeros((8, 8, 3), np.uint8))
 
 
+def test_a_transformer_in_another_dtype_than_the_rest(pipe_dir, ours, ref_image):
+    """torch_dtype={"transformer": bf16, "default": float32}, or a bf16-quantized transformer in
+    a float32 pipeline: diffusers fails on the transformer's first product (float32 inputs,
+    bf16 weights); here the transformer gets its dtype's inputs, the latents and the VAE stay
+    float32, and the image is the float32 one within the bf16 transformer's rounding."""
+    mixed = FluxPipeline.from_pretrained(pipe_dir, torch_dtype={"transformer": torch.bfloat16,
+                                                                "default": torch.float32})
+    assert mixed.transformer.dtype == torch.bfloat16 and mixed.vae.dtype == torch.float32
+    image = run(mixed)
+    assert image.dtype == np.float32 and 0 < np.abs(image - ref_image).max() < 0.05
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        run(diffusers.FluxPipeline.from_pretrained(
+            pipe_dir, torch_dtype={"transformer": torch.bfloat16, "default": torch.float32}))
+    from diffquant import QuantoConfig
+    quantized = FluxTransformer2DModel.from_pretrained(
+        pipe_dir, subfolder="transformer", quantization_config=QuantoConfig(weights_dtype="int8"),
+        torch_dtype=torch.bfloat16)
+    image = run(FluxPipeline.from_pretrained(pipe_dir, transformer=quantized))
+    assert 0 < np.abs(image - ref_image).max() < 0.05
+
+
 def test_diffusers_loads_what_diffquant_saves(ours, ref_image, tmp_path):
     ours.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())

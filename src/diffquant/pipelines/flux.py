@@ -281,12 +281,22 @@ class FluxPipeline(DiffusionPipeline):
         ``negative`` (true CFG) each step also predicts for it and extrapolates away from it.
         """
         prompt_embeds, pooled_prompt_embeds, text_ids = embeds
+        # The transformer may hold another dtype than the text encoders (torch_dtype={"transformer":
+        # torch.bfloat16, "default": torch.float32}): an unquantized one then gets its inputs in
+        # its dtype, where diffusers fails on its first product. A quantized one takes them as
+        # they come, as in diffusers (its layers decide: torchao's multiply in the input's
+        # dtype). Its prediction comes back in the latents' dtype (quanto's layers answer in
+        # theirs). With one dtype throughout these casts do nothing.
+        model_dtype = None if getattr(self.transformer, "is_quantized", False) else \
+            self.transformer.dtype
+        cast = (lambda t: t) if model_dtype is None else (lambda t: t.to(model_dtype))
 
         def predict(embeds, pooled, ids, timestep):
-            return self.transformer(hidden_states=latents, timestep=timestep / 1000,
-                                    guidance=guidance, pooled_projections=pooled,
-                                    encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids,
-                                    return_dict=False)[0]
+            out = self.transformer(hidden_states=cast(latents), timestep=timestep / 1000,
+                                   guidance=guidance, pooled_projections=cast(pooled),
+                                   encoder_hidden_states=cast(embeds), txt_ids=ids,
+                                   img_ids=image_ids, return_dict=False)[0]
+            return out.to(latents.dtype)
 
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=len(timesteps)) as bar:
@@ -309,6 +319,6 @@ class FluxPipeline(DiffusionPipeline):
     def _decode(self, latents, height, width, output_type):
         latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # [B, C, h, w]
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        latents = latents.to(self._onload(self.vae))
+        latents = latents.to(self._onload(self.vae)).to(self.vae.dtype)  # the VAE's dtype may differ
         image = self.vae.decode(latents, return_dict=False)[0]               # [B, 3, H, W]
         return postprocess_image(image, output_type)
