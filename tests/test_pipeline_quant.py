@@ -302,3 +302,6 @@ def test_images_match_diffusers_applying_the_same_config(pipe_dir, global_image,
     # the same int8 values, scales and dtypes (bf16 torchao / fp32 quanto transformer): on the
     # reference CPU the images are bit-identical; 1e-5 leaves room for other matmul kernels
     np.testing.assert_allclose(run(ref), ours_image, atol=1e-5, rtol=0)
+    # diffusers' own PipelineQuantizationConfig, given to diffquant, is read as ours
+    same = DiffusionPipeline.from_pretrained(pipe_dir, quantization_config=DiffusersPQ(quant_mapping=theirs))
+    np.testing.assert_array_equal(run(same), ours_image)

@@ -181,3 +181,33 @@ def test_pipeline_build_failure_names_the_component():
     with pytest.raises(ConfigError, match=r"component 'transformer': TorchAoConfig\(\*\*\{'quant_type': "
                                           r"'nope'\}\) failed: TorchAoConfig: unknown quant_type 'nope'"):
         pq._resolve_quant_config(module_name="transformer")
+
+
+def test_diffusers_own_config_objects_are_read_as_diffquants():
+    """A user who switched the pipeline's import but kept `from diffusers import TorchAoConfig`:
+    diffusers' config objects (whose to_dict() holds its QuantizationMethod enum) are read as a
+    diffusers config.json's quantization_config is, equal to diffquant's own."""
+    import diffusers
+    import torch
+    from diffusers.quantizers import PipelineQuantizationConfig as DiffusersPQ
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from diffquant import BitsAndBytesConfig, QuantoConfig
+    from diffquant.quantizers import DiffusersAutoQuantizer
+
+    pairs = [(diffusers.TorchAoConfig(Int8WeightOnlyConfig()), TorchAoConfig(Int8WeightOnlyConfig())),
+             (diffusers.QuantoConfig(weights_dtype="int4"), QuantoConfig(weights_dtype="int4")),
+             (diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)),
+             (diffusers.BitsAndBytesConfig(load_in_8bit=True), BitsAndBytesConfig(load_in_8bit=True))]
+    for theirs, ours in pairs:
+        quantizer = DiffusersAutoQuantizer.from_config(theirs)
+        assert quantizer.quantization_config == ours, type(theirs).__name__
+        assert DiffusersAutoQuantizer.from_dict(theirs.to_dict()) == ours
+    te = transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    pq = PipelineQuantizationConfig.from_diffusers(DiffusersPQ(quant_mapping={
+        "transformer": diffusers.TorchAoConfig(Int8WeightOnlyConfig()), "text_encoder_2": te}))
+    assert pq.quant_mapping == {"transformer": TorchAoConfig(Int8WeightOnlyConfig()),
+                                "text_encoder_2": te}
+    mixed = PipelineQuantizationConfig(quant_mapping={"transformer": diffusers.QuantoConfig("int8")})
+    assert mixed._resolve_quant_config(module_name="transformer") == QuantoConfig("int8")

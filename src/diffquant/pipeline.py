@@ -44,14 +44,19 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "model_index.json"
 
 
-def _check_pipeline_quant_config(quantization_config) -> None:
+def _check_pipeline_quant_config(quantization_config):
+    """The pipeline's quantization config as diffquant's (diffusers' own is converted)."""
     from .quantizers.pipeline_config import PipelineQuantizationConfig
 
+    if type(quantization_config).__module__.startswith("diffusers.") and \
+            type(quantization_config).__name__ == "PipelineQuantizationConfig":
+        return PipelineQuantizationConfig.from_diffusers(quantization_config)
     if quantization_config is not None and not isinstance(quantization_config,
                                                            PipelineQuantizationConfig):
         raise ValueError(f"quantization_config: a pipeline takes a PipelineQuantizationConfig, got "
                          f"{type(quantization_config).__name__}; wrap it, e.g. "
                          "PipelineQuantizationConfig(quant_mapping={'transformer': config})")
+    return quantization_config
 
 
 def _check_device_map(device_map):
@@ -105,7 +110,7 @@ class DiffusionPipeline:
         Example:
             >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", transformer=my_model)  # doctest: +SKIP
         """
-        _check_pipeline_quant_config(quantization_config)
+        quantization_config = _check_pipeline_quant_config(quantization_config)
         _check_device_map(device_map)
         hub_kwargs = split_hub_kwargs(kwargs)
         root = resolve_dir(pretrained_model_name_or_path, **hub_kwargs)

@@ -56,7 +56,9 @@ class DiffusersAutoQuantizer:
         if not isinstance(quantization_config_dict, dict):
             raise ConfigError(f"quantization_config: expected a dict or a config object, got "
                               f"{type(quantization_config_dict).__name__}")
-        d = quantization_config_dict
+        d = dict(quantization_config_dict)
+        if hasattr(d.get("quant_method"), "value"):  # an enum, as diffusers' to_dict() gives it
+            d["quant_method"] = d["quant_method"].value
         method = d.get("quant_method")
         if d.get("load_in_8bit") or d.get("load_in_4bit"):  # legacy bitsandbytes dicts
             method = "bitsandbytes_4bit" if d.get("load_in_4bit") else "bitsandbytes_8bit"
@@ -76,6 +78,10 @@ class DiffusersAutoQuantizer:
         """A quantizer for ``quantization_config``; kwargs (``pre_quantized``) go to its init."""
         if isinstance(quantization_config, dict):
             quantization_config = cls.from_dict(quantization_config)
+        elif is_diffusers_config(quantization_config):
+            # imported from diffusers beside diffquant's pipeline: the same fields, read as a
+            # diffusers config.json's quantization_config is
+            quantization_config = cls.from_dict(quantization_config.to_dict())
         if not isinstance(quantization_config, QuantizationConfigMixin):
             raise ConfigError(f"quantization_config: expected a diffquant quantization config "
                               f"(TorchAoConfig, BitsAndBytesConfig, ...), got "
@@ -95,6 +101,12 @@ class DiffusersAutoQuantizer:
         if isinstance(quantization_config, dict):
             quantization_config = cls.from_dict(quantization_config)
         return quantization_config
+
+
+def is_diffusers_config(obj) -> bool:
+    """A diffusers quantization config object (diffusers.TorchAoConfig, ...), not diffquant's."""
+    return type(obj).__module__.startswith("diffusers.") and callable(getattr(obj, "to_dict", None)) \
+        and hasattr(obj, "quant_method")
 
 
 def supported_methods() -> list[str]:

@@ -21,7 +21,7 @@ import inspect
 import logging
 
 from ..errors import ConfigError
-from .auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+from .auto import AUTO_QUANTIZATION_CONFIG_MAPPING, DiffusersAutoQuantizer, is_diffusers_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,21 @@ class PipelineQuantizationConfig:
         if isinstance(components_to_quantize, str):
             components_to_quantize = [components_to_quantize]
         self.components_to_quantize = list(components_to_quantize) if components_to_quantize else None
+        if isinstance(quant_mapping, dict):  # diffusers' own config objects: read as ours
+            quant_mapping = {k: DiffusersAutoQuantizer.from_dict(v.to_dict())
+                             if is_diffusers_config(v) else v for k, v in quant_mapping.items()}
         self.quant_mapping = quant_mapping
         self.config_mapping: dict = {}  # filled as components resolve: {name: config}
         self.is_granular = quant_mapping is not None
         self._validate()
+
+    @classmethod
+    def from_diffusers(cls, config) -> "PipelineQuantizationConfig":
+        """diffusers' PipelineQuantizationConfig -> diffquant's, field for field (its config
+        objects read as diffusers' config.json entries are)."""
+        return cls(quant_backend=config.quant_backend, quant_kwargs=config.quant_kwargs,
+                   components_to_quantize=config.components_to_quantize,
+                   quant_mapping=config.quant_mapping)
 
     # -- validation ------------------------------------------------------------------------
     def _validate(self) -> None:
