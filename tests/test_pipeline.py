@@ -326,3 +326,30 @@ def test_quantized_pipeline_runs_saves_and_reloads(pipe_dir, ours, ref_image, tm
     np.testing.assert_array_equal(run(back), image)
     back.to(torch.bfloat16)  # the quantized transformer keeps its layout
     assert back.vae.dtype == torch.bfloat16 and back.transformer.is_quantized
+
+
+def test_auto_model_loads_the_class_its_config_names(pipe_dir, tmp_path):
+    """diffusers' quantization pages load components with AutoModel.from_pretrained(...,
+    subfolder=...): the same call gives diffquant's class of config.json's _class_name, with
+    every argument passed on."""
+    from diffquant import AutoModel, TorchAoConfig
+
+    model = AutoModel.from_pretrained(pipe_dir, subfolder="transformer",
+                                      quantization_config=TorchAoConfig("int8wo"),
+                                      torch_dtype=torch.bfloat16)
+    direct = FluxTransformer2DModel.from_pretrained(pipe_dir, subfolder="transformer",
+                                                    quantization_config=TorchAoConfig("int8wo"),
+                                                    torch_dtype=torch.bfloat16)
+    assert type(model) is FluxTransformer2DModel and model.quantization_method == "torchao"
+    for key, value in direct.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert type(AutoModel.from_pretrained(pipe_dir, subfolder="vae")) is AutoencoderKL
+    with pytest.raises(CheckpointError, match=r"scheduler/config.json: model config file not found"):
+        AutoModel.from_pretrained(pipe_dir, subfolder="scheduler")   # a scheduler is no model
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ConfigError, match=r"config.json: _class_name 'UNet2DConditionModel' is not "
+                                          r"a model diffquant implements; AutoModel loads "
+                                          r"AutoencoderKL, FluxTransformer2DModel"):
+        AutoModel.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="AutoModel is not instantiated"):
+        AutoModel()

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ConfigMixin": "configuration", "register_to_config": "configuration",
-    "ModelMixin": "modeling",
+    "ModelMixin": "modeling", "AutoModel": "auto_model",
     "DiffusionPipeline": "pipeline",
     "FluxPipeline": "pipelines.flux",
     "FluxTransformer2DModel": "models.transformer_flux",

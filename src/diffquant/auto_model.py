@@ -1,0 +1,40 @@
+"""AutoModel: diffusers' loader that picks the model class from the folder's config.json.
+
+diffusers' quantization pages load components as ``AutoModel.from_pretrained(model_id,
+subfolder="transformer", quantization_config=...)``; this is the same call, dispatching on the
+config's ``_class_name`` to diffquant's model class of that name, which does the loading.
+
+Example:
+    >>> from diffquant import AutoModel, TorchAoConfig                          # doctest: +SKIP
+    >>> t = AutoModel.from_pretrained("pipe_dir", subfolder="transformer",      # doctest: +SKIP
+    ...                               quantization_config=TorchAoConfig("int8wo"))
+"""
+
+from __future__ import annotations
+
+from .configuration import read_json
+from .errors import ConfigError
+from .hub import HUB_KWARGS, resolve_dir
+from .pipeline_components import DIFFUSERS_CLASSES, import_class
+
+
+class AutoModel:
+    """Not instantiated: ``AutoModel.from_pretrained`` returns the named model class's model."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("AutoModel is not instantiated; call AutoModel.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_or_path, subfolder: str | None = None, **kwargs):
+        """The model in ``pretrained_model_or_path[/subfolder]``, of the class its config.json
+        names; every other argument goes to that class's ``from_pretrained``."""
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        directory = resolve_dir(pretrained_model_or_path, subfolder=subfolder, **hub)
+        path = directory / "config.json"
+        name = read_json(path, what="model config").get("_class_name")
+        models = sorted(n for n in DIFFUSERS_CLASSES if not n.endswith("Scheduler"))
+        if name not in models:
+            raise ConfigError(f"{path}: _class_name {name!r} is not a model diffquant implements; "
+                              f"AutoModel loads {', '.join(models)}")
+        return import_class(name, DIFFUSERS_CLASSES).from_pretrained(
+            pretrained_model_or_path, subfolder=subfolder, **kwargs)
