@@ -254,7 +254,8 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
     torch_dtype = parse_torch_dtype(torch_dtype, f"{cls.__name__}.from_single_file")
     if torch_dtype == "auto":  # a .gguf file's tensors each have their own (F32, F16, BF16)
         raise ConfigError(f"{cls.__name__}.from_single_file: torch_dtype='auto' has no single "
-                          "dtype to follow in a single file; name one (torch.bfloat16) or pass None")
+                          "dtype to follow in a single file; name one (torch.bfloat16) or pass "
+                          "None")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: single-file checkpoint not found (a local .gguf or "

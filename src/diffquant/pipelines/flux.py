@@ -234,8 +234,8 @@ class FluxPipeline(DiffusionPipeline):
                     "negative_ip_adapter_image_embeds": negative_ip_adapter_image_embeds}
         given = sorted(k for k, v in adapters.items() if v is not None)
         if given:
-            raise ValueError(f"FluxPipeline: {', '.join(given)} given, but diffquant's FluxPipeline "
-                             "has no IP-Adapter (no image encoder); drop them")
+            raise ValueError(f"FluxPipeline: {', '.join(given)} given, but diffquant's "
+                             "FluxPipeline has no IP-Adapter (no image encoder); drop them")
         if joint_attention_kwargs:
             logger.warning("FluxPipeline: joint_attention_kwargs %s are ignored (no attention "
                            "processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
@@ -319,6 +319,6 @@ class FluxPipeline(DiffusionPipeline):
     def _decode(self, latents, height, width, output_type):
         latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # [B, C, h, w]
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        latents = latents.to(self._onload(self.vae)).to(self.vae.dtype)  # the VAE's dtype may differ
+        latents = latents.to(self._onload(self.vae)).to(self.vae.dtype)  # its dtype may differ
         image = self.vae.decode(latents, return_dict=False)[0]               # [B, 3, H, W]
         return postprocess_image(image, output_type)

@@ -105,8 +105,8 @@ class DiffusersAutoQuantizer:
 
 def is_diffusers_config(obj) -> bool:
     """A diffusers quantization config object (diffusers.TorchAoConfig, ...), not diffquant's."""
-    return type(obj).__module__.startswith("diffusers.") and callable(getattr(obj, "to_dict", None)) \
-        and hasattr(obj, "quant_method")
+    return type(obj).__module__.startswith("diffusers.") and hasattr(obj, "quant_method") \
+        and callable(getattr(obj, "to_dict", None))
 
 
 def supported_methods() -> list[str]:

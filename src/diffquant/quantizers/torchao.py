@@ -198,7 +198,8 @@ def _require_torchao_int4_kernels() -> None:
                           "the mslk package, which is not installed (torchao has no CPU int4 for "
                           "it). Quantize text encoders with torchao int8wo, bitsandbytes nf4 or "
                           "quanto int4, or give transformers a torchao config object of your own "
-                          "(on CUDA: Int4WeightOnlyConfig(int4_packing_format='tile_packed_to_4d'))")
+                          "(on CUDA: Int4WeightOnlyConfig("
+                          "int4_packing_format='tile_packed_to_4d'))")
 
 
 def _scheme_of_object(cfg) -> tuple[str, dict]:

@@ -164,7 +164,8 @@ int dq_int4_groupwise_bf16(const uint16_t *w, int64_t k, int64_t g, int64_t r0, 
                 uint8_t c[CODES];
                 int64_t n = g - i0 < CODES ? g - i0 : CODES;
                 for (int64_t i = 0; i < n; i++)
-                    c[i] = (uint8_t)ucode_of(rbf16(rbf16(bf16_to_float(wg[i0 + i]) - m) / s), 15.0f);
+                    c[i] = (uint8_t)ucode_of(rbf16(rbf16(bf16_to_float(wg[i0 + i]) - m) / s),
+                                             15.0f);
                 for (int64_t i = 0; i < n / 2; i++)
                     pg[i0 / 2 + i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
             }
