@@ -87,6 +87,19 @@ def test_step_refuses_integer_index():
         s.step(torch.zeros(1), 0, torch.zeros(1))
 
 
+def test_step_takes_diffusers_extra_arguments_and_refuses_per_token_timesteps():
+    s = FlowMatchEulerDiscreteScheduler()
+    s.set_timesteps(2)
+    t = s.timesteps[0]
+    plain = s.step(torch.ones(3), t, torch.zeros(3), return_dict=False)[0]
+    s.set_timesteps(2)
+    extra = s.step(torch.ones(3), t, torch.zeros(3), s_churn=0.5, s_noise=2.0,
+                   return_dict=False)[0]                 # no effect on this scheduler (diffusers')
+    assert torch.equal(plain, extra)
+    with pytest.raises(ValueError, match="per_token_timesteps is not supported"):
+        s.step(torch.ones(3), s.timesteps[1], torch.zeros(3), per_token_timesteps=torch.ones(3))
+
+
 def test_dynamic_shifting_needs_mu():
     with pytest.raises(ConfigError, match="mu is required"):
         FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).set_timesteps(4)

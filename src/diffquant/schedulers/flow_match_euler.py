@@ -185,6 +185,9 @@ class FlowMatchEulerDiscreteScheduler(ConfigMixin):
         ``timestep`` is an entry of ``self.timesteps`` (not an index). Extra diffusers arguments
         (s_churn, s_tmin, s_tmax, s_noise) do not affect this scheduler and are accepted.
         """
+        if unused.get("per_token_timesteps") is not None:  # it would change the step: say so
+            raise ValueError("FlowMatchEulerDiscreteScheduler.step: per_token_timesteps is not "
+                             "supported (Flux steps every token at one timestep); drop it")
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
                                          and not timestep.is_floating_point()):
             raise ValueError("FlowMatchEulerDiscreteScheduler.step: pass one of scheduler.timesteps "
