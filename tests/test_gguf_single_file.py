@@ -7,6 +7,7 @@ float rounding. Files use diffusers key names or the original BFL Flux names.
 
 import copy
 import struct
+from pathlib import Path
 
 import diffusers
 import gguf
@@ -318,3 +319,53 @@ def test_torch_dtype_by_name_and_auto_in_a_single_file(flux):
                                           "torch_dtype='auto' has no single dtype to follow"):
         FluxTransformer2DModel.from_single_file(flux["root"] / "diffusers.gguf",
                                                 config=flux["root"] / "config", torch_dtype="auto")
+
+
+SINGLE_FILE_CHILD = r"""
+import sys, torch
+from diffquant import FluxTransformer2DModel, GGUFQuantizationConfig
+link = "https://huggingface.co/someorg/flux-gguf/blob/main/sub/diffusers.gguf"
+m = FluxTransformer2DModel.from_single_file(
+    link, config="someorg/flux-pipe", quantization_config=GGUFQuantizationConfig(torch.float32))
+print("loaded", m.transformer_blocks[0].attn.to_q.qtype.name, m.config.num_layers)
+try:
+    FluxTransformer2DModel.from_single_file(
+        "https://huggingface.co/someorg/flux-gguf/blob/main/absent.gguf", config="someorg/flux-pipe")
+except Exception as err:
+    print("error", type(err).__name__, err)
+"""
+
+
+def test_hub_file_link_and_pipeline_config_id_load_from_the_cache(flux, tmp_path):
+    """diffusers' GGUF example: from_single_file("https://huggingface.co/ORG/REPO/blob/main/F",
+    config=<pipeline hub id>): the file through huggingface_hub's cache, the config from the
+    pipeline repository's transformer/ folder (HF_HUB_OFFLINE: nothing leaves the machine)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = tmp_path / "hub"
+    for repo, files in (("flux-gguf", {"sub/diffusers.gguf": flux["root"] / "diffusers.gguf"}),
+                        ("flux-pipe", {"transformer/config.json": flux["root"] / "config" / "config.json",
+                                       "model_index.json": None})):
+        snap = hub / f"models--someorg--{repo}" / "snapshots" / commit
+        for rel, src in files.items():
+            (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, snap / rel) if src else (snap / rel).write_text("{}")
+        (hub / f"models--someorg--{repo}" / "refs").mkdir()
+        (hub / f"models--someorg--{repo}" / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", SINGLE_FILE_CHILD], cwd=Path(__file__).parents[1],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"loaded Q8_0 {TINY['num_layers']}" in out.stdout
+    assert ("error CheckpointError https://huggingface.co/someorg/flux-gguf/blob/main/absent.gguf: "
+            "'absent.gguf' is not in someorg/flux-gguf at main") in out.stdout
+
+
+def test_a_missing_single_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope.gguf: single-file checkpoint not found \(a "
+                                              r"local .gguf or .safetensors file, or a https://"):
+        FluxTransformer2DModel.from_single_file(tmp_path / "nope.gguf")

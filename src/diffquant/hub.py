@@ -7,6 +7,7 @@ cache, ``HF_HUB_OFFLINE`` and tokens behave exactly as in diffusers.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -57,6 +58,26 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, subfolder: str 
         return path
     rel = f"{subfolder}/{filename}" if subfolder else filename
     return resolve_dir(name_or_path, allow_patterns=[rel], **hub_kwargs) / rel
+
+
+# diffusers' single-file links: https://huggingface.co/<org>/<repo>/blob|resolve/<revision>/<file>
+_FILE_URL = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/(?:blob|resolve)/"
+                       r"(?P<revision>[^/]+)/(?P<file>.+)$")
+
+
+def resolve_single_file(link: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local file for ``from_single_file``: a path as it is, or a hub file link (as in
+    diffusers' GGUF examples) fetched into huggingface_hub's cache."""
+    match = _FILE_URL.match(str(link))
+    if match is None or Path(os.fspath(link)).is_file():
+        return Path(os.fspath(link)).expanduser()
+    hub_kwargs.setdefault("revision", match["revision"])
+    path = resolve_dir(match["repo"], allow_patterns=[match["file"]], **hub_kwargs) / match["file"]
+    if not path.is_file():  # the snapshot came, without that file
+        raise CheckpointError(f"{link}: {match['file']!r} is not in {match['repo']} at "
+                              f"{hub_kwargs['revision']} (or not in the hub cache, offline); "
+                              "check the file name and revision")
+    return path
 
 
 PUSH_KWARGS = ("repo_id", "commit_message", "private", "create_pr", "token")

@@ -30,6 +30,7 @@ from torch import nn
 from .checkpoint import SafetensorsFile
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .gguf_file import GGUFFile, write_gguf
+from .hub import resolve_dir
 from .ops.gguf_dequant import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, dequantize,
                                ggml_type, quantize)
 
@@ -222,7 +223,8 @@ class _PlannedCheckpoint:
         return data.contiguous()
 
 
-def _resolve_config(cls, config, subfolder, shapes: dict, path: Path, overrides: dict) -> dict:
+def _resolve_config(cls, config, subfolder, shapes: dict, path: Path, overrides: dict,
+                    hub: dict) -> dict:
     if isinstance(config, dict):
         return {**config, **overrides}
     if config is None:
@@ -230,10 +232,13 @@ def _resolve_config(cls, config, subfolder, shapes: dict, path: Path, overrides:
             return infer_flux_config(shapes, str(path), overrides)
         raise ConfigError(f"{path}: cannot infer a {cls.__name__} config from this file; pass "
                           "config=<directory (or hub id) holding its config.json>")
-    if subfolder is None and not (Path(config) / cls.config_name).is_file() \
-            and (Path(config) / "transformer" / cls.config_name).is_file():
-        subfolder = "transformer"  # a pipeline directory
-    return {**cls.load_config(config, subfolder=subfolder), **overrides}
+    if subfolder is None:  # a model's folder, or a pipeline's (hub id or directory)
+        root = resolve_dir(config, allow_patterns=[cls.config_name,
+                                                   f"transformer/{cls.config_name}"], **hub)
+        if not (root / cls.config_name).is_file() and \
+                (root / "transformer" / cls.config_name).is_file():
+            subfolder = "transformer"
+    return {**cls.load_config(config, subfolder=subfolder, **hub), **overrides}
 
 
 def _make_quantizer(quantization_config, source: _Source):
@@ -249,6 +254,7 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
                      quantization_config=None, torch_dtype: torch.dtype | None = None,
                      device_map=None, **kwargs):
     """``cls.from_single_file``: see this module's docstring."""
+    from .hub import resolve_single_file, split_hub_kwargs
     from .modeling import parse_device_map, parse_torch_dtype
 
     torch_dtype = parse_torch_dtype(torch_dtype, f"{cls.__name__}.from_single_file")
@@ -256,10 +262,12 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
         raise ConfigError(f"{cls.__name__}.from_single_file: torch_dtype='auto' has no single "
                           "dtype to follow in a single file; name one (torch.bfloat16) or pass "
                           "None")
-    path = Path(path)
+    hub = split_hub_kwargs(kwargs)
+    path = resolve_single_file(path, **hub)
     if not path.is_file():
         raise CheckpointError(f"{path}: single-file checkpoint not found (a local .gguf or "
-                              ".safetensors file is expected)")
+                              ".safetensors file, or a https://huggingface.co/ORG/REPO/blob/"
+                              "REVISION/FILE link, is expected)")
     source = _Source(path)
     try:
         names = {k: k[len(p):] for k in source.entries for p in PREFIXES if k.startswith(p)}
@@ -269,7 +277,7 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
         plan = {t: p._replace(source=back.get(p.source, p.source)) for t, p in plan.items()}
         target_shapes = {t: piece_shape(p, source.entries[p.source][0]) for t, p in plan.items()}
         params = cls.init_kwargs_from_config(kwargs, source="from_single_file arguments")
-        config_dict = _resolve_config(cls, config, subfolder, target_shapes, path, params)
+        config_dict = _resolve_config(cls, config, subfolder, target_shapes, path, params, hub)
         quantizer = _make_quantizer(quantization_config, source)
         if quantizer is not None:
             quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
