@@ -90,3 +90,32 @@ def test_push_to_hub_uploads_what_was_saved(tmp_path, monkeypatch):
     assert (create, repo, upload, repo_id, message, pr) == (
         "create_repo", "org/flux-tiny", "upload_folder", "org/flux-tiny", "tiny", True)
     assert "model_index.json" in files and "transformer/config.json" in files
+
+
+def test_a_hub_pipeline_fetches_only_the_folders_it_loads(tmp_path, monkeypatch):
+    """FluxPipeline.from_pretrained("org/flux", transformer=...) reads model_index.json first,
+    then fetches the folders of the components it loads: not the transformer it was given, not
+    the single-file checkpoints a Flux repository keeps at its root, not other frameworks'
+    weights (a whole snapshot of FLUX.1-dev is ~24 GB more)."""
+    import huggingface_hub
+
+    from diffquant import DiffusionPipeline
+    from tests.tiny_pipeline import build_tiny_flux_pipeline_dir
+
+    local = build_tiny_flux_pipeline_dir(tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns, ignore_patterns, kwargs))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    given = DiffusionPipeline.from_pretrained(local).transformer
+    pipe = DiffusionPipeline.from_pretrained("org/flux", transformer=given, revision="r1")
+    assert pipe.transformer is given
+    assert calls[0] == ("org/flux", ["model_index.json"], None, {"revision": "r1"})
+    repo, allow, ignore, kwargs = calls[1]
+    assert (repo, kwargs) == ("org/flux", {"revision": "r1"})
+    assert allow == ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
+                     "tokenizer/*", "tokenizer_2/*", "vae/*"]
+    assert "*.msgpack" in ignore and "*.onnx" in ignore

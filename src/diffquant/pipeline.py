@@ -59,6 +59,27 @@ def _check_pipeline_quant_config(quantization_config):
     return quantization_config
 
 
+# Weights of other frameworks that hub repositories carry beside PyTorch's
+_OTHER_FRAMEWORKS = ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.ot", "*.tflite"]
+
+
+def _pipeline_root(name_or_path, overrides: dict, hub_kwargs: dict) -> Path:
+    """The pipeline's directory; for a hub id, only what loading reads is fetched: its
+    model_index.json first, then the folders of the components it names that the caller did not
+    pass in. A whole snapshot of a Flux repository also holds the original single-file
+    checkpoints at its root (~24 GB for FLUX.1-dev) and the transformer a caller replaces with a
+    GGUF one."""
+    if Path(os.fspath(name_or_path)).expanduser().is_dir():
+        return resolve_dir(name_or_path)
+    first = resolve_dir(name_or_path, allow_patterns=[INDEX_NAME], **hub_kwargs)
+    index = read_json(first / INDEX_NAME, what="pipeline index")
+    folders = sorted(k for k, v in index.items() if not k.startswith("_") and k not in overrides
+                     and isinstance(v, (list, tuple)) and v and v[0] is not None
+                     and is_plain_folder_name(k))
+    return resolve_dir(name_or_path, allow_patterns=[INDEX_NAME, *(f"{k}/*" for k in folders)],
+                       ignore_patterns=_OTHER_FRAMEWORKS, **hub_kwargs)
+
+
 def _check_device_map(device_map):
     if device_map is None:
         return None
@@ -113,7 +134,7 @@ class DiffusionPipeline:
         quantization_config = _check_pipeline_quant_config(quantization_config)
         _check_device_map(device_map)
         hub_kwargs = split_hub_kwargs(kwargs)
-        root = resolve_dir(pretrained_model_name_or_path, **hub_kwargs)
+        root = _pipeline_root(pretrained_model_name_or_path, kwargs, hub_kwargs)
         index_path = root / INDEX_NAME
         index = read_json(index_path, what="pipeline index")
         pipeline_cls = cls._pipeline_class(index, index_path)
