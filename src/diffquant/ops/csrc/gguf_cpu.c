@@ -184,6 +184,53 @@ static int decode_small_avx512(int qtype, const uint8_t *blocks, int64_t n_block
 #define HAVE_DECODE_SMALL 1
 #endif
 
+#if defined(HAVE_AVX2_ROWS) && defined(__F16C__) && !defined(HAVE_DECODE_SMALL)
+/* The same for AVX2 (8 lanes): gcc's code for the per-block loops took ~2.5 cycles a value on
+   a Zen 3 (Q4_0 3.3-3.9 ms per 3072 x 3072 into float32 on two cores). Same float32 ops in
+   the same order, so the same bits; bf16 stores round as float_to_bf16. */
+static inline void put8(void *out, int64_t at, __m256 v, int out_bf16) {
+    if (out_bf16) store_bf16x8((uint16_t *)out + at, v);
+    else _mm256_storeu_ps((float *)out + at, v);
+}
+
+static inline __m256 half_broadcast_avx2(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _mm256_set1_ps(_cvtsh_ss(h));
+}
+
+static int decode_small_avx2(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0,
+                             int64_t r1, void *out, int64_t ld_out, int out_bf16) {
+    const int size = qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20;
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *b = blocks + r * n_blocks * size;
+        for (int64_t g = 0; g < n_blocks; g++, b += size) {
+            int64_t at = r * ld_out + g * 32;
+            __m256 d = half_broadcast_avx2(b), v[4];
+            if (qtype == Q8_0) {
+                for (int k = 0; k < 4; k++)
+                    v[k] = _mm256_mul_ps(d, int8x8_to_float(b + 2 + 8 * k));
+            } else {
+                __m128i q = _mm_loadu_si128((const __m128i *)(b + (qtype == Q4_0 ? 2 : 4)));
+                __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+                __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                __m256 m = qtype == Q4_1 ? half_broadcast_avx2(b + 2) : eight;
+                for (int k = 0; k < 4; k++) {
+                    __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[k]));
+                    v[k] = qtype == Q4_0 ? _mm256_mul_ps(d, _mm256_sub_ps(u, eight))  /* d (u - 8) */
+                                         : _mm256_add_ps(_mm256_mul_ps(d, u), m);    /* d u + m */
+                }
+            }
+            for (int k = 0; k < 4; k++) put8(out, at + 8 * k, v[k], out_bf16);
+        }
+    }
+    return 0;
+}
+#define HAVE_DECODE_SMALL_AVX2 1
+#endif
+
 /* rows [r0, r1) of blocks [N, n_blocks * size] -> out [N, n_blocks * elems], float32
    (out_bf16 = 0) or bf16 (1), row stride ld_out elements. Returns 0, or -1 for an unknown type. */
 int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
@@ -191,6 +238,9 @@ int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, in
 #ifdef HAVE_DECODE_SMALL
     if (qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1)
         return decode_small_avx512(qtype, blocks, n_blocks, r0, r1, out, ld_out, out_bf16);
+#elif defined(HAVE_DECODE_SMALL_AVX2)
+    if (qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1)
+        return decode_small_avx2(qtype, blocks, n_blocks, r0, r1, out, ld_out, out_bf16);
 #endif
     switch (qtype) {
     case Q4_0: DECODE_ROWS(block_q4_0, 18, 32)
