@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .configuration import read_json
 from .errors import ConfigError
-from .hub import HUB_KWARGS, resolve_dir
+from .hub import resolve_dir, split_hub_kwargs
 from .pipeline_components import DIFFUSERS_CLASSES, import_class
 
 
@@ -28,7 +28,7 @@ class AutoModel:
     def from_pretrained(cls, pretrained_model_or_path, subfolder: str | None = None, **kwargs):
         """The model in ``pretrained_model_or_path[/subfolder]``, of the class its config.json
         names; every other argument goes to that class's ``from_pretrained``."""
-        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        hub = split_hub_kwargs(dict(kwargs))          # a copy: the class's load takes them too
         directory = resolve_dir(pretrained_model_or_path, subfolder=subfolder, **hub)
         path = directory / "config.json"
         name = read_json(path, what="model config").get("_class_name")

@@ -60,6 +60,18 @@ def postprocess_image(image: torch.Tensor, output_type: str):
     return [Image.fromarray(x) for x in (image * 255).round().astype("uint8")]
 
 
+def _refuse_what_diffquant_lacks(joint_attention_kwargs, **adapters) -> None:
+    """diffusers' __call__ arguments for features diffquant has not: attention processors and
+    LoRA (their kwargs are ignored, with a warning) and IP-Adapter (its images are refused)."""
+    given = sorted(k for k, v in adapters.items() if v is not None)
+    if given:
+        raise ValueError(f"FluxPipeline: {', '.join(given)} given, but diffquant's "
+                         "FluxPipeline has no IP-Adapter (no image encoder); drop them")
+    if joint_attention_kwargs:
+        logger.warning("FluxPipeline: joint_attention_kwargs %s are ignored (no attention "
+                       "processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
+
+
 class FluxPipeline(DiffusionPipeline):
     """Flux.1 text-to-image (dev, schnell and their quantized variants)."""
 
@@ -228,17 +240,11 @@ class FluxPipeline(DiffusionPipeline):
         warning (its usual ``{"scale": ...}`` changes nothing without a LoRA). IP-Adapter images
         are refused: there is no image encoder to take them.
         """
-        adapters = {"ip_adapter_image": ip_adapter_image,
-                    "ip_adapter_image_embeds": ip_adapter_image_embeds,
-                    "negative_ip_adapter_image": negative_ip_adapter_image,
-                    "negative_ip_adapter_image_embeds": negative_ip_adapter_image_embeds}
-        given = sorted(k for k, v in adapters.items() if v is not None)
-        if given:
-            raise ValueError(f"FluxPipeline: {', '.join(given)} given, but diffquant's "
-                             "FluxPipeline has no IP-Adapter (no image encoder); drop them")
-        if joint_attention_kwargs:
-            logger.warning("FluxPipeline: joint_attention_kwargs %s are ignored (no attention "
-                           "processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
+        _refuse_what_diffquant_lacks(
+            joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            negative_ip_adapter_image=negative_ip_adapter_image,
+            negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds, pooled_prompt_embeds,
