@@ -18,3 +18,6 @@ def bf16_product(monkeypatch):
     from diffquant.ops import fast_linear
     monkeypatch.setattr(fast_linear, "_float32_faster",
                         {torch.bfloat16: False, torch.float16: False})
+
+
+from tests.native_targets import native_target  # noqa: E402,F401  (a fixture for every module)

@@ -19,9 +19,15 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-# the test below fails where AMX should run and does not, so these skip only where it cannot
-needs_amx = pytest.mark.skipif(not native_amx.amx_available(),
-                               reason="no AMX int8 here (CPU, C compiler or kernel)")
+pytestmark = pytest.mark.usefixtures("native_target")  # every build: AMX only in some
+
+
+@pytest.fixture
+def amx(native_target):
+    """Skips where the build in use has no AMX product (test_amx_is_available_exactly_where_the_
+    cpu_and_the_build_have_it fails where it should have one)."""
+    if not native_amx.amx_available():
+        pytest.skip(f"{native_target}: no AMX int8 in this build on this CPU")
 
 
 def _case(m, k, n, seed=0):
@@ -33,23 +39,23 @@ def _case(m, k, n, seed=0):
     return x, q, s, bias
 
 
-def _compiler_targets_amx() -> bool:
-    """Whether the kernels' compiler emits AMX for this CPU (gcc 11 and later do)."""
+def _build_targets_amx(target: str) -> bool:
+    """Whether the compiler emits AMX for ``target`` (gcc 11 and later do for this CPU's
+    native build where it has AMX, and for sapphirerapids)."""
     cc = native.shutil.which("cc") or native.shutil.which("gcc")
-    if not cc:
+    if not cc or target not in native.TARGETS:  # the emulated build has no AMX
         return False
-    out = native.subprocess.run([cc, "-march=native", "-dM", "-E", "-"], input="",
+    out = native.subprocess.run([cc, native.TARGETS[target], "-dM", "-E", "-"], input="",
                                 capture_output=True, text=True).stdout
     return "__AMX_INT8__" in out and "__AMX_TILE__" in out
 
 
-def test_amx_is_available_exactly_where_the_cpu_has_it():
+def test_amx_is_available_exactly_where_the_cpu_and_the_build_have_it(native_target):
     # on Linux 5.16 and later, which grants the tile registers on request
-    expected = _cpu_has_amx() and native.available() and _compiler_targets_amx()
-    assert native_amx.amx_available() == expected
+    assert native_amx.amx_available() == (_cpu_has_amx() and _build_targets_amx(native_target))
 
 
-@needs_amx
+@pytest.mark.usefixtures("amx")
 @pytest.mark.parametrize("m,k,n", [
     (1, 64, 16),        # one token, one tile of channels
     (5, 192, 48),       # a channel block of 16 after a full 32
@@ -66,7 +72,7 @@ def test_amx_product_is_the_reference_bit_for_bit(m, k, n):
                            iq.int8_dynamic_linear(x, q, s, b))
 
 
-@needs_amx
+@pytest.mark.usefixtures("amx")
 def test_vnni_layout_holds_the_per_token_codes_and_scales():
     m, k = 37, 128
     x = _case(m, k, 16)[0]
@@ -81,7 +87,7 @@ def test_vnni_layout_holds_the_per_token_codes_and_scales():
     assert native_amx.quantize_rows_vnni(x, xp) is None
 
 
-@needs_amx
+@pytest.mark.usefixtures("amx")
 @pytest.mark.parametrize("r0,r1", [(0, 37), (5, 21), (16, 32), (17, 18)])
 def test_vnni_quantizes_a_thread_range_without_touching_other_tokens(r0, r1):
     m, k = 37, 64                     # one thread's tokens [r0, r1), groups of 16 split or whole
@@ -98,7 +104,7 @@ def test_vnni_quantizes_a_thread_range_without_touching_other_tokens(r0, r1):
     assert not scale[:r0].any() and not scale[r1:].any()
 
 
-@needs_amx
+@pytest.mark.usefixtures("amx")
 def test_amx_refuses_what_it_cannot_take():
     x, q, s, _ = _case(4, 64, 16)
     with pytest.raises(ValueError, match=r"xp must be int8 \[>= 1, 16, 16, 4\]"):
@@ -110,7 +116,7 @@ def test_amx_refuses_what_it_cannot_take():
     assert not native_amx.amx_int8_supported(x, q[:8])                          # N % 16
 
 
-@needs_amx
+@pytest.mark.usefixtures("amx")
 @pytest.mark.parametrize("k,takes_amx", [(128, True), (96, False)])
 def test_the_int8dq_layer_takes_amx_where_the_shape_allows(k, takes_amx, monkeypatch):
     x, q, s, bias = _case(50, k, 48)
@@ -122,7 +128,7 @@ def test_the_int8dq_layer_takes_amx_where_the_shape_allows(k, takes_amx, monkeyp
     assert torch.equal(y.reshape(50, 48), iq.int8_dynamic_linear(x, q, s, bias))
 
 
-@needs_amx
+@pytest.mark.usefixtures("amx")
 def test_tokens_with_nan_fall_back_to_the_torch_path():
     x, q, s, bias = _case(20, 128, 32)
     x[2, 7] = float("inf")

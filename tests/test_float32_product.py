@@ -16,6 +16,8 @@ from diffquant.ops import native, native_int8
 from tests import test_fast_paths as fp
 from tests.test_fast_linear import assert_bf16_close, gguf_blocks
 
+pytestmark = pytest.mark.usefixtures("native_target")  # every build this machine can execute
+
 BF16 = torch.bfloat16
 
 

@@ -1,8 +1,7 @@
 """ops/native.py: every C kernel gives its reference's numbers (bit for bit, or within bf16
-rounding for the one-row products), splits rows across threads correctly, and its absence
-(disabled, no compiler, a failed build) only costs speed."""
-
-import logging
+rounding for the one-row products) and splits rows across threads correctly, in every build
+this machine can execute (each test runs once per target: tests/native_targets.py).
+tests/test_native_build.py tests the build itself."""
 
 import pytest
 import torch
@@ -22,6 +21,9 @@ TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 SPECIAL_HALVES = torch.tensor([0.0123, -2.5, 3e-7, 0.0, 65504.0, float("inf"), float("nan")])
 
 
+pytestmark = pytest.mark.usefixtures("native_target")
+
+
 def assert_same(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -37,16 +39,6 @@ def with_scales(blocks, qtype, halves):
     for j, off in enumerate(offsets):
         b[..., off:off + 2] = values[(idx + j) % len(halves)]
     return b.view(blocks.shape)
-
-
-def test_the_kernels_build_here_and_are_cached(tmp_path, monkeypatch):
-    assert native.available()  # CI's machine has a C compiler: the fast path is what runs
-    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
-    first = native._build(native.shutil.which("cc") or "gcc")
-    mtime = first.stat().st_mtime_ns
-    assert first.parent == tmp_path / "native"
-    assert native._build(native.shutil.which("cc") or "gcc") == first
-    assert first.stat().st_mtime_ns == mtime  # found in the cache, not rebuilt
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -67,47 +59,6 @@ def test_decode_of_special_scales_matches_the_reference(qtype, dtype):
     out = torch.empty(14, k, dtype=dtype)
     assert_same(native.decode_into(blocks, gd.ggml_type(qtype), out),
                 gd.dequantize(blocks, qtype, dtype))
-
-
-def test_a_build_without_avx512_gives_the_same_bits(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
-    cc = native.shutil.which("cc") or "gcc"
-    portable = native.bind(native.ctypes.CDLL(str(native._build(cc, [*native.FLAGS, "-mno-avx512f"]))))
-    for qtype in TYPES:
-        k = 256 if qtype in ("Q4_K", "Q6_K") else 64
-        blocks = with_scales(gguf_blocks(70, k, qtype), qtype, SPECIAL_HALVES)
-        for dtype in (torch.float32, torch.bfloat16):
-            out = native.decode_into(blocks, gd.ggml_type(qtype), torch.empty(70, k, dtype=dtype))
-            other = torch.empty_like(out)
-            assert_same(native.decode_into(blocks, gd.ggml_type(qtype), other, portable), out)
-
-
-@pytest.fixture(scope="module")
-def portable_lib(tmp_path_factory):
-    """The kernels built without AVX-512 (their scalar loops, and no AMX)."""
-    cc = native.shutil.which("cc") or "gcc"
-    old = native.os.environ.get("DIFFQUANT_CACHE")
-    native.os.environ["DIFFQUANT_CACHE"] = str(tmp_path_factory.mktemp("portable"))
-    try:
-        return native.bind(native.ctypes.CDLL(str(native._build(cc, [*native.FLAGS,
-                                                                     "-mno-avx512f"]))))
-    finally:
-        if old is None:
-            del native.os.environ["DIFFQUANT_CACHE"]
-        else:
-            native.os.environ["DIFFQUANT_CACHE"] = old
-
-
-@pytest.mark.parametrize("case", ["torchao int4wo", "torchao int8wo", "torchao int8dq",
-                                  "quanto int8", "quanto int4", "quanto int2", "modelopt INT8"])
-def test_layers_give_the_same_bits_on_a_build_without_avx512(case, portable_lib, monkeypatch):
-    layer = LAYER_CASES[case]()
-    x = torch.randn(100, layer.in_features).to(torch.bfloat16)  # many rows: the decode path
-    with torch.no_grad():
-        y = layer(x)
-        monkeypatch.setitem(native._state, "lib", portable_lib)
-        layer._fast = None
-        assert torch.equal(layer(x), y)
 
 
 def test_decode_writes_rows_of_a_wider_buffer_and_nothing_else():
@@ -134,26 +85,6 @@ def test_fast_gguf_gives_the_same_bits_with_and_without_the_kernels(qtype, monke
     monkeypatch.setitem(native._state, "lib", None)
     assert not fg._native_decodes(blocks, gd.ggml_type(qtype), compiled)
     assert torch.equal(fg.dequantize_into(blocks, qtype, torch.empty_like(compiled)), compiled)
-
-
-def test_disabled_by_the_environment(monkeypatch):
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv("DIFFQUANT_NATIVE", "0")
-    assert not native.available()
-
-
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with caplog.at_level(logging.WARNING, logger="diffquant.ops.native"):
-        assert not native.available() and not native.available()
-    assert [r.message for r in caplog.records if "could not build" in r.message] != []
-    assert len(caplog.records) == 1
-    blocks = gguf_blocks(8, 64, "Q4_0")
-    out = fg.dequantize_into(blocks, "Q4_0", torch.empty(8, 64, dtype=torch.bfloat16))
-    assert torch.equal(out, gd.dequantize(blocks, "Q4_0", torch.bfloat16))
-    assert list(tmp_path.rglob("*.so")) == []  # no half-built library left behind
 
 
 # -- few-row products of Q8_0 / Q6_K -------------------------------------------------------------
@@ -275,32 +206,6 @@ def test_int8_layers_take_the_c_product_at_one_row_only(case, monkeypatch):
         assert calls == [1] and one.shape == (1, layer.out_features)
         layer(torch.randn(3, layer.in_features).to(torch.bfloat16))   # torch's packed kernel
     assert calls == [1]
-
-
-# -- threads: torch's OpenMP pool, or threads of our own ---------------------------------------
-def test_the_kernels_run_on_torchs_openmp_pool():
-    assert native._torch_uses_libgomp()  # torch's Linux CPU wheels: GNU OpenMP
-    assert native.threading_kind() == "torch's OpenMP pool"
-    maps = open("/proc/self/maps").read().splitlines()
-    # the kernels need libgomp.so.1: the one mapped is torch's, not a second (system) copy
-    # (wheels that bundle a renamed copy, as sentencepiece's, keep theirs to themselves)
-    gomp = {line.split()[-1] for line in maps if line.endswith("/libgomp.so.1")}
-    assert len(gomp) == 1 and "torch" in gomp.pop()
-
-
-def test_a_build_with_posix_threads_gives_the_same_bits(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
-    cc = native.shutil.which("cc") or "gcc"
-    own = native.bind(native.ctypes.CDLL(str(native._build(cc, native.FLAGS))))
-    blocks = gguf_blocks(201, 96, "Q4_1")  # 201 rows: ranges of unequal length
-    out = native.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96))
-    assert_same(native.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96), own), out)
-    x = torch.randn(200, 64).to(torch.bfloat16)  # 200 rows: two threads
-    x[199, 5] = float("nan")  # the last range asks for the fallback: so does the whole call
-    for lib in (own, native.library()):
-        assert not native._run(native.QUANTIZE, 200, x.data_ptr(), 64, 64,
-                               torch.empty(200, 64, dtype=torch.int8).data_ptr(),
-                               torch.empty(200).data_ptr(), lib=lib)
 
 
 # -- int8 dynamic quantization ---------------------------------------------------------------

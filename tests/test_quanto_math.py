@@ -28,6 +28,7 @@ def weight(n, k, dtype, seed=0):
     return w.to(dtype)
 
 
+@pytest.mark.usefixtures("native_target")  # every build this machine can execute
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("weights_dtype,n,k", [("int8", 37, 96), ("float8", 37, 96),
                                                ("int4", 37, 256), ("int4", 3, 128),
@@ -91,6 +92,7 @@ def test_a_missing_package_is_named_without_importing_it():
     base.require_installed("optimum.quanto", "quanto")  # installed: no error, no import
 
 
+@pytest.mark.usefixtures("native_target")  # every build this machine can execute
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "int2"])
 def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch):
     """bf16 weights go through csrc/wquant_cpu.c: the torch ops' codes for rows holding an
@@ -109,6 +111,7 @@ def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch
             torch.testing.assert_close(in_c[name], other[name], rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.usefixtures("native_target")  # every build this machine can execute
 @pytest.mark.parametrize("weights_dtype", ["int4", "int2"])
 def test_zero_extremes_keep_their_sign_and_all_zero_groups_their_values(weights_dtype):
     """A group whose minimum (or maximum) is a zero, with -0 and +0 in it: the C pass takes

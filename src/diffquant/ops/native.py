@@ -10,9 +10,11 @@ Why compiled at run time, not shipped: the code is built for the CPU it runs on
 (``-march=native``: AVX-512 where there is one), needs no torch headers (a 1 s compile), and a
 machine without a compiler loses nothing but speed: every caller falls back to its torch ops
 (``fast_gguf``, ``fast_linear``, ``fast_int8``, ``fast_formats``), which give the same
-numbers. ``DIFFQUANT_NATIVE=0`` turns the
-kernels off; ``CC`` picks the compiler; the library is cached under ``DIFFQUANT_CACHE`` (default
-``~/.cache/diffquant``), keyed by the source, the flags and the CPU.
+numbers. ``DIFFQUANT_NATIVE=0`` turns the kernels off; ``DIFFQUANT_MARCH`` builds them for
+another x86-64 target than this CPU's (``TARGETS``: the portable, AVX2, AVX-512 and AMX
+builds; one this CPU cannot execute is refused by name); ``CC`` picks the compiler; the library
+is cached under ``DIFFQUANT_CACHE`` (default ``~/.cache/diffquant``), keyed by the source, the
+flags and the CPU.
 
 Example:
     >>> import torch
@@ -45,6 +47,32 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "int4_cpu.c",
                                     "wquant_cpu.c", "lut4_cpu.c", "amx_cpu.c", "parallel.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+# DIFFQUANT_MARCH's choices: the builds that -march=native gives on the CPUs the project runs
+# on, each of which a newer x86-64 CPU can also execute (the tests run every one it can)
+TARGETS = {
+    "native": "-march=native",
+    "x86-64": "-march=x86-64",                  # SSE2 only: the portable loops
+    "x86-64-v3": "-march=x86-64-v3",            # AVX2, FMA, F16C: AMD Zen 3, Intel Haswell on
+    "x86-64-v4": "-march=x86-64-v4",            # AVX-512 F/BW/CD/DQ/VL: Zen 4, Skylake-X on
+    "sapphirerapids": "-march=sapphirerapids",  # and AVX512_BF16/VNNI/FP16, AMX
+}
+# The compiler's macro for each instruction set a build may use -> /proc/cpuinfo's flag for it
+# (the vector and bit-manipulation sets a compiler emits on its own, and AMX, which the
+# kernels call by hand)
+CPU_FLAG_OF_MACRO = {
+    "__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
+    "__POPCNT__": "popcnt", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma",
+    "__F16C__": "f16c", "__BMI__": "bmi1", "__BMI2__": "bmi2", "__LZCNT__": "abm",
+    "__MOVBE__": "movbe", "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw",
+    "__AVX512CD__": "avx512cd", "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl",
+    "__AVX512VNNI__": "avx512_vnni", "__AVX512BF16__": "avx512_bf16",
+    "__AVX512FP16__": "avx512_fp16", "__AVX512VBMI__": "avx512vbmi",
+    "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512IFMA__": "avx512ifma",
+    "__AVX512BITALG__": "avx512_bitalg", "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq",
+    "__AVXVNNI__": "avx_vnni", "__GFNI__": "gfni", "__VAES__": "vaes",
+    "__VPCLMULQDQ__": "vpclmulqdq", "__AMX_TILE__": "amx_tile", "__AMX_INT8__": "amx_int8",
+    "__AMX_BF16__": "amx_bf16",
+}
 # parallel.c runs on torch's OpenMP pool when built with this (see _torch_uses_libgomp)
 OPENMP = ["-fopenmp"]
 _MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
@@ -66,6 +94,52 @@ def _cpu_id() -> str:
         return "\n".join(lines)
     except OSError:
         return platform.processor()
+
+
+def march() -> str:
+    """The target the kernels are built for: ``DIFFQUANT_MARCH``, default "native"."""
+    name = os.environ.get("DIFFQUANT_MARCH", "native") or "native"
+    if name not in TARGETS:
+        raise ValueError(f"DIFFQUANT_MARCH={name!r} is not a build target; expected one of "
+                         f"{', '.join(TARGETS)}")
+    return name
+
+
+def target_flags(target: str) -> list[str]:
+    """The compiler flags of a build for ``target`` (a TARGETS name)."""
+    return [TARGETS[target] if f == "-march=native" else f for f in FLAGS]
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def missing_features(target: str, cc: str | None = None) -> list[str]:
+    """The instruction sets a build for ``target`` may use that this CPU lacks (/proc/cpuinfo's
+    names); [] when it can execute it. "native" always can. Raises RuntimeError where that
+    cannot be told (no compiler, no /proc/cpuinfo)."""
+    if target == "native":
+        return []
+    have, cc = _cpu_flags(), cc or _compiler()
+    if have is None or cc is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"cannot tell whether this CPU executes a {target} build (needs an "
+                           "x86-64 Linux machine with a C compiler)")
+    done = subprocess.run([cc, TARGETS[target], "-dM", "-E", "-x", "c", os.devnull],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cc} does not know {TARGETS[target]}: {done.stderr.strip()[-300:]}")
+    macros = {ln.split()[1] for ln in done.stdout.splitlines() if ln.startswith("#define ")}
+    return sorted(CPU_FLAG_OF_MACRO[m] for m in macros
+                  if m in CPU_FLAG_OF_MACRO and CPU_FLAG_OF_MACRO[m] not in have)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def _build(cc: str, flags: list[str] = FLAGS) -> Path:
@@ -116,24 +190,54 @@ def _torch_uses_libgomp() -> bool:
 def _load():
     if os.environ.get("DIFFQUANT_NATIVE", "1") == "0":
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    target, cc = march(), _compiler()
     if not cc:
         logger.info("diffquant: no C compiler found; quantized layers use the torch ops")
         return None
-    variants = [FLAGS + OPENMP, FLAGS] if _torch_uses_libgomp() else [FLAGS]
+    _refuse_foreign(target, cc, f"DIFFQUANT_MARCH={target}")
+    try:
+        lib, _state["threads"] = _load_build(cc, target_flags(target))
+        return lib
+    except Exception as e:  # any failure here only costs speed: say so once, then fall back
+        logger.warning("diffquant: could not build the CPU kernels (%s); using the torch "
+                       "ops (same numbers, slower)", e)
+    return None
+
+
+def _refuse_foreign(target: str, cc: str, what: str) -> None:
+    """Raise naming ``what`` where this CPU cannot execute a ``target`` build: the library
+    would load and then die of an illegal instruction in the first product."""
+    missing = missing_features(target, cc)
+    if missing:
+        raise RuntimeError(f"{what}: this CPU cannot execute the {target} build of the kernels "
+                           f"(it lacks {', '.join(missing)}); choose another of "
+                           f"{', '.join(TARGETS)}")
+
+
+def _load_build(cc: str, flags: list[str]):
+    """Build with ``flags`` and load: on torch's OpenMP pool where it has one, else (or where
+    that build fails) with threads of its own. Returns (library, how it threads)."""
+    variants = [flags + OPENMP, flags] if _torch_uses_libgomp() else [flags]
     for flags in variants:
         try:
             lib = bind(ctypes.CDLL(str(_build(cc, flags))))
-            _state["threads"] = "torch's OpenMP pool" if OPENMP[0] in flags else "POSIX threads"
-            return lib
-        except Exception as e:  # any failure here only costs speed: say so once, then fall back
-            if flags is not variants[-1]:
-                logger.info("diffquant: no OpenMP build of the CPU kernels (%s); trying threads "
-                            "of their own", e)
-                continue
-            logger.warning("diffquant: could not build the CPU kernels (%s); using the torch "
-                           "ops (same numbers, slower)", e)
-    return None
+            return lib, "torch's OpenMP pool" if OPENMP[0] in flags else "POSIX threads"
+        except Exception as e:
+            if flags is variants[-1]:
+                raise
+            logger.info("diffquant: no OpenMP build of the CPU kernels (%s); trying threads "
+                        "of their own", e)
+
+
+def build_for(target: str, cc: str | None = None, extra: tuple[str, ...] = ()):
+    """The kernels built for ``target`` (a TARGETS name; ``extra`` flags added) and loaded, as
+    ``library()`` loads its own: the tests run each build this CPU can execute. Raises
+    RuntimeError naming what this CPU lacks where it cannot execute that build."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler: set CC")
+    _refuse_foreign(target, cc, f"a {target} build")
+    return _load_build(cc, target_flags(target) + list(extra))[0]
 
 
 def bind(lib):

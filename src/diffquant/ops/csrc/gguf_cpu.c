@@ -32,13 +32,12 @@ static inline float half_to_float(const uint8_t *p) {
     return f;
 }
 
-/* float32 -> bf16, n a multiple of 16; one instruction per 16 values where the CPU has one
-   (it rounds to nearest even as torch's cast; NaN keeps its sign there) */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
+/* float32 -> bf16 as torch's cast, n a multiple of 16 (16 at a time with AVX-512). Not
+   VCVTNEPS2BF16 (AVX512_BF16): it flushes subnormal inputs to zero and keeps a NaN's sign,
+   where torch keeps subnormals and writes every NaN as 0x7fc0. */
+#ifdef __AVX512F__
 static inline void store_bf16(uint16_t *restrict o, const float *restrict f, int n) {
-    for (int i = 0; i < n; i += 16)
-        _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f + i)));
+    for (int i = 0; i < n; i += 16) store_bf16x16(o + i, _mm512_loadu_ps(f + i));
 }
 #else
 static inline void store_bf16(uint16_t *restrict o, const float *restrict f, int n) {
@@ -130,7 +129,7 @@ static __attribute__((noinline)) void block_q6_k(const uint8_t *restrict b, floa
     }                                                                                     \
     return 0;
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__F16C__)
 /* The 32-value types with AVX-512: the portable form stores a block's floats and reloads them
    for the bf16 cast, and a 64-byte load of two 32-byte stores stalls (no store forwarding):
    Q8_0 took 3 ms per 3072 x 3072 that way, 1 ms here. Same float32 ops, same bits. */
@@ -141,7 +140,7 @@ static inline __m512 half_broadcast(const uint8_t *p) {
 }
 
 static inline void put16(void *out, int64_t at, __m512 v, int out_bf16) {
-    if (out_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), (__m256i)_mm512_cvtneps_pbh(v));
+    if (out_bf16) store_bf16x16((uint16_t *)out + at, v);
     else _mm512_storeu_ps((float *)out + at, v);
 }
 

@@ -140,7 +140,7 @@ int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *ab
                         int64_t blocksize, int64_t k, int64_t r0, int64_t r1, uint16_t *out,
                         int64_t ld) {
     if (k % 2 || blocksize < 1) return -1;
-#if defined(HAVE_LUT4_AVX512) && defined(__AVX512BF16__)
+#ifdef HAVE_LUT4_AVX512
     if (k % 32 == 0 && blocksize % 32 == 0) {  /* 32 values a step: a permute does the lookup */
         __m512 table = _mm512_loadu_ps(lut);
         for (int64_t r = r0; r < r1; r++) {
@@ -152,8 +152,8 @@ int dq_lut4_decode_bf16(const uint8_t *packed, const float *lut, const float *ab
                 __m512 s = _mm512_set1_ps(absmax[(r * k + j) / blocksize]);
                 __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), s);
                 __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), s);
-                _mm256_storeu_si256((__m256i *)(o + j), (__m256i)_mm512_cvtneps_pbh(w0));
-                _mm256_storeu_si256((__m256i *)(o + j + 16), (__m256i)_mm512_cvtneps_pbh(w1));
+                store_bf16x16(o + j, w0);       /* torch's rounding: subnormals kept */
+                store_bf16x16(o + j + 16, w1);
             }
         }
         return 0;
