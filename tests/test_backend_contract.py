@@ -6,6 +6,7 @@ sets the forward tolerance and the memory saving it must reach on tests/toy.py's
 weights are almost all nn.Linear.
 """
 
+import copy
 import json
 
 import pytest
@@ -139,6 +140,32 @@ def test_save_then_reload_is_bit_identical(quantized, toy):
     x = toy[2]
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("rows", [1, 6])  # the one-row kernels' prepared forms, the many-row
+def test_a_deep_copy_is_independent_and_gives_the_same_outputs(quantized, toy, rows):
+    """diffusers' models deep-copy (EMA copies, a pipeline's components): the copy holds its
+    own tensors and prepared forms, so changing either one leaves the other as it was."""
+    config, model, saved = quantized
+    x = toy_input(rows=rows)
+    with torch.no_grad():
+        y = model(x)                                   # prepared forms built before the copy
+        twin = copy.deepcopy(model)
+        assert twin.config == model.config and twin.config is not model.config
+        assert twin.hf_quantizer.quantization_config == config and twin.is_quantized
+        assert torch.equal(twin(x), y)
+        for t in twin.state_dict().values():           # the copy changed: the original is not
+            if t.dtype.is_floating_point:
+                t.zero_()
+        assert torch.equal(model(x), y)
+        assert not torch.equal(twin(x), y)
+    again = ToyModel.from_pretrained(saved)            # a fresh one, then the original changed
+    with torch.no_grad():
+        twin = copy.deepcopy(again)
+        for t in again.state_dict().values():
+            if t.dtype.is_floating_point:
+                t.zero_()
+        assert torch.equal(twin(x), y)
 
 
 def test_sharded_save_keeps_each_weight_in_one_shard(quantized, toy, tmp_path):

@@ -196,3 +196,40 @@ def test_vae_unsupported_block_type_names_file(tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: cannot build AutoencoderKL.*down_block_types="
                                           r"\['AttnDownEncoderBlock2D', 'DownEncoderBlock2D'\]"):
         AutoencoderKL.from_pretrained(tmp_path)
+
+
+# -- deep copies (diffusers' models deep-copy: EMA weights, a pipeline's components) -----------
+def test_every_model_class_deep_copies_into_an_independent_twin(tmp_path):
+    """Each of diffquant's model classes, plain and with its Linear layers quantized: the copy
+    gives the same outputs, and zeroing the copy's tensors leaves the original's untouched."""
+    import copy
+
+    from diffquant import TorchAoConfig
+
+    flux = diffusers.FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=True).eval()
+    _randomize(flux)
+    flux.save_pretrained(tmp_path / "flux")
+    vae = diffusers.AutoencoderKL(**TINY_VAE).eval()
+    _randomize(vae, seed=11)
+    vae.save_pretrained(tmp_path / "vae")
+    image = torch.randn(1, 3, 16, 12, generator=torch.Generator().manual_seed(2))
+    bf16 = {k: v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v
+            for k, v in _flux_inputs(True).items()}
+    models = [  # (model, its forward on fixed inputs)
+        (FluxTransformer2DModel.from_pretrained(tmp_path / "flux"),
+         lambda m: m(**_flux_inputs(True)).sample),
+        (FluxTransformer2DModel.from_pretrained(tmp_path / "flux", torch_dtype=torch.bfloat16,
+                                                quantization_config=TorchAoConfig("int8wo")),
+         lambda m: m(**bf16).sample),
+        (AutoencoderKL.from_pretrained(tmp_path / "vae"), lambda m: m(image).sample),
+    ]
+    for model, run in models:
+        with torch.no_grad():
+            before = run(model)
+            twin = copy.deepcopy(model)
+            assert type(twin) is type(model) and twin.config == model.config
+            assert torch.equal(run(twin), before)
+            for t in twin.state_dict().values():
+                if t.dtype.is_floating_point:
+                    t.zero_()
+            assert torch.equal(run(model), before) and not torch.equal(run(twin), before)

@@ -50,6 +50,11 @@ class FrozenDict(dict):
     def __getattr__(self, name):
         raise AttributeError(f"config has no field {name!r}; fields: {sorted(self)}")
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle rebuild it from its items (the default refills a dict
+        # subclass key by key, which a frozen one refuses)
+        return type(self), (dict(self),)
+
 
 def _json_value(value):
     """Turn a config value into something json.dumps accepts."""
