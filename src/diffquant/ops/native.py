@@ -279,10 +279,14 @@ def supports(qtype, device: torch.device) -> bool:
 
 
 # -- calling a kernel: dq_run splits its rows over threads in C --------------------------------
-# the kernel ids of parallel.c's table
+# parallel.c's KERNELS[] table, in its order: a kernel's id is its index here
+KERNELS = ("decode", "gemv", "quantize", "int8_output", "int4_tinygemm", "int8_rows",
+           "quanto_bits", "lut4_gemv", "lut4_decode", "int8_gemv", "quantize_vnni", "amx_linear",
+           "scale_rows", "int8_dot", "int8_dynamic_row", "int4_gemv", "quanto_int8",
+           "quanto_affine", "int4_groupwise")
 (DECODE, GEMV, QUANTIZE, INT8_OUTPUT, INT4_TINYGEMM, INT8_ROWS, QUANTO_BITS, LUT4_GEMV,
  LUT4_DECODE, INT8_GEMV, QUANTIZE_VNNI, AMX_INT8_LINEAR, SCALE_ROWS, INT8_DOT,
- INT8_DYNAMIC_ROW, INT4_GEMV, QUANTO_INT8, QUANTO_AFFINE, INT4_GROUPWISE) = range(19)
+ INT8_DYNAMIC_ROW, INT4_GEMV, QUANTO_INT8, QUANTO_AFFINE, INT4_GROUPWISE) = range(len(KERNELS))
 
 
 def _run(kernel: int, n: int, *args, lib=None, min_rows: int = _MIN_ROWS_PER_THREAD) -> bool:
