@@ -20,4 +20,6 @@ def bf16_product(monkeypatch):
                         {torch.bfloat16: False, torch.float16: False})
 
 
-from tests.native_targets import native_target  # noqa: E402,F401  (a fixture for every module)
+# the per-build fixture of the kernel tests, and the summary of the builds they ran under
+from tests.native_targets import (native_target, pytest_runtest_logreport,  # noqa: E402,F401
+                                  pytest_terminal_summary)

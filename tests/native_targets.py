@@ -63,3 +63,38 @@ def native_target(request, monkeypatch):
     """Runs the test with the ``request.param`` build of the kernels; yields the target name."""
     monkeypatch.setitem(native._state, "lib", build(request.param))
     yield request.param
+
+
+# -- a line per build at the end of the run: which targets the kernel tests ran under ----------
+_outcomes: dict = {}  # target -> {"passed": n, "failed": n, "skipped": n}
+_skips: dict = {}     # target -> a skip reason
+
+
+def pytest_runtest_logreport(report):
+    target = _target_of(report.nodeid)
+    if target is None or (report.when != "call" and report.outcome == "passed"):
+        return
+    counts = _outcomes.setdefault(target, {"passed": 0, "failed": 0, "skipped": 0})
+    counts[report.outcome] += 1
+    if report.skipped and isinstance(report.longrepr, tuple):
+        _skips.setdefault(target, report.longrepr[2].removeprefix("Skipped: "))
+
+
+def _target_of(nodeid: str) -> str | None:
+    """The build in a test id ("test_x[x86-64-v3-Q8_0]" -> "x86-64-v3"), or None."""
+    params = "-" + nodeid.partition("[")[2].rstrip("]") + "-"
+    return next((t for t in sorted(TARGETS, key=len, reverse=True) if f"-{t}-" in params), None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _outcomes:
+        return
+    terminalreporter.section("native kernel tests per build")
+    for target in TARGETS:
+        c = _outcomes.get(target)
+        if c is None:
+            continue
+        line = f"{target:16s} {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
+        if not c["passed"] and target in _skips:
+            line += f" ({_skips[target]})"
+        terminalreporter.write_line(line)

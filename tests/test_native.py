@@ -463,6 +463,7 @@ def test_int4_groupwise_quantization_in_c_is_the_torch_ops(group, monkeypatch):
     w[1] = 0.3
     w[2, :group] = torch.linspace(0, 1e-38, group)
     w[3, 5], w[4, 9], w[5, 0], w[6, :3] = float("inf"), float("-inf"), float("nan"), 3e38
+    w[7, :4] = torch.tensor([-0.0, 1e-40, -1e-40, 0.0])              # signed zeros, subnormals
     w = w.to(torch.bfloat16)
     assert iq._int4_in_c(w, group)
     in_c = iq.int4_quantize_groupwise(w, group)

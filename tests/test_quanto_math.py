@@ -96,10 +96,13 @@ def test_a_missing_package_is_named_without_importing_it():
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "int2"])
 def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch):
     """bf16 weights go through csrc/wquant_cpu.c: the torch ops' codes for rows holding an
-    infinity or a NaN too (a NaN makes the row's scale NaN and its codes 0), split over
-    threads (70 rows of groups)."""
+    infinity or a NaN too (a NaN makes the row's scale NaN and its codes 0), subnormals, signed
+    zeros and zero rows, split over threads (70 rows of groups)."""
     w = weight(70, 256, torch.bfloat16, seed=4)
     w[3, 7], w[4, 0], w[5, 9], w[6, 1:3] = float("inf"), float("-inf"), float("nan"), 1e38
+    w[7] = w[7] * 1e-38                          # a row of subnormals: a subnormal scale
+    w[8, :4] = torch.tensor([1e-40, -1e-40, -0.0, 0.0])
+    w[9] = 0.0                                   # a zero row
     group = qz.group_size_for(weights_dtype, 256)
     assert qm._in_c(w)
     in_c = qz.quantize(w, weights_dtype, group)
