@@ -103,3 +103,24 @@ def test_diffusers_loads_the_shipped_pipeline_and_draws_the_same(pipe):
     ours = pipe(prompt, generator=torch.Generator().manual_seed(0), **CALL).images
     theirs = ref(prompt, generator=torch.Generator().manual_seed(0), **CALL).images
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
+
+
+def test_the_pipelines_vae_switches_reach_its_vae_and_draw_in_tiles(pipe):
+    """enable_vae_tiling / enable_vae_slicing (the shortcuts of diffusers' pipelines) switch the
+    VAE's; with tiles of 32 pixels the 64 x 64 images are decoded in four blended tiles."""
+    prompt = [CASES[0][0], CASES[1][0]]
+    whole = pipe(prompt, generator=torch.Generator().manual_seed(0), **CALL).images
+    vae = pipe.vae
+    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
+    try:
+        pipe.enable_vae_tiling()
+        pipe.enable_vae_slicing()
+        assert vae.use_tiling and vae.use_slicing
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 32 // 8
+        tiled = pipe(prompt, generator=torch.Generator().manual_seed(0), **CALL).images
+    finally:
+        pipe.disable_vae_tiling()
+        pipe.disable_vae_slicing()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
+    assert not vae.use_tiling and not vae.use_slicing
+    assert tiled.shape == whole.shape and 0 < np.abs(tiled - whole).mean() < 0.05  # faint seams

@@ -233,3 +233,30 @@ def test_every_model_class_deep_copies_into_an_independent_twin(tmp_path):
                 if t.dtype.is_floating_point:
                     t.zero_()
             assert torch.equal(run(model), before) and not torch.equal(run(twin), before)
+
+
+# -- tiling and slicing: diffusers' tiles, overlaps and blends --------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_and_sliced_passes_equal_diffusers(tmp_path, dtype):
+    """Tiles of 16 pixels (2 latent) over a 40 x 28 image: uneven edge tiles, blends above and
+    to the left; the batch sliced; both directions, both switched off again."""
+    ref = diffusers.AutoencoderKL(**TINY_VAE, sample_size=16).eval()
+    _randomize(ref, seed=5)
+    ref.save_pretrained(tmp_path)
+    ours = AutoencoderKL.from_pretrained(tmp_path, torch_dtype=dtype)
+    ref = ref.to(dtype)
+    assert (ours.tile_sample_min_size, ours.tile_latent_min_size) == (16, 8)
+    image = torch.randn(3, 3, 40, 28, generator=torch.Generator().manual_seed(3)).to(dtype)
+    z = torch.randn(3, 4, 20, 14, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        plain = ours.decode(z).sample
+        for vae in (ref, ours):
+            vae.enable_tiling()
+            vae.enable_slicing()
+        for a, b in ((ours.decode(z).sample, ref.decode(z).sample),
+                     (ours.encode(image).latent_dist.mean, ref.encode(image).latent_dist.mean)):
+            assert torch.equal(a, b)
+        assert not torch.equal(ours.decode(z).sample, plain)  # the tiles were used
+        ours.disable_tiling()
+        ours.disable_slicing()
+        assert torch.equal(ours.decode(z).sample, plain)

@@ -316,6 +316,27 @@ class DiffusionPipeline:
             self._offload_hooks.append(module.register_forward_pre_hook(
                 self._make_onload_hook(module), with_kwargs=True))
 
+    # -- the VAE's memory switches, as the pipelines of diffusers before 0.40 offered them ------
+    def enable_vae_tiling(self) -> None:
+        """``pipe.vae.enable_tiling()``: decode (and encode) large images a tile at a time."""
+        self._vae("enable_vae_tiling").enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self._vae("disable_vae_tiling").disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """``pipe.vae.enable_slicing()``: decode a batch one image at a time."""
+        self._vae("enable_vae_slicing").enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self._vae("disable_vae_slicing").disable_slicing()
+
+    def _vae(self, what: str):
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            raise AttributeError(f"{type(self).__name__}.{what}: this pipeline has no vae")
+        return vae
+
     def _onload(self, module: nn.Module) -> torch.device:
         """With offload enabled, put ``module`` alone on the execution device; returns that device.
 

@@ -2,7 +2,9 @@
 
 One file: ResNet blocks, a single-head mid-block attention (``F.scaled_dot_product_attention``),
 encoder, decoder and the diagonal Gaussian posterior. Module and parameter names equal diffusers'
-so checkpoints load both ways. Tiling and slicing are not implemented.
+so checkpoints load both ways. Tiling (``enable_tiling``: diffusers' tile sizes, overlap and
+blending, ``vae_tiling.py``) and slicing (``enable_slicing``: one image of a batch at a time)
+bound the memory of large images and batches.
 
 Example:
     >>> import torch
@@ -26,6 +28,7 @@ from torch import nn
 from ..configuration import ConfigMixin, register_to_config
 from ..modeling import ModelMixin
 from ..outputs import BaseOutput
+from .vae_tiling import tiled
 
 _ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -287,19 +290,66 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
+        self._init_tiling(sample_size, len(block_out_channels))
+
+    # -- memory: tiles of an image, slices of a batch (diffusers' attributes and defaults) ------
+    def _init_tiling(self, sample_size, blocks: int) -> None:
+        self.use_slicing = self.use_tiling = False
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_min_size = size
+        self.tile_latent_min_size = int(size / (2 ** (blocks - 1)))
+        self.tile_overlap_factor = 0.25
+
+    def enable_tiling(self) -> None:
+        """Encode and decode images larger than ``tile_sample_min_size`` pixels (the config's
+        sample_size; set it lower, with ``tile_latent_min_size`` = it / 8, for smaller tiles)
+        a tile at a time, as diffusers does."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return tiled(self._encode_tile, x, self.tile_sample_min_size,
+                         self.tile_latent_min_size, self.tile_overlap_factor)
+        return self._encode_tile(x)
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        return h if self.quant_conv is None else self.quant_conv(h)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return tiled(self._decode_tile, z, self.tile_latent_min_size,
+                         self.tile_sample_min_size, self.tile_overlap_factor)
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """Images [B, C, H, W] in [-1, 1] -> ``.latent_dist`` (a DiagonalGaussianDistribution)."""
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
+        if self.use_slicing and x.shape[0] > 1:
+            h = torch.cat([self._encode(one) for one in x.split(1)])
+        else:
+            h = self._encode(x)
         posterior = DiagonalGaussianDistribution(h)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
         """Latents [B, latent_channels, h, w] -> ``.sample`` images [B, C, 8h, 8w] (for 4 blocks)."""
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        decoded = self.decoder(z)
+        if self.use_slicing and z.shape[0] > 1:
+            decoded = torch.cat([self._decode(one) for one in z.split(1)])
+        else:
+            decoded = self._decode(z)
         return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
