@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchao.quantization as tq
+from PIL import Image
 
 import diffquant.quantizers  # noqa: F401  (registers every backend present)
 from diffquant import (AutoModel, ChromaPipeline, ChromaTransformer2DModel, ConfigError,
@@ -253,3 +254,23 @@ def test_diffusers_loads_what_diffquant_saves(ours, tmp_path):
     assert index["transformer"] == ["diffusers", "ChromaTransformer2DModel"]
     theirs = diffusers.ChromaPipeline.from_pretrained(tmp_path)
     np.testing.assert_array_equal(run(theirs, guidance_scale=1.0), run(ours, guidance_scale=1.0))
+
+
+def test_cli_quantize_inspect_generate(pipe_dir, tmp_path, capsys):
+    from tests.test_cli import main_in_process
+
+    dst = tmp_path / "q"
+    assert main_in_process("quantize", pipe_dir, dst, "--quantize", "torchao:int8wo", "-q") == 0
+    capsys.readouterr()
+    assert main_in_process("inspect", dst, "-q") == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"scheduler", "text_encoder", "tokenizer", "transformer", "vae", "total"}
+    assert rows["transformer"][1:3] == ["ChromaTransformer2DModel", "torchao"]
+    out = tmp_path / "out.png"
+    assert main_in_process("generate", "--model", dst, "--prompt", TINY_PROMPT, "--steps", 2,
+                           "--max-sequence-length", 16, "--out", out, "-q") == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (32x32, 2 steps, seed 0, load ")
+    pipe = ChromaPipeline.from_pretrained(dst, torch_dtype=torch.float32)
+    direct = pipe(TINY_PROMPT, num_inference_steps=2, max_sequence_length=16, height=32, width=32,
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(direct))

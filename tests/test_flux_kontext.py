@@ -133,3 +133,22 @@ def test_quantized_pipeline_equals_diffusers_and_reloads_bit_for_bit(pipe_dir, t
     back = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)  # no config
     assert type(back) is FluxKontextPipeline and back.transformer.quantization_method == "torchao"
     np.testing.assert_array_equal(run(back), image)
+
+
+def test_cli_generate_takes_an_input_image(pipe_dir, ours, tmp_path, capsys):
+    """--image reaches the pipeline; at the tiny pipeline's 32 x 32 (its VAE's sample_size) the
+    image is brought to the output's area, not to Kontext's ~1 MP resolutions."""
+    from tests.test_cli import main_in_process
+
+    picture(48, 40, seed=5).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main_in_process("generate", "--model", pipe_dir, "--image", tmp_path / "in.png",
+                           "--prompt", TINY_PROMPT, "--steps", 2, "--max-sequence-length", 16,
+                           "--out", out, "-q") == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (32x32, 2 steps, seed 0, load ")
+    direct = ours(prompt=TINY_PROMPT, image=picture(48, 40, seed=5).resize((32, 28), Image.LANCZOS),
+                  _auto_resize=False, max_area=32 * 32, height=32, width=32, num_inference_steps=2,
+                  max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(direct))
+    assert main_in_process("generate", "--image", tmp_path / "missing.png", "--prompt", "x") == 2
+    assert "--image " in capsys.readouterr().err
