@@ -26,10 +26,9 @@ import logging
 import torch
 
 from ..pipeline import DiffusionPipeline
-from .flux import (FluxPipelineOutput, batch_size_of, decode_packed_latents, denoise,
-                   flow_match_timesteps, pack_latents, prepare_latent_image_ids,
-                   prepare_packed_latents, refuse_what_diffquant_lacks, tokenize,
-                   transformer_cast, unpack_latents)
+from .flux import (FluxPipelineOutput, batch_size_of, call_prelude, decode_packed_latents,
+                   denoise, flow_match_timesteps, pack_latents, prepare_latent_image_ids,
+                   prepare_packed_latents, tokenize, transformer_cast, unpack_latents)
 
 logger = logging.getLogger(__name__)
 
@@ -173,13 +172,11 @@ class ChromaPipeline(DiffusionPipeline):
 
         Unsupported diffusers arguments are handled as in FluxPipeline.
         """
-        refuse_what_diffquant_lacks(
-            self, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+        height, width = call_prelude(
+            self, height, width, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_ip_adapter_image=negative_ip_adapter_image,
             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds,
                           prompt_attention_mask, negative_prompt_embeds,
                           negative_prompt_attention_mask, max_sequence_length, output_type)

@@ -60,6 +60,15 @@ def postprocess_image(image: torch.Tensor, output_type: str):
     return [Image.fromarray(x) for x in (image * 255).round().astype("uint8")]
 
 
+def call_prelude(pipe, height, width, joint_attention_kwargs, **adapters) -> tuple[int, int]:
+    """What every Flux-family ``__call__`` does first: refuse or warn about diffusers' arguments
+    for features diffquant has not (``refuse_what_diffquant_lacks``); returns (height, width),
+    each defaulting to the pipeline's sample size in pixels."""
+    refuse_what_diffquant_lacks(pipe, joint_attention_kwargs, **adapters)
+    return (height or pipe.default_sample_size * pipe.vae_scale_factor,
+            width or pipe.default_sample_size * pipe.vae_scale_factor)
+
+
 def refuse_what_diffquant_lacks(pipe, joint_attention_kwargs, **adapters) -> None:
     """diffusers' __call__ arguments for features diffquant has not: attention processors and
     LoRA (their kwargs are ignored, with a warning) and IP-Adapter (its images are refused)."""
@@ -320,13 +329,11 @@ class FluxPipeline(DiffusionPipeline):
         warning (its usual ``{"scale": ...}`` changes nothing without a LoRA). IP-Adapter images
         are refused: there is no image encoder to take them.
         """
-        refuse_what_diffquant_lacks(
-            self, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+        height, width = call_prelude(
+            self, height, width, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_ip_adapter_image=negative_ip_adapter_image,
             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds, pooled_prompt_embeds,
                           max_sequence_length, output_type)
         batch_size = batch_size_of(prompt, prompt_embeds)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .flux import (FluxPipeline, FluxPipelineOutput, batch_size_of, decode_packed_latents,
-                   flow_match_timesteps, pack_latents, prepare_latent_image_ids,
-                   prepare_packed_latents, refuse_what_diffquant_lacks)
+from .flux import (FluxPipeline, FluxPipelineOutput, batch_size_of, call_prelude,
+                   decode_packed_latents, flow_match_timesteps, pack_latents,
+                   prepare_latent_image_ids, prepare_packed_latents)
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +186,11 @@ class FluxKontextPipeline(FluxPipeline):
         ``_auto_resize=False`` only rounded down to a multiple of 16 pixels. Unsupported
         diffusers arguments are handled as in FluxPipeline.
         """
-        refuse_what_diffquant_lacks(
-            self, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+        asked = call_prelude(
+            self, height, width, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_ip_adapter_image=negative_ip_adapter_image,
             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        asked = (height or self.default_sample_size * self.vae_scale_factor,
-                 width or self.default_sample_size * self.vae_scale_factor)
         height, width = output_size(*asked, max_area, self.vae_scale_factor * 2)
         if (height, width) != asked:
             logger.warning("height and width set to %d and %d (max_area=%d at the aspect ratio "
