@@ -349,7 +349,8 @@ def test_auto_model_loads_the_class_its_config_names(pipe_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ConfigError, match=r"config.json: _class_name 'UNet2DConditionModel' is not "
                                           r"a model diffquant implements; AutoModel loads "
-                                          r"AutoencoderKL, FluxTransformer2DModel"):
+                                          r"AutoencoderKL, ChromaTransformer2DModel, "
+                                          r"FluxTransformer2DModel"):
         AutoModel.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="AutoModel is not instantiated"):
         AutoModel()

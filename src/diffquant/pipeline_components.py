@@ -22,10 +22,13 @@ from .errors import CheckpointError, ConfigError
 # diffusers-library classes diffquant implements: class name -> module.
 DIFFUSERS_CLASSES = {
     "FluxTransformer2DModel": "diffquant.models.transformer_flux",
+    "ChromaTransformer2DModel": "diffquant.models.transformer_chroma",
     "AutoencoderKL": "diffquant.models.autoencoder_kl",
     "FlowMatchEulerDiscreteScheduler": "diffquant.schedulers.flow_match_euler",
 }
-PIPELINE_CLASSES = {"FluxPipeline": "diffquant.pipelines.flux"}
+PIPELINE_CLASSES = {"FluxPipeline": "diffquant.pipelines.flux",
+                    "FluxKontextPipeline": "diffquant.pipelines.flux_kontext",
+                    "ChromaPipeline": "diffquant.pipelines.chroma"}
 
 
 def import_class(name: str, table: dict):

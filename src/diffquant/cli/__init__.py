@@ -36,7 +36,8 @@ EPILOGS = {
   diffquant generate --prompt "a red circle above a blue square"
   diffquant generate --prompt "a green triangle" --quantize torchao:int8wo --out out/tri.png
   diffquant generate --model pipe/ --prompt "a cat" --quantize bnb:nf4@transformer,text_encoder_2
-  diffquant generate --model pipe-int8/ --prompt "a cat"      # pre-quantized: no --quantize""",
+  diffquant generate --model pipe-int8/ --prompt "a cat"      # pre-quantized: no --quantize
+  diffquant generate --model kontext/ --image cat.png --prompt "give the cat a hat\"""",
     "quantize": """examples:
   diffquant quantize pipe/ pipe-int8/ --quantize torchao:int8wo
   diffquant quantize pipe/ pipe-mixed/ --quantize gguf:q4_0 --quantize quanto:int8@text_encoder_2""",
@@ -72,6 +73,8 @@ def _run_options(parser) -> None:
     parser.add_argument("--width", type=int, default=None, help="image width (default: as height)")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 prompt tokens "
                         "(default: the T5 tokenizer's model_max_length, at most 512)")
+    parser.add_argument("--image", default=None, help="input image file for pipelines that edit "
+                        "one (FluxKontextPipeline)")
 
 
 def _flags(default) -> argparse.ArgumentParser:

@@ -167,12 +167,57 @@ def run_sizes(pipe, args) -> dict:
 
     vae_size = dict(getattr(getattr(pipe, "vae", None), "config", None) or {}).get("sample_size")
     vae_size = vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size
-    tokens = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    t5 = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)  # Chroma: T5 only
+    tokens = getattr(t5, "model_max_length", None)
     defaults = {"height": vae_size, "width": vae_size,
                 "max_sequence_length": min(tokens, 512) if isinstance(tokens, int) else None}
     accepted = inspect.signature(pipe.__call__).parameters
     sizes = {k: getattr(args, k) or defaults[k] for k in RUN_SIZES if k in accepted}
-    return {k: v for k, v in sizes.items() if isinstance(v, int)}
+    sizes = {k: v for k, v in sizes.items() if isinstance(v, int)}
+    if "max_area" in accepted and "height" in sizes and "width" in sizes:
+        sizes["max_area"] = sizes["height"] * sizes["width"]  # Kontext sizes its output by area
+    return sizes
+
+
+def input_image(pipe, args, sizes: dict) -> dict:
+    """``image=`` (the --image file, RGB) for a pipeline that edits one; none without --image.
+
+    Kontext resizes its input to its ~1 MP training resolutions; for an output below 1 MP (a
+    small pipeline, or --height/--width) the image is brought to the output's area at its own
+    aspect ratio instead, so it costs what the output does."""
+    import inspect
+
+    if args.image is None:
+        return {}
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "image" not in accepted:
+        raise UsageError(f"--image {args.image}: {type(pipe).__name__} takes no input image; "
+                         "drop --image or give a pipeline that edits images (FluxKontextPipeline)")
+    from PIL import Image
+
+    with Image.open(args.image) as file:
+        image = file.convert("RGB")
+    area = sizes.get("max_area")
+    if area is None or area >= 1024 ** 2 or "_auto_resize" not in accepted:
+        return {"image": image}
+    from ..pipelines.flux_kontext import output_size
+
+    height, width = output_size(image.height, image.width, area, pipe.vae_scale_factor * 2)
+    return {"image": image.resize((width, height), Image.Resampling.LANCZOS), "_auto_resize": False}
+
+
+def check_image_file(args) -> None:
+    """--image names a readable image file (checked before any loading)."""
+    if getattr(args, "image", None) is None:
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.image) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError) as err:
+        raise UsageError(f"--image {args.image}: cannot read it as an image ({err}); give a "
+                         "PNG or JPEG file") from err
 
 
 def run_pipeline(pipe, args) -> tuple[object, float]:
@@ -182,8 +227,9 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
     import torch
 
     # A CPU generator gives the same noise on every device, so images compare across machines.
+    sizes = run_sizes(pipe, args)
     kwargs = dict(num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed),
-                  output_type="pil", **run_sizes(pipe, args))
+                  output_type="pil", **sizes, **input_image(pipe, args, sizes))
     stamps = []
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
         def on_step(_pipe, _step, _t, callback_kwargs):
@@ -194,7 +240,7 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
     # no_grad, as the pipeline's own __call__: optimum-quanto's int4 / int2 layers, which
     # transformers puts in quanto-quantized text encoders, fail under inference_mode
     with torch.no_grad():
-        image = pipe(args.prompt, **kwargs).images[0]
+        image = pipe(prompt=args.prompt, **kwargs).images[0]  # Kontext's first argument is image
     total = time.perf_counter() - start
     # Between step callbacks is denoising only; without them, the whole call over the steps.
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else total / max(args.steps, 1)
@@ -203,6 +249,7 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
 
 # -- commands -----------------------------------------------------------------------------
 def cmd_generate(args) -> int:
+    check_image_file(args)
     pipe, load_s = load_pipeline(args, args.quantize)
     image, per_step = run_pipeline(pipe, args)
     out = Path(args.out)
@@ -260,7 +307,7 @@ def _child_command(args, model: str, specs: list[str], image: Path, stats: Path)
     cmd = [sys.executable, "-m", "diffquant", "generate", "--model", model, "--prompt", args.prompt,
            "--steps", str(args.steps), "--seed", str(args.seed), "--dtype", args.dtype,
            "--device", args.device, "--out", str(image), "--stats-json", str(stats)]
-    for key in RUN_SIZES:
+    for key in (*RUN_SIZES, "image"):
         if getattr(args, key):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return cmd + [x for s in specs for x in ("--quantize", s)] + \
@@ -276,6 +323,7 @@ def cmd_compare(args) -> int:
 
     from ..report import compare_table, image_grid
 
+    check_image_file(args)
     model, index = _model_index(args.model)
     variants = [[]] + [v.split("+") for v in args.quantize]
     for specs in variants[1:]:

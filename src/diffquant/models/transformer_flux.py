@@ -76,6 +76,17 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
+def joint_rope(txt_ids: torch.Tensor, img_ids: torch.Tensor, axes_dim):
+    """RoPE (cos, sin) over text then image tokens; ids [T, 3] and [S, 3] (a batch dim is dropped)."""
+    if txt_ids.ndim == 3:
+        logger.warning("txt_ids with a batch dimension is deprecated; pass a 2d [T, 3] tensor")
+        txt_ids = txt_ids[0]
+    if img_ids.ndim == 3:
+        logger.warning("img_ids with a batch dimension is deprecated; pass a 2d [S, 3] tensor")
+        img_ids = img_ids[0]
+    return rope_frequencies(torch.cat((txt_ids, img_ids), dim=0), axes_dim)
+
+
 class MLPEmbedder(nn.Module):
     """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
 
@@ -107,6 +118,11 @@ class TimestepTextEmbedding(nn.Module):
 
 
 # -- norms, feed-forward, attention ----------------------------------------------------------
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """normed [B, S, dim] scaled by (1 + scale) and shifted by shift, each [B, dim]."""
+    return normed * (1 + scale[:, None]) + shift[:, None]
+
+
 class AdaLayerNormZero(nn.Module):
     """LayerNorm modulated by temb; returns the normed input and the remaining modulation chunks.
 
@@ -122,7 +138,7 @@ class AdaLayerNormZero(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor):
         shift, scale, *rest = self.linear(self.silu(emb)).chunk(self.chunks, dim=1)   # each [B, dim]
-        return (self.norm(x) * (1 + scale[:, None]) + shift[:, None], *rest)
+        return (modulate(self.norm(x), shift, scale), *rest)
 
 
 class AdaLayerNormContinuous(nn.Module):
@@ -187,7 +203,8 @@ class FluxAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (-1, self.head_dim))             # [B, S, H*D] -> [B, S, H, D]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None,
+                attention_mask: torch.Tensor | None = None):
         q, k = self.norm_q(self._heads(self.to_q(x))), self.norm_k(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
         if context is not None:  # text tokens first, then image tokens
@@ -197,7 +214,9 @@ class FluxAttention(nn.Module):
             q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # attention_mask [B, 1, T+S, T+S] as SDPA reads it: bool keeps True, float is added
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attention_mask)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)    # [B, S, H*D]
         if context is None:
             return out
@@ -212,30 +231,37 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 class FluxTransformerBlock(nn.Module):
-    """Double-stream block: image and text keep their own weights, attend jointly."""
+    """Double-stream block: image and text keep their own weights, attend jointly.
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int):
+    ``norm_cls`` makes the modulation: AdaLayerNormZero projects temb itself (Flux); Chroma's
+    weightless norm takes chunks computed outside the block, one temb per stream.
+    """
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int,
+                 norm_cls=AdaLayerNormZero):
         super().__init__()
-        self.norm1 = AdaLayerNormZero(dim)
-        self.norm1_context = AdaLayerNormZero(dim)
+        self.norm1 = norm_cls(dim)
+        self.norm1_context = norm_cls(dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, joint=True, pre_only=False)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim)
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = FeedForward(dim)
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, rope):
+    def forward(self, hidden_states, encoder_hidden_states, temb, rope, attention_mask=None,
+                context_temb=None):
+        """``context_temb``: the text stream's modulation input where it differs from ``temb``."""
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
-        c_normed, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
-            self.norm1_context(encoder_hidden_states, temb)
-        attn_out, ctx_attn_out = self.attn(normed, c_normed, rope)
+        c_normed, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+            encoder_hidden_states, temb if context_temb is None else context_temb)
+        attn_out, ctx_attn_out = self.attn(normed, c_normed, rope, attention_mask)
 
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_out
-        normed = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        normed = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(normed)
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * ctx_attn_out
-        c_normed = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        c_normed = modulate(self.norm2_context(encoder_hidden_states), c_shift_mlp, c_scale_mlp)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(c_normed)
         return _clip_fp16(encoder_hidden_states), hidden_states
 
@@ -243,21 +269,22 @@ class FluxTransformerBlock(nn.Module):
 class FluxSingleTransformerBlock(nn.Module):
     """Single-stream block over [text; image]: attention and MLP in parallel, one output proj."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int,
+                 mlp_ratio: float = 4.0, norm_cls=AdaLayerNormZero):
         super().__init__()
         self.mlp_hidden_dim = int(dim * mlp_ratio)
-        self.norm = AdaLayerNormZero(dim, chunks=3)
+        self.norm = norm_cls(dim, chunks=3)
         self.proj_mlp = nn.Linear(dim, self.mlp_hidden_dim)
         self.act_mlp = nn.GELU(approximate="tanh")
         self.proj_out = nn.Linear(dim + self.mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, joint=False, pre_only=True)
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, rope):
+    def forward(self, hidden_states, encoder_hidden_states, temb, rope, attention_mask=None):
         text_len = encoder_hidden_states.shape[1]
         residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)   # [B, T+S, dim]
         normed, gate = self.norm(residual, temb)
         mlp = self.act_mlp(self.proj_mlp(normed))
-        attn = self.attn(normed, rope=rope)
+        attn = self.attn(normed, rope=rope, attention_mask=attention_mask)
         out = residual + gate.unsqueeze(1) * self.proj_out(torch.cat([attn, mlp], dim=2))
         out = _clip_fp16(out)
         return out[:, :text_len], out[:, text_len:]
@@ -328,13 +355,7 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         hidden_states = self.x_embedder(hidden_states)                      # [B, S, dim]
         temb = self._temb(timestep, guidance, pooled_projections, hidden_states.dtype)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # [B, T, dim]
-        if txt_ids.ndim == 3:
-            logger.warning("txt_ids with a batch dimension is deprecated; pass a 2d [T, 3] tensor")
-            txt_ids = txt_ids[0]
-        if img_ids.ndim == 3:
-            logger.warning("img_ids with a batch dimension is deprecated; pass a 2d [S, 3] tensor")
-            img_ids = img_ids[0]
-        rope = rope_frequencies(torch.cat((txt_ids, img_ids), dim=0), self.axes_dims_rope)
+        rope = joint_rope(txt_ids, img_ids, self.axes_dims_rope)
 
         for block in self.transformer_blocks:
             encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope)

@@ -60,16 +60,151 @@ def postprocess_image(image: torch.Tensor, output_type: str):
     return [Image.fromarray(x) for x in (image * 255).round().astype("uint8")]
 
 
-def _refuse_what_diffquant_lacks(joint_attention_kwargs, **adapters) -> None:
+def call_prelude(pipe, height, width, joint_attention_kwargs, **adapters) -> tuple[int, int]:
+    """What every Flux-family ``__call__`` does first: refuse or warn about diffusers' arguments
+    for features diffquant has not (``refuse_what_diffquant_lacks``); returns (height, width),
+    each defaulting to the pipeline's sample size in pixels."""
+    refuse_what_diffquant_lacks(pipe, joint_attention_kwargs, **adapters)
+    return (height or pipe.default_sample_size * pipe.vae_scale_factor,
+            width or pipe.default_sample_size * pipe.vae_scale_factor)
+
+
+def refuse_what_diffquant_lacks(pipe, joint_attention_kwargs, **adapters) -> None:
     """diffusers' __call__ arguments for features diffquant has not: attention processors and
     LoRA (their kwargs are ignored, with a warning) and IP-Adapter (its images are refused)."""
+    name = type(pipe).__name__
     given = sorted(k for k, v in adapters.items() if v is not None)
     if given:
-        raise ValueError(f"FluxPipeline: {', '.join(given)} given, but diffquant's "
-                         "FluxPipeline has no IP-Adapter (no image encoder); drop them")
+        raise ValueError(f"{name}: {', '.join(given)} given, but diffquant's "
+                         f"{name} has no IP-Adapter (no image encoder); drop them")
     if joint_attention_kwargs:
-        logger.warning("FluxPipeline: joint_attention_kwargs %s are ignored (no attention "
-                       "processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
+        logger.warning("%s: joint_attention_kwargs %s are ignored (no attention "
+                       "processors or LoRA in diffquant)", name, sorted(joint_attention_kwargs))
+
+
+# -- steps every Flux-family pipeline takes (FluxKontextPipeline, ChromaPipeline share them) --
+def batch_size_of(prompt, prompt_embeds) -> int:
+    """Prompts in the call: one string, a list, or the rows of ``prompt_embeds``."""
+    return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None \
+        else prompt_embeds.shape[0]
+
+
+def tokenize(tokenizer, prompt: list[str], max_length: int):
+    """The tokenizer's output padded to ``max_length`` (``input_ids``, ``attention_mask``, each
+    [B, max_length]); warns with the part of a prompt that was cut."""
+    out = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="pt")
+    ids = out.input_ids
+    full = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
+        removed = tokenizer.batch_decode(full[:, max_length - 1:-1])
+        logger.warning("this part of the prompt was cut at %d tokens: %s", max_length, removed)
+    return out
+
+
+def prepare_latent_image_ids(batch_size, height, width, device, dtype) -> torch.Tensor:
+    """(0, row, col) per packed token: [height * width, 3]."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(height)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+def pack_latents(latents, batch_size, num_channels_latents, height, width) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)*(W/2), C*4]: each 2x2 patch becomes one token."""
+    latents = latents.view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)
+    latents = latents.permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch_size, (height // 2) * (width // 2), num_channels_latents * 4)
+
+
+def unpack_latents(latents, height, width, vae_scale_factor) -> torch.Tensor:
+    """[B, S, C*4] -> [B, C, h, w] for an image of height x width pixels."""
+    batch_size, _, channels = latents.shape
+    height = 2 * (int(height) // (vae_scale_factor * 2))
+    width = 2 * (int(width) // (vae_scale_factor * 2))
+    latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
+    latents = latents.permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch_size, channels // 4, height, width)
+
+
+def prepare_packed_latents(vae_scale_factor, batch_size, num_channels_latents, height, width,
+                           dtype, device, generator, latents=None):
+    """Packed Gaussian latents [B, S, C*4] (or ``latents`` as given) and image ids [S, 3]."""
+    height = 2 * (int(height) // (vae_scale_factor * 2))
+    width = 2 * (int(width) // (vae_scale_factor * 2))
+    image_ids = prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype)
+    if latents is not None:
+        return latents.to(device=device, dtype=dtype), image_ids
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"got {len(generator)} generators for an effective batch of "
+                         f"{batch_size} images; pass one per image or a single one")
+    shape = (batch_size, num_channels_latents, height, width)
+    latents = randn_like_diffusers(shape, generator=generator, device=device, dtype=dtype)
+    return pack_latents(latents, batch_size, num_channels_latents, height, width), image_ids
+
+
+def flow_match_timesteps(scheduler, num_inference_steps, sigmas, image_seq_len, device):
+    """Set the scheduler's sigmas (1 -> 1/n by default) shifted by ``mu`` for this many image
+    tokens; returns its timesteps."""
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) \
+        if sigmas is None else sigmas
+    cfg = scheduler.config
+    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                         cfg.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+    return scheduler.timesteps
+
+
+def transformer_cast(transformer):
+    """The cast of the transformer's float inputs: to its dtype when it is unquantized.
+
+    The transformer may hold another dtype than the text encoders (torch_dtype={"transformer":
+    torch.bfloat16, "default": torch.float32}): an unquantized one then gets its inputs in its
+    dtype, where diffusers fails on its first product. A quantized one takes them as they come,
+    as in diffusers (its layers decide: torchao's multiply in the input's dtype). With one dtype
+    throughout the cast does nothing."""
+    if getattr(transformer, "is_quantized", False):
+        return lambda t: t
+    dtype = transformer.dtype
+    return lambda t: t.to(dtype)
+
+
+def denoise(pipe, state: dict, timesteps, predict, cfg_scale=None, callback_on_step_end=None,
+            callback_on_step_end_tensor_inputs=("latents",)) -> torch.Tensor:
+    """The flow-matching Euler loop: ``state["latents"]`` [B, S, C*4] in, the final latents out.
+
+    ``predict(state, timestep, negative)`` is the transformer's prediction (in the latents'
+    dtype) for the prompt or, with ``negative``, the negative prompt; with ``cfg_scale`` (true
+    CFG) each step extrapolates away from the negative one. ``state`` also holds
+    ``prompt_embeds``, which a step-end callback may replace as it may the latents.
+    """
+    pipe.scheduler.set_begin_index(0)
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for i, t in enumerate(timesteps):
+            latents = state["latents"]
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            noise_pred = predict(state, timestep, False)
+            if cfg_scale is not None:
+                neg = predict(state, timestep, True)
+                noise_pred = neg + cfg_scale * (noise_pred - neg)
+            state["latents"] = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                out = callback_on_step_end(pipe, i, t, {k: state[k] for k in
+                                                        callback_on_step_end_tensor_inputs})
+                for key in ("latents", "prompt_embeds"):
+                    state[key] = out.pop(key, state[key])
+            bar.update()
+    return state["latents"]
+
+
+def decode_packed_latents(pipe, latents, height, width, output_type):
+    """Packed latents [B, S, C*4] -> images through the pipeline's VAE, as ``output_type``."""
+    latents = unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [B, C, h, w]
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    latents = latents.to(pipe._onload(pipe.vae)).to(pipe.vae.dtype)  # its dtype may differ
+    image = pipe.vae.decode(latents, return_dict=False)[0]               # [B, 3, H, W]
+    return postprocess_image(image, output_type)
 
 
 class FluxPipeline(DiffusionPipeline):
@@ -91,13 +226,7 @@ class FluxPipeline(DiffusionPipeline):
 
     # -- prompt ------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, prompt: list[str], max_length: int) -> torch.Tensor:
-        ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids                      # [B, max_length]
-        full = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
-            removed = tokenizer.batch_decode(full[:, max_length - 1:-1])
-            logger.warning("this part of the prompt was cut at %d tokens: %s", max_length, removed)
-        return ids
+        return tokenize(tokenizer, prompt, max_length).input_ids            # [B, max_length]
 
     def _get_t5_prompt_embeds(self, prompt, num_images_per_prompt=1, max_sequence_length=512,
                               device=None):
@@ -142,45 +271,15 @@ class FluxPipeline(DiffusionPipeline):
         return prompt_embeds, pooled_prompt_embeds, text_ids
 
     # -- latents -----------------------------------------------------------------------------
-    @staticmethod
-    def _prepare_latent_image_ids(batch_size, height, width, device, dtype) -> torch.Tensor:
-        """(0, row, col) per packed token: [height * width, 3]."""
-        ids = torch.zeros(height, width, 3)
-        ids[..., 1] = ids[..., 1] + torch.arange(height)[:, None]
-        ids[..., 2] = ids[..., 2] + torch.arange(width)[None, :]
-        return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
-
-    @staticmethod
-    def _pack_latents(latents, batch_size, num_channels_latents, height, width) -> torch.Tensor:
-        """[B, C, H, W] -> [B, (H/2)*(W/2), C*4]: each 2x2 patch becomes one token."""
-        latents = latents.view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)
-        latents = latents.permute(0, 2, 4, 1, 3, 5)
-        return latents.reshape(batch_size, (height // 2) * (width // 2), num_channels_latents * 4)
-
-    @staticmethod
-    def _unpack_latents(latents, height, width, vae_scale_factor) -> torch.Tensor:
-        """[B, S, C*4] -> [B, C, h, w] for an image of height x width pixels."""
-        batch_size, _, channels = latents.shape
-        height = 2 * (int(height) // (vae_scale_factor * 2))
-        width = 2 * (int(width) // (vae_scale_factor * 2))
-        latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
-        latents = latents.permute(0, 3, 1, 4, 2, 5)
-        return latents.reshape(batch_size, channels // 4, height, width)
+    _prepare_latent_image_ids = staticmethod(prepare_latent_image_ids)
+    _pack_latents = staticmethod(pack_latents)
+    _unpack_latents = staticmethod(unpack_latents)
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):
         """Packed Gaussian latents [B, S, C*4] (or ``latents`` as given) and image ids [S, 3]."""
-        height = 2 * (int(height) // (self.vae_scale_factor * 2))
-        width = 2 * (int(width) // (self.vae_scale_factor * 2))
-        image_ids = self._prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype)
-        if latents is not None:
-            return latents.to(device=device, dtype=dtype), image_ids
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for an effective batch of "
-                             f"{batch_size} images; pass one per image or a single one")
-        shape = (batch_size, num_channels_latents, height, width)
-        latents = randn_like_diffusers(shape, generator=generator, device=device, dtype=dtype)
-        return self._pack_latents(latents, batch_size, num_channels_latents, height, width), image_ids
+        return prepare_packed_latents(self.vae_scale_factor, batch_size, num_channels_latents,
+                                      height, width, dtype, device, generator, latents)
 
     # -- checks ------------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_2, height, width, prompt_embeds=None,
@@ -205,16 +304,6 @@ class FluxPipeline(DiffusionPipeline):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np', 'pt' or 'latent'")
 
     # -- generation --------------------------------------------------------------------------
-    def _timesteps(self, num_inference_steps, sigmas, image_seq_len, device):
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) \
-            if sigmas is None else sigmas
-        cfg = self.scheduler.config
-        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                             cfg.get("max_shift", 1.15))
-        self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        return self.scheduler.timesteps
-
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
                  true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
@@ -240,91 +329,82 @@ class FluxPipeline(DiffusionPipeline):
         warning (its usual ``{"scale": ...}`` changes nothing without a LoRA). IP-Adapter images
         are refused: there is no image encoder to take them.
         """
-        _refuse_what_diffquant_lacks(
-            joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+        height, width = call_prelude(
+            self, height, width, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_ip_adapter_image=negative_ip_adapter_image,
             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds, pooled_prompt_embeds,
                           max_sequence_length, output_type)
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None \
-            else prompt_embeds.shape[0]
+        batch_size = batch_size_of(prompt, prompt_embeds)
         device = self._execution_device
-        encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
-                      max_sequence_length=max_sequence_length)
+        embeds, negative = self._encode_with_negative(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, prompt_embeds,
+            pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds,
+            device=device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length)
+        latents, image_ids = self.prepare_latents(
+            batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4, height,
+            width, embeds[0].dtype, device, generator, latents)              # [B, S, C*4], [S, 3]
+        timesteps = flow_match_timesteps(self.scheduler, num_inference_steps, sigmas,
+                                         latents.shape[1], device)
+        self._num_timesteps = len(timesteps)
+        latents = self._denoise(latents, image_ids, timesteps, embeds, negative,
+                                self._guidance(guidance_scale, latents.shape[0], device),
+                                true_cfg_scale, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs)
+        image = latents if output_type == "latent" else \
+            decode_packed_latents(self, latents, height, width, output_type)
+        self.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
+
+    def _encode_with_negative(self, prompt, prompt_2, negative_prompt, negative_prompt_2,
+                              true_cfg_scale, prompt_embeds, pooled_prompt_embeds,
+                              negative_prompt_embeds, negative_pooled_prompt_embeds, **encode):
+        """encode_prompt's (embeds, pooled, text ids) for the prompt, and for the negative prompt
+        where true CFG runs (``true_cfg_scale > 1`` and a negative prompt given), else None."""
         embeds = self.encode_prompt(prompt, prompt_2, prompt_embeds=prompt_embeds,
                                     pooled_prompt_embeds=pooled_prompt_embeds, **encode)
-        negative = None  # true CFG: the negative prompt's (embeds, pooled, text ids)
+        negative = None
         if true_cfg_scale > 1 and (negative_prompt is not None or (
                 negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)):
             negative = self.encode_prompt(negative_prompt, negative_prompt_2,
                                           prompt_embeds=negative_prompt_embeds,
                                           pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
-        latents, image_ids = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4, height,
-            width, embeds[0].dtype, device, generator, latents)              # [B, S, C*4], [S, 3]
-        timesteps = self._timesteps(num_inference_steps, sigmas, latents.shape[1], device)
-        self._num_timesteps = len(timesteps)
-        guidance = None
-        if self.transformer.config.guidance_embeds:  # guidance-distilled (dev): a model input
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-            guidance = guidance.expand(latents.shape[0])
-        latents = self._denoise(latents, image_ids, timesteps, embeds, negative, guidance,
-                                true_cfg_scale, callback_on_step_end,
-                                callback_on_step_end_tensor_inputs)
-        image = latents if output_type == "latent" else self._decode(latents, height, width,
-                                                                     output_type)
-        self.maybe_free_model_hooks()
-        return FluxPipelineOutput(images=image) if return_dict else (image,)
+        return embeds, negative
+
+    def _guidance(self, guidance_scale, batch_size, device):
+        """[B] guidance scales for a guidance-distilled transformer (dev), else None."""
+        if not self.transformer.config.guidance_embeds:
+            return None
+        guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+        return guidance.expand(batch_size)
 
     def _denoise(self, latents, image_ids, timesteps, embeds, negative, guidance, true_cfg_scale,
-                 callback_on_step_end, callback_on_step_end_tensor_inputs):
-        """The flow-matching Euler loop over ``timesteps``: packed latents [B, S, C*4] in and out.
+                 callback_on_step_end, callback_on_step_end_tensor_inputs, image_latents=None):
+        """The denoising loop over packed latents [B, S, C*4].
 
         ``embeds`` and ``negative`` are encode_prompt's (embeds, pooled, text ids); with
-        ``negative`` (true CFG) each step also predicts for it and extrapolates away from it.
+        ``negative`` (true CFG) each step also predicts for it. ``image_latents`` [B, S', C*4]
+        (Kontext's reference image) join the sequence after the latents, with their ids already
+        at the end of ``image_ids``; the prediction for them is dropped.
         """
-        prompt_embeds, pooled_prompt_embeds, text_ids = embeds
-        # The transformer may hold another dtype than the text encoders (torch_dtype={"transformer":
-        # torch.bfloat16, "default": torch.float32}): an unquantized one then gets its inputs in
-        # its dtype, where diffusers fails on its first product. A quantized one takes them as
-        # they come, as in diffusers (its layers decide: torchao's multiply in the input's
-        # dtype). Its prediction comes back in the latents' dtype (quanto's layers answer in
-        # theirs). With one dtype throughout these casts do nothing.
-        model_dtype = None if getattr(self.transformer, "is_quantized", False) else \
-            self.transformer.dtype
-        cast = (lambda t: t) if model_dtype is None else (lambda t: t.to(model_dtype))
+        pooled_prompt_embeds, text_ids = embeds[1:]
+        cast = transformer_cast(self.transformer)
 
-        def predict(embeds, pooled, ids, timestep):
-            out = self.transformer(hidden_states=cast(latents), timestep=timestep / 1000,
+        def predict(state, timestep, use_negative):
+            latents = state["latents"]
+            embeds, pooled, ids = negative if use_negative else \
+                (state["prompt_embeds"], pooled_prompt_embeds, text_ids)
+            model_input = latents if image_latents is None else \
+                torch.cat([latents, image_latents], dim=1)                       # [B, S+S', C*4]
+            out = self.transformer(hidden_states=cast(model_input), timestep=timestep / 1000,
                                    guidance=guidance, pooled_projections=cast(pooled),
                                    encoder_hidden_states=cast(embeds), txt_ids=ids,
                                    img_ids=image_ids, return_dict=False)[0]
-            return out.to(latents.dtype)
+            return out[:, :latents.shape[1]].to(latents.dtype)
 
-        self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                noise_pred = predict(prompt_embeds, pooled_prompt_embeds, text_ids, timestep)
-                if negative is not None:
-                    neg = predict(*negative, timestep)
-                    noise_pred = neg + true_cfg_scale * (noise_pred - neg)
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    out = callback_on_step_end(self, i, t, {k: local[k] for k in
-                                                            callback_on_step_end_tensor_inputs})
-                    latents = out.pop("latents", latents)
-                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
-                bar.update()
-        return latents
-
-    def _decode(self, latents, height, width, output_type):
-        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # [B, C, h, w]
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        latents = latents.to(self._onload(self.vae)).to(self.vae.dtype)  # its dtype may differ
-        image = self.vae.decode(latents, return_dict=False)[0]               # [B, 3, H, W]
-        return postprocess_image(image, output_type)
+        state = {"latents": latents, "prompt_embeds": embeds[0]}
+        return denoise(self, state, timesteps, predict,
+                       true_cfg_scale if negative is not None else None, callback_on_step_end,
+                       callback_on_step_end_tensor_inputs)
