@@ -124,3 +124,28 @@ def test_unknown_class_name_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: 'NoSuchTransformer2DModel' is neither a "
                                           r"class diffquant implements nor a diffusers .* ModelMixin"):
         AutoModel.from_pretrained(tmp_path)
+
+
+def test_pre_014_attention_names_are_renamed_as_diffusers_does(tmp_path):
+    """Old VAE checkpoints name their attention query/key/value/proj_attn; diffusers' loader
+    renames them (_fix_state_dict_keys_on_load), and so does diffquant's, while streaming."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny_pipeline import VAE_CONFIG
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**VAE_CONFIG).save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    tensors = {}
+    for key, value in load_file(path).items():
+        for new, name in old.items():
+            key = key.replace(f"attentions.0.{new}.", f"attentions.0.{name}.")
+        tensors[key] = value
+    assert any(".query." in k for k in tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    ours = diffusers_class("AutoencoderKL").from_pretrained(tmp_path)
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z).sample, theirs.decode(z).sample)

@@ -55,7 +55,8 @@ def require_diffusers(what: str):
 
 def diffusers_base(name: str, kind: str, where: str | None = None) -> type:
     """diffusers' class ``name``, which must subclass ``diffusers.<kind>`` (ModelMixin, ...)."""
-    diffusers = require_diffusers(f"{kind.removesuffix('Mixin').lower()} class {name!r}")
+    what = {"ModelMixin": "model", "DiffusionPipeline": "pipeline"}.get(kind, kind)
+    diffusers = require_diffusers(f"{what} class {name!r}")
     base = getattr(diffusers, name, None) if name.isidentifier() else None
     if not (isinstance(base, type) and issubclass(base, getattr(diffusers, kind))):
         raise ConfigError(f"{where + ': ' if where else ''}{name!r} is neither a class diffquant "
@@ -116,6 +117,28 @@ def parameters_on_meta():
             nn.Module.register_parameter = original
 
 
+class _Renamed:
+    """A checkpoint seen under other key names: {name the model has: name in the file}."""
+
+    def __init__(self, ckpt, names: dict[str, str]):
+        self._ckpt, self._names = ckpt, names
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, key):
+        return self._ckpt.shape(self._names[key])
+
+    def dtype(self, key):
+        return self._ckpt.dtype(self._names[key])
+
+    def tensor(self, key, *args):
+        return self._ckpt.tensor(self._names[key], *args)
+
+    def file_of(self, key):
+        return self._ckpt.file_of(self._names[key])
+
+
 class DiffusersModelMixin(ModelMixin):
     """diffquant's loading, saving and quantization state over a diffusers model class.
 
@@ -147,6 +170,10 @@ class DiffusersModelMixin(ModelMixin):
         return dtype
 
     def _assign_from(self, ckpt, dtype, device, quantizer) -> None:
+        names = {key: key for key in ckpt.keys()}
+        self._fix_state_dict_keys_on_load(names)  # diffusers' renames of pre-0.14 attention blocks
+        if any(new != old for new, old in names.items()):
+            ckpt = _Renamed(ckpt, names)
         super()._assign_from(ckpt, dtype, device, quantizer)
         if device is not None:  # buffers computed in __init__ follow the loaded tensors
             for name, buffer in list(self.named_buffers()):

@@ -72,13 +72,15 @@ def _read_all(source: _Source) -> dict:
     """Every tensor of the file: floats as they are, quantized blocks as diffusers'
     GGUFParameter (what its converters expect of a GGUF file)."""
     from diffusers.quantizers.gguf.utils import GGUFParameter
-    from gguf import GGMLQuantizationType
+
+    from .quantizers.base import require
 
     tensors = {}
     for name, (_, qtype) in source.entries.items():
         data = source.read(name)
         if qtype is not None and qtype not in FLOAT_TYPES:
-            data = GGUFParameter(data, quant_type=GGMLQuantizationType(int(qtype)))
+            ggml = require("gguf", "gguf").GGMLQuantizationType
+            data = GGUFParameter(data, quant_type=ggml(int(qtype)))
         tensors[name] = data
     return tensors
 
