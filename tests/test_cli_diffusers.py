@@ -7,64 +7,47 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffquant import cli
 from diffquant.cli.media import load_frames
 from tests.test_cli import main_in_process
-from tests.tiny_diffusers_pipelines import build_sd3_pipeline_dir, build_wan_pipeline_dir
 from tests.tiny_pipeline import TINY_PROMPT
 
 WAN = ("--prompt", TINY_PROMPT, "--steps", 2, "--height", 16, "--width", 16, "--frames", 5,
        "--max-sequence-length", 16, "-q")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()  # tiny models: see test_diffusers_families.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return build_sd3_pipeline_dir(tmp_path_factory.mktemp("cli-sd3") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def wan(tmp_path_factory):
-    return build_wan_pipeline_dir(tmp_path_factory.mktemp("cli-wan") / "pipe")
-
-
-def test_generate_an_image_at_the_pipelines_own_size(sd3, tmp_path, capsys):
+def test_generate_an_image_at_the_pipelines_own_size(sd3_dir, tmp_path, capsys):
     """No --height/--width: SD3's own default (its transformer's sample_size x the VAE's scale)."""
     out = tmp_path / "sd3.png"
     capsys.readouterr()
-    assert main_in_process("generate", "--model", sd3, "--prompt", TINY_PROMPT, "--steps", 1,
+    assert main_in_process("generate", "--model", sd3_dir, "--prompt", TINY_PROMPT, "--steps", 1,
                            "--quantize", "torchao:int8wo", "--out", out, "-q") == 0
     assert capsys.readouterr().out.startswith(f"wrote {out} (8x8, 1 step, seed 0, load ")
     assert Image.open(out).size == (8, 8)
 
 
-def test_generate_a_video_as_an_animated_file_or_a_folder(wan, tmp_path, capsys):
+def test_generate_a_video_as_an_animated_file_or_a_folder(wan_dir, tmp_path, capsys):
     capsys.readouterr()
-    assert main_in_process("generate", "--model", wan, *WAN, "--out", tmp_path / "clip.webp") == 0
+    assert main_in_process("generate", "--model", wan_dir, *WAN, "--out", tmp_path / "clip.webp") == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'clip.webp'} (webp, 5 frames, "
                                               "16x16, 2 steps, seed 0, load ")
-    assert main_in_process("generate", "--model", wan, *WAN, "--out", tmp_path / "frames") == 0
+    assert main_in_process("generate", "--model", wan_dir, *WAN, "--out", tmp_path / "frames") == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'frames'} (folder, 5 frames, ")
     webp, folder = load_frames(tmp_path / "clip.webp"), load_frames(tmp_path / "frames")
     assert len(webp) == len(folder) == 5 and webp[0].size == (16, 16)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(webp, folder))
-    assert main_in_process("generate", "--model", wan, *WAN, "--out", tmp_path / "x.mp4") == 2
+    assert main_in_process("generate", "--model", wan_dir, *WAN, "--out", tmp_path / "x.mp4") == 2
     assert "Pillow cannot write '.mp4' files" in capsys.readouterr().err
 
 
-def test_quantize_and_inspect(wan, tmp_path, capsys):
+def test_quantize_and_inspect(wan_dir, tmp_path, capsys):
     dst = tmp_path / "wan-int8"
-    assert main_in_process("quantize", wan, dst, "--quantize", "torchao:int8wo", "-q") == 0
+    assert main_in_process("quantize", wan_dir, dst, "--quantize", "torchao:int8wo", "-q") == 0
     index = json.loads((dst / "model_index.json").read_text())
     assert index["_class_name"] == "WanPipeline"
     assert index["transformer"] == ["diffusers", "WanTransformer3DModel"]
@@ -79,14 +62,14 @@ def test_quantize_and_inspect(wan, tmp_path, capsys):
     assert "transformer_2" not in rows  # [null, null]: a component this pipeline does not have
 
 
-def test_compare_a_video_pipeline(wan, tmp_path, monkeypatch, capsys):
+def test_compare_a_video_pipeline(wan_dir, tmp_path, monkeypatch, capsys):
     def in_process(cmd, *args, **kwargs):  # `python -m diffquant generate ...`, here
         return subprocess.CompletedProcess(cmd, cli.main(cmd[3:]))
 
     monkeypatch.setattr(subprocess, "run", in_process)
     grid = tmp_path / "grid.png"
     capsys.readouterr()
-    assert main_in_process("compare", "--model", wan, *WAN, "--quantize", "gguf:q8_0",
+    assert main_in_process("compare", "--model", wan_dir, *WAN, "--quantize", "gguf:q8_0",
                            "--out", grid) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("variant"))

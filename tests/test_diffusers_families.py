@@ -21,14 +21,7 @@ from diffquant.quantizers.base import QuantizedLinear
 from tests.tiny_families import FAMILIES, run, save
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: two OpenMP threads buy nothing, and on a busy two-core host each
-    parallel op waits ~10 ms for its second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)

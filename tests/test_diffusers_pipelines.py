@@ -18,26 +18,11 @@ from diffquant import DiffusionPipeline, QuantoConfig, diffusers_class
 from diffquant.errors import ConfigError
 from diffquant.quantizers import PipelineQuantizationConfig
 from diffquant.quantizers.base import QuantizedLinear
-from tests.tiny_diffusers_pipelines import WAN_CALL, build_sd3_pipeline_dir, build_wan_pipeline_dir
+from tests.tiny_diffusers_pipelines import WAN_CALL
 from tests.tiny_pipeline import TINY_PROMPT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()  # tiny models: see test_diffusers_families.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_sd3_pipeline_dir(tmp_path_factory.mktemp("sd3") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return build_wan_pipeline_dir(tmp_path_factory.mktemp("wan") / "pipe")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def run_sd3(pipe):

@@ -21,12 +21,7 @@ from tests.tiny_families import FAMILIES, build, run
 BY_NAME = {f.name: f for f in FAMILIES}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()  # tiny models: see test_diffusers_families.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _swap_halves(t):

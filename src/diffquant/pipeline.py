@@ -30,11 +30,11 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .configuration import DIFFUSERS_FORMAT_VERSION, read_json
-from .errors import ConfigError, QuantizationError
+from .errors import ConfigError
 from .hub import push_folder, resolve_dir, split_hub_kwargs
 from .pipeline_components import DIFFUSERS_CLASSES  # noqa: F401 (read by the CLI)
 from .pipeline_components import (PIPELINE_CLASSES, import_class, is_plain_folder_name,
-                                  is_serializable, library_of, load_component, resolve_class,
+                                  library_of, load_component, refuse_unsaveable, resolve_class,
                                   resolve_quant_configs)
 # save_pretrained looks this name up here at call time, so tests can swap it for a spy
 from .pipeline_components import save_component as _save_component
@@ -93,6 +93,17 @@ def _check_device_map(device_map):
                           "spread memory instead") from err
 
 
+def open_pipeline(name_or_path, quantization_config, device_map, kwargs: dict):
+    """(quantization config as diffquant's, hub arguments popped from ``kwargs``, the local
+    root, its model_index.json) for a pipeline's ``from_pretrained``; bad arguments fail first."""
+    quantization_config = _check_pipeline_quant_config(quantization_config)
+    _check_device_map(device_map)
+    hub_kwargs = split_hub_kwargs(kwargs)
+    root = _pipeline_root(name_or_path, kwargs, hub_kwargs)
+    return quantization_config, hub_kwargs, root, read_json(root / INDEX_NAME,
+                                                            what="pipeline index")
+
+
 class DiffusionPipeline:
     """Base of diffquant's pipelines: components, loading, saving, device moves and offload."""
 
@@ -131,12 +142,9 @@ class DiffusionPipeline:
         Example:
             >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", transformer=my_model)  # doctest: +SKIP
         """
-        quantization_config = _check_pipeline_quant_config(quantization_config)
-        _check_device_map(device_map)
-        hub_kwargs = split_hub_kwargs(kwargs)
-        root = _pipeline_root(pretrained_model_name_or_path, kwargs, hub_kwargs)
+        quantization_config, hub_kwargs, root, index = open_pipeline(
+            pretrained_model_name_or_path, quantization_config, device_map, kwargs)
         index_path = root / INDEX_NAME
-        index = read_json(index_path, what="pipeline index")
         pipeline_cls = cls._pipeline_class(index, index_path)
         if not issubclass(pipeline_cls, DiffusionPipeline):  # diffusers' class: its own loading
             return pipeline_cls.from_pretrained(
@@ -368,14 +376,7 @@ def save_pipeline(class_name: str, components: dict, save_directory: str | os.Pa
     if not safe_serialization:
         raise ValueError("safe_serialization=False: diffquant writes only safetensors "
                          "(pickle files can run code when loaded)")
-    for name, module in components.items():  # refuse before anything is written
-        if isinstance(module, nn.Module) and not is_serializable(module):
-            method = module.hf_quantizer.quantization_config.quant_method
-            raise QuantizationError(
-                f"component {name!r} ({type(module).__name__}) is quantized with "
-                f"{getattr(method, 'value', method)} by {library_of(module)}, which cannot save "
-                "it; dequantize() it, quantize it with a backend that saves (e.g. torchao), or "
-                "reload the original checkpoint")
+    refuse_unsaveable(components)  # before anything is written
     entry = entry or (lambda obj: [library_of(obj), type(obj).__name__])
     index = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
              **(options or {})}

@@ -33,12 +33,9 @@ import inspect
 import logging
 from pathlib import Path
 
-from ..configuration import read_json
 from ..diffusers_bridge import EXTRA, DiffusersModelMixin, diffusers_base, diffusers_class
 from ..errors import ConfigError
-from ..hub import split_hub_kwargs
-from ..pipeline import (INDEX_NAME, _check_device_map, _check_pipeline_quant_config, _pipeline_root,
-                        save_pipeline)
+from ..pipeline import INDEX_NAME, open_pipeline, save_pipeline
 from ..pipeline_components import (is_plain_folder_name, load_component, resolve_class,
                                    resolve_quant_configs)
 
@@ -130,12 +127,9 @@ class DiffusersPipelineMixin:
         pipeline's options (Wan 2.2's ``boundary_ratio``); see this module's docstring."""
         from tqdm.auto import tqdm
 
-        quantization_config = _check_pipeline_quant_config(quantization_config)
-        _check_device_map(device_map)
-        hub = split_hub_kwargs(kwargs)
-        root = _pipeline_root(pretrained_model_name_or_path, kwargs, hub)
+        quantization_config, _, root, index = open_pipeline(
+            pretrained_model_name_or_path, quantization_config, device_map, kwargs)
         index_path = root / INDEX_NAME
-        index = read_json(index_path, what="pipeline index")
         init, classes = cls._plan(index_path, index, kwargs, quantization_config)
         load_kwargs = dict(torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors,
                            device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage,
