@@ -58,6 +58,29 @@ def _save_reload_same_bits(model, directory, inputs, expected):
     return again
 
 
+def test_built_on_meta_with_diffusers_class_attributes(family):
+    """Parameters on meta (no memory until each tensor streams in), buffers computed (rope
+    tables are not in checkpoints); diffusers' class attributes win over ModelMixin's defaults,
+    and _keep_in_fp32_modules keep float32 and stay unquantized."""
+    fam, directory, _, _, _ = family
+    cls, base = diffusers_class(fam.class_name), getattr(diffusers, fam.class_name)
+    for name in ("_keep_in_fp32_modules", "_no_split_modules", "_skip_layerwise_casting_patterns",
+                 "_supports_gradient_checkpointing"):
+        assert getattr(cls, name) == getattr(base, name), name
+    config = json.loads((directory / "config.json").read_text())
+    skeleton = cls._build_on_meta(config, directory / "config.json")
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not any(b.is_meta for b in skeleton.buffers())
+    keep = base._keep_in_fp32_modules or []
+    model = AutoModel.from_pretrained(directory, torch_dtype=torch.bfloat16,
+                                      quantization_config=TorchAoConfig("int8wo"))
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if set(name.split(".")) & set(keep) else torch.bfloat16)
+    for name, module in model.named_modules():
+        if set(name.split(".")) & set(keep):
+            assert not isinstance(module, QuantizedLinear), name
+
+
 def test_torchao_int8_equals_diffusers_own_quantization(family, tmp_path):
     from torchao.quantization import Int8WeightOnlyConfig
 
