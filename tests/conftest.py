@@ -23,3 +23,32 @@ def bf16_product(monkeypatch):
 # the per-build fixture of the kernel tests, and the summary of the builds they ran under
 from tests.native_targets import (native_target, pytest_runtest_logreport,  # noqa: E402,F401
                                   pytest_terminal_summary)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): two
+    OpenMP threads buy nothing there, and on a busy two-core host each parallel op waits ~10 ms
+    for its second thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny StableDiffusion3Pipeline saved by diffusers (tests/tiny_diffusers_pipelines.py)."""
+    from tests.tiny_diffusers_pipelines import build_sd3_pipeline_dir
+
+    return build_sd3_pipeline_dir(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def wan_dir(tmp_path_factory):
+    """A tiny Wan 2.1 WanPipeline saved by diffusers (tests/tiny_diffusers_pipelines.py)."""
+    from tests.tiny_diffusers_pipelines import build_wan_pipeline_dir
+
+    return build_wan_pipeline_dir(tmp_path_factory.mktemp("wan") / "pipe")

@@ -11,7 +11,10 @@ The public names follow diffusers, so switching is a change of import:
     ...         components_to_quantize=["transformer"]))
 
 Names are imported on first use, so ``import diffquant`` stays cheap and a backend's optional
-library is only needed when that backend is used.
+library is only needed when that backend is used. Any other diffusers model or pipeline class
+(``diffquant.WanTransformer3DModel``, ``diffquant.StableDiffusion3Pipeline``) is diffusers' own
+with diffquant's loading, quantization and saving (``diffusers_bridge.py``); those need diffusers
+(``pip install 'diffquant[diffusers]'``).
 """
 
 import importlib
@@ -40,6 +43,8 @@ _EXPORTS = {
     "DiffquantError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "QuantizationError": "errors", "BackendUnavailableError": "errors",
     "default_pipeline_path": "assets",
+    "diffusers_class": "diffusers_bridge",
+    "diffusers_pipeline_class": "pipelines.diffusers_pipelines",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -47,9 +52,13 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is None and name[:1].isupper():  # a diffusers class of a family not native here
+        value = importlib.import_module(".pipelines.diffusers_pipelines", __name__) \
+            .diffusers_attribute(name)
+    elif module is None:
         raise AttributeError(f"module 'diffquant' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    else:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 

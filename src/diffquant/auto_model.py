@@ -2,7 +2,8 @@
 
 diffusers' quantization pages load components as ``AutoModel.from_pretrained(model_id,
 subfolder="transformer", quantization_config=...)``; this is the same call, dispatching on the
-config's ``_class_name`` to diffquant's model class of that name, which does the loading.
+config's ``_class_name`` to diffquant's model class of that name, which does the loading; a
+class diffquant does not implement is diffusers' own, loaded by diffquant (``diffusers_class``).
 
 Example:
     >>> from diffquant import AutoModel, TorchAoConfig                          # doctest: +SKIP
@@ -32,9 +33,12 @@ class AutoModel:
         directory = resolve_dir(pretrained_model_or_path, subfolder=subfolder, **hub)
         path = directory / "config.json"
         name = read_json(path, what="model config").get("_class_name")
-        models = sorted(n for n in DIFFUSERS_CLASSES if not n.endswith("Scheduler"))
-        if name not in models:
-            raise ConfigError(f"{path}: _class_name {name!r} is not a model diffquant implements; "
-                              f"AutoModel loads {', '.join(models)}")
-        return import_class(name, DIFFUSERS_CLASSES).from_pretrained(
-            pretrained_model_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}: key '_class_name' should name the model class, got {name!r}")
+        if name in DIFFUSERS_CLASSES and not name.endswith("Scheduler"):
+            model_cls = import_class(name, DIFFUSERS_CLASSES)
+        else:  # any other family: diffusers' class, loaded by diffquant (diffusers_bridge.py)
+            from .diffusers_bridge import diffusers_class
+
+            model_cls = diffusers_class(name, where=str(path))
+        return model_cls.from_pretrained(pretrained_model_or_path, subfolder=subfolder, **kwargs)

@@ -75,11 +75,13 @@ def _unshare(model: nn.Module, key: str, buffer: torch.Tensor) -> None:
 
 
 def _stored_dtype(model: nn.Module, ckpt: Checkpoint) -> torch.dtype | None:
-    """The float dtype of the tensors no backend quantizes (biases, norms) in ``ckpt``."""
+    """The float dtype of the tensors no backend quantizes (biases, norms) in ``ckpt``; those
+    of ``_keep_in_fp32_modules`` are float32 whatever the model's dtype, so they do not count."""
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     expected = {n for n, _ in model.named_parameters()} - linear_weights
     for key in ckpt.keys():
-        if key in expected and ckpt.dtype(key).is_floating_point:
+        if key in expected and ckpt.dtype(key).is_floating_point \
+                and model._target_dtype(key, torch.float16) == torch.float16:
             return ckpt.dtype(key)
     return None
 

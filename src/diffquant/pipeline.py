@@ -30,11 +30,11 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .configuration import DIFFUSERS_FORMAT_VERSION, read_json
-from .errors import ConfigError, QuantizationError
+from .errors import ConfigError
 from .hub import push_folder, resolve_dir, split_hub_kwargs
 from .pipeline_components import DIFFUSERS_CLASSES  # noqa: F401 (read by the CLI)
 from .pipeline_components import (PIPELINE_CLASSES, import_class, is_plain_folder_name,
-                                  is_serializable, library_of, load_component, resolve_class,
+                                  library_of, load_component, refuse_unsaveable, resolve_class,
                                   resolve_quant_configs)
 # save_pretrained looks this name up here at call time, so tests can swap it for a spy
 from .pipeline_components import save_component as _save_component
@@ -93,6 +93,17 @@ def _check_device_map(device_map):
                           "spread memory instead") from err
 
 
+def open_pipeline(name_or_path, quantization_config, device_map, kwargs: dict):
+    """(quantization config as diffquant's, hub arguments popped from ``kwargs``, the local
+    root, its model_index.json) for a pipeline's ``from_pretrained``; bad arguments fail first."""
+    quantization_config = _check_pipeline_quant_config(quantization_config)
+    _check_device_map(device_map)
+    hub_kwargs = split_hub_kwargs(kwargs)
+    root = _pipeline_root(name_or_path, kwargs, hub_kwargs)
+    return quantization_config, hub_kwargs, root, read_json(root / INDEX_NAME,
+                                                            what="pipeline index")
+
+
 class DiffusionPipeline:
     """Base of diffquant's pipelines: components, loading, saving, device moves and offload."""
 
@@ -131,13 +142,16 @@ class DiffusionPipeline:
         Example:
             >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", transformer=my_model)  # doctest: +SKIP
         """
-        quantization_config = _check_pipeline_quant_config(quantization_config)
-        _check_device_map(device_map)
-        hub_kwargs = split_hub_kwargs(kwargs)
-        root = _pipeline_root(pretrained_model_name_or_path, kwargs, hub_kwargs)
+        quantization_config, hub_kwargs, root, index = open_pipeline(
+            pretrained_model_name_or_path, quantization_config, device_map, kwargs)
         index_path = root / INDEX_NAME
-        index = read_json(index_path, what="pipeline index")
         pipeline_cls = cls._pipeline_class(index, index_path)
+        if not issubclass(pipeline_cls, DiffusionPipeline):  # diffusers' class: its own loading
+            return pipeline_cls.from_pretrained(
+                pretrained_model_name_or_path, torch_dtype=torch_dtype,
+                quantization_config=quantization_config, variant=variant,
+                use_safetensors=use_safetensors, device_map=device_map,
+                low_cpu_mem_usage=low_cpu_mem_usage, **hub_kwargs, **kwargs)
         entries = {k: v for k, v in index.items() if not k.startswith("_")}
         pipeline_cls._check_components(index_path, entries, kwargs, quantization_config)
         load_kwargs = dict(torch_dtype=torch_dtype, quantization_config=quantization_config,
@@ -212,10 +226,15 @@ class DiffusionPipeline:
         if cls is not DiffusionPipeline:
             return cls
         name = index.get("_class_name")
-        if name not in PIPELINE_CLASSES:
-            raise ConfigError(f"{index_path}: key '_class_name' is {name!r}; diffquant implements "
-                              f"{sorted(PIPELINE_CLASSES)}")
-        return import_class(name, PIPELINE_CLASSES)
+        if not isinstance(name, str):
+            raise ConfigError(f"{index_path}: key '_class_name' should name the pipeline class, "
+                              f"got {name!r}")
+        if name in PIPELINE_CLASSES:
+            return import_class(name, PIPELINE_CLASSES)
+        # any other pipeline: diffusers' class with diffquant's components (diffusers_pipelines.py)
+        from .pipelines.diffusers_pipelines import diffusers_pipeline_class
+
+        return diffusers_pipeline_class(name, where=str(index_path))
 
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -232,28 +251,9 @@ class DiffusionPipeline:
         ``push_to_hub=True`` then uploads the folder with huggingface_hub (``repo_id``, default
         the folder's name; ``private``, ``token``, ``commit_message``, ``create_pr``).
         """
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False: diffquant writes only safetensors "
-                             "(pickle files can run code when loaded)")
-        for name, module in self._modules():  # refuse before anything is written
-            if not is_serializable(module):
-                method = module.hf_quantizer.quantization_config.quant_method
-                raise QuantizationError(
-                    f"component {name!r} ({type(module).__name__}) is quantized with "
-                    f"{getattr(method, 'value', method)} by {library_of(module)}, which cannot save "
-                    "it; dequantize() it, quantize it with a backend that saves (e.g. torchao), or "
-                    "reload the original checkpoint")
-        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
-        with atomic_directory(save_directory) as tmp:
-            for name, obj in self.components.items():
-                if obj is None:
-                    index[name] = [None, None]
-                    continue
-                _save_component(obj, tmp / name, variant, max_shard_size)
-                index[name] = [library_of(obj), type(obj).__name__]
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
-                                          encoding="utf-8")
-        push_folder(save_directory, {**unused, "push_to_hub": push_to_hub})
+        save_pipeline(type(self).__name__, self.components, save_directory,
+                      safe_serialization=safe_serialization, variant=variant,
+                      max_shard_size=max_shard_size, push_to_hub=push_to_hub, **unused)
 
     # -- devices ---------------------------------------------------------------------------
     def to(self, *args, **kwargs):
@@ -384,6 +384,33 @@ class DiffusionPipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for tqdm, e.g. ``disable=True``."""
         self._progress_bar_config = dict(kwargs)
+
+
+def save_pipeline(class_name: str, components: dict, save_directory: str | os.PathLike,
+                  safe_serialization: bool = True, variant: str | None = None,
+                  max_shard_size: int | str | None = None, push_to_hub: bool = False,
+                  options: dict | None = None, entry=None, **unused) -> None:
+    """``save_pretrained`` of a pipeline named ``class_name``: every component into its folder
+    plus model_index.json, atomically as a whole. ``options`` are further model_index.json
+    entries (a diffusers pipeline's init options); ``entry(obj)`` gives a component's
+    ``[library, class]`` (default: diffusers' library for diffquant's models)."""
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False: diffquant writes only safetensors "
+                         "(pickle files can run code when loaded)")
+    refuse_unsaveable(components)  # before anything is written
+    entry = entry or (lambda obj: [library_of(obj), type(obj).__name__])
+    index = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+             **(options or {})}
+    with atomic_directory(save_directory) as tmp:
+        for name, obj in components.items():
+            if obj is None:
+                index[name] = [None, None]
+                continue
+            _save_component(obj, tmp / name, variant, max_shard_size)
+            index[name] = list(entry(obj))
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                      encoding="utf-8")
+    push_folder(save_directory, {**unused, "push_to_hub": push_to_hub})
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

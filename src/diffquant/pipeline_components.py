@@ -85,6 +85,20 @@ def is_serializable(module: nn.Module) -> bool:
     return bool(flag() if callable(flag) else flag)
 
 
+def refuse_unsaveable(components: dict) -> None:
+    """Raise naming the first component whose quantization its library cannot save."""
+    from .errors import QuantizationError
+
+    for name, module in components.items():
+        if isinstance(module, nn.Module) and not is_serializable(module):
+            method = module.hf_quantizer.quantization_config.quant_method
+            raise QuantizationError(
+                f"component {name!r} ({type(module).__name__}) is quantized with "
+                f"{getattr(method, 'value', method)} by {library_of(module)}, which cannot save "
+                "it; dequantize() it, quantize it with a backend that saves (e.g. torchao), or "
+                "reload the original checkpoint")
+
+
 def resolve_quant_configs(pipeline_config, classes: dict) -> dict:
     """{component name: quantization config} for the nn.Module components the config selects."""
     if pipeline_config is None:

@@ -250,12 +250,11 @@ def _make_quantizer(quantization_config, source: _Source):
     return DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=blocks)
 
 
-def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
-                     quantization_config=None, torch_dtype: torch.dtype | None = None,
-                     device_map=None, **kwargs):
-    """``cls.from_single_file``: see this module's docstring."""
+def open_single_file(cls, path, torch_dtype, kwargs: dict):
+    """(torch_dtype, local path, hub arguments) of a ``from_single_file`` call; errors name the
+    file or the argument."""
     from .hub import resolve_single_file, split_hub_kwargs
-    from .modeling import parse_device_map, parse_torch_dtype
+    from .modeling import parse_torch_dtype
 
     torch_dtype = parse_torch_dtype(torch_dtype, f"{cls.__name__}.from_single_file")
     if torch_dtype == "auto":  # a .gguf file's tensors each have their own (F32, F16, BF16)
@@ -268,6 +267,14 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
         raise CheckpointError(f"{path}: single-file checkpoint not found (a local .gguf or "
                               ".safetensors file, or a https://huggingface.co/ORG/REPO/blob/"
                               "REVISION/FILE link, is expected)")
+    return torch_dtype, path, hub
+
+
+def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
+                     quantization_config=None, torch_dtype: torch.dtype | None = None,
+                     device_map=None, **kwargs):
+    """``cls.from_single_file``: see this module's docstring."""
+    torch_dtype, path, hub = open_single_file(cls, path, torch_dtype, kwargs)
     source = _Source(path)
     try:
         names = {k: k[len(p):] for k in source.entries for p in PREFIXES if k.startswith(p)}
@@ -278,27 +285,39 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
         target_shapes = {t: piece_shape(p, source.entries[p.source][0]) for t, p in plan.items()}
         params = cls.init_kwargs_from_config(kwargs, source="from_single_file arguments")
         config_dict = _resolve_config(cls, config, subfolder, target_shapes, path, params, hub)
-        quantizer = _make_quantizer(quantization_config, source)
-        if quantizer is not None:
-            quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
-            torch_dtype = quantizer.update_torch_dtype(torch_dtype)
-        device = parse_device_map(device_map)
-        model = cls._build_on_meta(config_dict, path)
-        if quantizer is not None:
-            quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
-        keep = (lambda key: quantizer.check_if_quantized_param(model, key)) if quantizer else \
-            (lambda key: False)
-        model._assign_from(_PlannedCheckpoint(source, plan, keep), torch_dtype, device, quantizer)
+        model = load_planned(cls, source, plan, config_dict, quantization_config, torch_dtype,
+                             device_map)
     finally:
         source.close()
+    if model.hf_quantizer is None and torch_dtype is not None:
+        model.to(torch_dtype)
+    return model
+
+
+def load_planned(cls, source, plan: dict[str, Piece], config_dict: dict, quantization_config,
+                 torch_dtype, device_map):
+    """Build ``cls`` from ``config_dict`` on meta, quantize it as configured and stream
+    ``plan``'s tensors of ``source`` (a ``_Source`` or anything with its ``path``, ``entries``
+    and ``read``) into it: the quantizer lifecycle of ``from_pretrained`` over a single file."""
+    from .modeling import parse_device_map
+
+    quantizer = _make_quantizer(quantization_config, source)
+    if quantizer is not None:
+        quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
+        torch_dtype = quantizer.update_torch_dtype(torch_dtype)
+    device = parse_device_map(device_map)
+    model = cls._build_on_meta(config_dict, source.path)
+    if quantizer is not None:
+        quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
+    keep = (lambda key: quantizer.check_if_quantized_param(model, key)) if quantizer else \
+        (lambda key: False)
+    model._assign_from(_PlannedCheckpoint(source, plan, keep), torch_dtype, device, quantizer)
     if quantizer is not None:
         quantizer.postprocess_model(model)
         model.hf_quantizer = quantizer
         model.register_to_config(quantization_config=quantizer.quantization_config,
                                  _pre_quantization_dtype=torch_dtype)
-    elif torch_dtype is not None:
-        model.to(torch_dtype)
-    model.register_to_config(_name_or_path=str(path))
+    model.register_to_config(_name_or_path=str(source.path))
     return model.eval()
 
 

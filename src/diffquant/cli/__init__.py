@@ -37,7 +37,9 @@ EPILOGS = {
   diffquant generate --prompt "a green triangle" --quantize torchao:int8wo --out out/tri.png
   diffquant generate --model pipe/ --prompt "a cat" --quantize bnb:nf4@transformer,text_encoder_2
   diffquant generate --model pipe-int8/ --prompt "a cat"      # pre-quantized: no --quantize
-  diffquant generate --model kontext/ --image cat.png --prompt "give the cat a hat\"""",
+  diffquant generate --model kontext/ --image cat.png --prompt "give the cat a hat"
+  diffquant generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --frames 17 \
+      --height 256 --width 256 --quantize gguf:q8_0 --out out/cat.webp   # any diffusers pipeline""",
     "quantize": """examples:
   diffquant quantize pipe/ pipe-int8/ --quantize torchao:int8wo
   diffquant quantize pipe/ pipe-mixed/ --quantize gguf:q4_0 --quantize quanto:int8@text_encoder_2""",
@@ -69,12 +71,17 @@ def _run_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the "
-                        "VAE's sample_size, 1024 for Flux, 64 for the shipped pipeline)")
+                        "pipeline's own: for Flux the VAE's sample_size, 1024, 64 for the shipped "
+                        "pipeline; for a pipeline diffquant runs through diffusers, its default)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: as height)")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 prompt tokens "
                         "(default: the T5 tokenizer's model_max_length, at most 512)")
     parser.add_argument("--image", default=None, help="input image file for pipelines that edit "
                         "one (FluxKontextPipeline)")
+    parser.add_argument("--frames", dest="num_frames", type=int, default=None, help="frames of a "
+                        "video pipeline (Wan, LTX-Video, ...; default: the pipeline's own)")
+    parser.add_argument("--fps", type=int, default=16, help="frames per second of a written "
+                        "video (default 16)")
 
 
 def _flags(default) -> argparse.ArgumentParser:
@@ -99,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=func)
         return cmd
 
-    gen = command("generate", commands.cmd_generate, "generate an image",
-                  "Generate one image, optionally quantized.")
+    gen = command("generate", commands.cmd_generate, "generate an image or a video",
+                  "Generate one image (or a video pipeline's frames), optionally quantized.")
     _common(gen)
     _run_options(gen)
     gen.add_argument("--quantize", action="append", metavar="SPEC", help=SPEC_HELP)
-    gen.add_argument("--out", default="out/image.png", help="output PNG (default out/image.png)")
+    gen.add_argument("--out", default=None, help="output file: an image (.png, .jpg, .webp; "
+                     "default out/image.png), or a video pipeline's frames as an animated .webp, "
+                     ".gif or .png (default out/video.webp) or, without a suffix, a folder of "
+                     "numbered PNGs")
     gen.add_argument("--stats-json", default=None, help=argparse.SUPPRESS)
 
     qua = command("quantize", commands.cmd_quantize, "write a pre-quantized pipeline copy",
@@ -122,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = command("compare", commands.cmd_compare, "compare quantization schemes",
                    "Run the unquantized pipeline and each --quantize variant with the same seed, "
-                   "each in its own process; write an image grid and print time, memory and PSNR.")
+                   "each in its own process; write an image grid (a video's first frames) and "
+                   "print time, memory and PSNR (over every frame).")
     _common(cmp_)
     _run_options(cmp_)
     cmp_.add_argument("--quantize", action="append", metavar="SPEC", required=True,

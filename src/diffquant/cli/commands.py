@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .media import load_frames, pipeline_output, save_output, unwritable
+
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
@@ -141,11 +143,17 @@ def load_pipeline(args, specs=None):
 
 def _import_component_classes(index: dict) -> None:
     """Import the components' libraries up front, so load seconds measure loading, not the
-    seconds transformers takes to import (best effort: loading reports any real problem)."""
+    seconds transformers (and diffusers, for a pipeline diffquant does not implement) take to
+    import (best effort: loading reports any real problem)."""
     import importlib
 
     from .. import pipeline
 
+    if index.get("_class_name") not in pipeline.PIPELINE_CLASSES:
+        try:
+            importlib.import_module("diffusers")
+        except ImportError:
+            pass
     for library, name in (v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)):
         try:
             if library == "transformers":
@@ -156,23 +164,29 @@ def _import_component_classes(index: dict) -> None:
             pass
 
 
-RUN_SIZES = ("height", "width", "max_sequence_length")
+RUN_SIZES = ("height", "width", "max_sequence_length", "num_frames")
 
 
 def run_sizes(pipe, args) -> dict:
-    """--height/--width/--max-sequence-length, defaulting to what the pipeline was built for:
-    its VAE's sample_size (1024 for Flux, diffusers' own default) and its T5 tokenizer's
-    model_max_length (capped at diffusers' 512), so small pipelines run at their own size."""
+    """--height/--width/--max-sequence-length/--frames where given; else a native pipeline runs
+    at what it was built for: its VAE's sample_size (1024 for Flux, diffusers' own default) and
+    its T5 tokenizer's model_max_length (capped at diffusers' 512), so small pipelines run at
+    their own size, and a diffusers pipeline at its own defaults."""
     import inspect
 
+    from ..pipeline import DiffusionPipeline
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    if not isinstance(pipe, DiffusionPipeline):  # diffusers' class: its own defaults
+        return {k: getattr(args, k) for k in RUN_SIZES if k in accepted and getattr(args, k, None)}
     vae_size = dict(getattr(getattr(pipe, "vae", None), "config", None) or {}).get("sample_size")
     vae_size = vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size
     t5 = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)  # Chroma: T5 only
     tokens = getattr(t5, "model_max_length", None)
     defaults = {"height": vae_size, "width": vae_size,
-                "max_sequence_length": min(tokens, 512) if isinstance(tokens, int) else None}
-    accepted = inspect.signature(pipe.__call__).parameters
-    sizes = {k: getattr(args, k) or defaults[k] for k in RUN_SIZES if k in accepted}
+                "max_sequence_length": min(tokens, 512) if isinstance(tokens, int) else None,
+                "num_frames": None}
+    sizes = {k: getattr(args, k, None) or defaults[k] for k in RUN_SIZES if k in accepted}
     sizes = {k: v for k, v in sizes.items() if isinstance(v, int)}
     if "max_area" in accepted and "height" in sizes and "width" in sizes:
         sizes["max_area"] = sizes["height"] * sizes["width"]  # Kontext sizes its output by area
@@ -221,7 +235,8 @@ def check_image_file(args) -> None:
 
 
 def run_pipeline(pipe, args) -> tuple[object, float]:
-    """One image for ``args.prompt``; returns (PIL image, seconds per denoising step)."""
+    """One image (or video) for ``args.prompt``; returns (PIL image or list of PIL frames,
+    seconds per denoising step)."""
     import inspect
 
     import torch
@@ -240,7 +255,7 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
     # no_grad, as the pipeline's own __call__: optimum-quanto's int4 / int2 layers, which
     # transformers puts in quanto-quantized text encoders, fail under inference_mode
     with torch.no_grad():
-        image = pipe(prompt=args.prompt, **kwargs).images[0]  # Kontext's first argument is image
+        image = pipeline_output(pipe(prompt=args.prompt, **kwargs))  # Kontext: image first
     total = time.perf_counter() - start
     # Between step callbacks is denoising only; without them, the whole call over the steps.
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else total / max(args.steps, 1)
@@ -250,11 +265,15 @@ def run_pipeline(pipe, args) -> tuple[object, float]:
 # -- commands -----------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     check_image_file(args)
+    why = unwritable(Path(args.out)) if args.out else None
+    if why:
+        raise UsageError(why)
     pipe, load_s = load_pipeline(args, args.quantize)
     image, per_step = run_pipeline(pipe, args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    video = isinstance(image, list)
+    out = Path(args.out or ("out/video.webp" if video else "out/image.png"))
+    written = save_output(image, out, args.fps)
+    first = image[0] if video else image
     if args.stats_json:  # written for `diffquant compare`, which runs each variant in a child
         from ..report import peak_gpu_bytes, peak_rss_bytes, weight_bytes
 
@@ -263,7 +282,8 @@ def cmd_generate(args) -> int:
         Path(args.stats_json).write_text(json.dumps(stats))
     else:
         steps = f"{args.steps} step" + "s" * (args.steps != 1)
-        print(f"wrote {out} ({image.width}x{image.height}, {steps}, seed {args.seed}, "
+        what = f"{written}, " if video else ""
+        print(f"wrote {out} ({what}{first.width}x{first.height}, {steps}, seed {args.seed}, "
               f"load {load_s:.1f}s, {per_step:.2f}s/step)")
     return EXIT_OK
 
@@ -306,10 +326,12 @@ class ChildError(Exception):
 def _child_command(args, model: str, specs: list[str], image: Path, stats: Path) -> list[str]:
     cmd = [sys.executable, "-m", "diffquant", "generate", "--model", model, "--prompt", args.prompt,
            "--steps", str(args.steps), "--seed", str(args.seed), "--dtype", args.dtype,
-           "--device", args.device, "--out", str(image), "--stats-json", str(stats)]
+           "--device", args.device, "--out", str(image), "--stats-json", str(stats),
+           "--fps", str(args.fps)]
     for key in (*RUN_SIZES, "image"):
         if getattr(args, key):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            flag = "--frames" if key == "num_frames" else f"--{key.replace('_', '-')}"
+            cmd += [flag, str(getattr(args, key))]
     return cmd + [x for s in specs for x in ("--quantize", s)] + \
         (["--quiet"] if args.quiet else []) + (["--debug"] if args.debug else [])
 
@@ -319,7 +341,7 @@ def cmd_compare(args) -> int:
     import subprocess
     import tempfile
 
-    from PIL import Image
+    import numpy as np
 
     from ..report import compare_table, image_grid
 
@@ -329,7 +351,7 @@ def cmd_compare(args) -> int:
     for specs in variants[1:]:
         _quant_config(specs, model, index)  # a bad SPEC fails here, before anything runs
     labels = ["unquantized"] + args.quantize
-    results, images = [], []
+    results, videos = [], []
     with tempfile.TemporaryDirectory(prefix="diffquant-compare-") as tmp:
         for i, (specs, label) in enumerate(zip(variants, labels)):
             print(f"[{i + 1}/{len(variants)}] {label}", flush=True)
@@ -342,14 +364,16 @@ def cmd_compare(args) -> int:
                     f"its process exited with {proc.returncode}; rerun with --debug"
                 raise ChildError(f"variant {label!r}: {data.get('error', died)}",
                                  data.get("code", EXIT_RUNTIME))
-            images.append(Image.open(image).convert("RGB"))
+            videos.append(load_frames(image))  # one frame for an image
             results.append(data)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, labels).save(out)
-    for i, (image, label) in enumerate(zip(images, labels)):  # each full-size, beside the grid
-        image.save(out.with_name(f"{out.stem}-{i}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', label)}.png"))
-    print(compare_table(labels, results, images))
+    image_grid([v[0] for v in videos], labels).save(out)  # a video shows its first frame
+    for i, (frames, label) in enumerate(zip(videos, labels)):  # each full-size, beside the grid
+        name = out.with_name(f"{out.stem}-{i}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', label)}.png")
+        save_output(frames if len(frames) > 1 else frames[0], name, args.fps)
+    # PSNR over every frame of a video
+    print(compare_table(labels, results, [np.stack([np.asarray(f) for f in v]) for v in videos]))
     print(f"wrote {out} (and each image as {out.stem}-N-VARIANT.png beside it)")
     return EXIT_OK
 
