@@ -293,12 +293,31 @@ class ModelOptLinear(QuantizedLinear):
             for key, buf in buffers.items():
                 self.weight_quantizer.register_buffer(key, buf)
         elif name == "weight":
+            self._check_packed(tensor)
             self.weight = tensor
         elif name.startswith("weight_quantizer.") and "." not in name[len("weight_quantizer."):]:
+            if tensor.numel() > self.out_features * self.in_features:
+                raise CheckpointError(f"modelopt layer ({self.scheme}): {name!r} holds "
+                                      f"{tensor.numel()} values, more than the weight's "
+                                      f"{self.out_features} x {self.in_features}")
             self.weight_quantizer.register_buffer(name.split(".", 1)[1], tensor)
         else:
             raise CheckpointError(f"modelopt layer ({self.scheme}): unexpected tensor {name!r}; "
                                   "expected weight, bias or weight_quantizer.<_amax|_scale|...>")
+
+    def _check_packed(self, tensor: torch.Tensor) -> None:
+        """A stored weight is [out, in] (FP8, INT8) or holds the 4-bit codes of every value."""
+        out, n = self.out_features, self.out_features * self.in_features
+        if self.scheme in ("FP8", "INT8"):
+            ok, want = tuple(tensor.shape) == (out, self.in_features), f"[{out}, {self.in_features}]"
+        else:
+            ok = tensor.dtype == torch.uint8 and tensor.numel() >= -(-n // 2) and \
+                (tensor.dim() == 1 or tensor.shape[0] == out)
+            want = f"uint8 holding {-(-n // 2)} bytes of packed 4-bit codes"
+        if not ok:
+            raise CheckpointError(f"modelopt layer ({self.scheme}): 'weight' should be {want}, got "
+                                  f"{tensor.dtype} {list(tensor.shape)}; the checkpoint does not "
+                                  "match its layer")
 
     def check_complete(self, name: str) -> None:
         missing = [f"{name}.{k}" for k in ("weight",) if getattr(self, k) is None]

@@ -175,6 +175,11 @@ class QuantoLinear(PiecesLinear):
             self._refuse(name)
         if name.startswith("weight._data"):
             self._check_data(name, tensor)
+        elif name in ("weight._scale", "weight._shift"):
+            rows = self.out_features * self.in_features // (self.group_size or self.in_features)
+            if tuple(tensor.shape) != (rows, 1):
+                raise CheckpointError(f"QuantoLinear: {name!r} should be [{rows}, 1] for weights_"
+                                      f"dtype={self.weights_dtype!r}, got {list(tensor.shape)}")
         self._put(name, aligned(tensor))
 
     def _check_data(self, name, t):
