@@ -397,7 +397,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     plain = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(path), metadata={"format": "pt"})
+    try:
+        save_file(plain, str(path), metadata={"format": "pt"})
+    except Exception as err:  # SafetensorError, not an OSError: "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
     with open(path, "rb") as fh:  # data must reach the disk before the directory is renamed
         os.fsync(fh.fileno())
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -234,8 +235,7 @@ def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: d
     from .quantizers.base import require
 
     gguf = require("gguf", "gguf")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path, tmp = _temp_beside(path)
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         for key, value in (metadata or {}).items():
@@ -248,7 +248,43 @@ def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: d
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, tmp, err) from err
     finally:
+        for fh in writer.fout or ():  # after a failed write: close (a flush may fail again)
+            with contextlib.suppress(OSError, ValueError):
+                fh.close()
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _temp_beside(path) -> tuple[Path, Path]:
+    """(the file to replace, a temporary name beside it): a link at ``path`` is followed, as a
+    save into a linked folder is, and the temporary name fits NAME_MAX."""
+    import uuid
+
+    from .atomic import temp_stem
+
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; export_gguf writes one .gguf file")
+    return path, path.with_name(f".{temp_stem(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_error(path: Path, tmp: Path, err: OSError) -> CheckpointError:
+    """numpy's ``tofile`` reports a full disk as "N requested and 0 written", with no errno."""
+    import errno
+    import shutil
+
+    cause = err.strerror
+    if not err.errno:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(tmp.parent).free < (1 << 20):
+                cause = os.strerror(errno.ENOSPC)
+    out = CheckpointError(f"{path}: could not write the GGUF file ({cause or err}); the partial "
+                          "file was removed and what was at that path before is unchanged")
+    out.errno = err.errno or (errno.ENOSPC if cause == os.strerror(errno.ENOSPC) else None)
+    return out

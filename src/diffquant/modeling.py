@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, find_weights, write_sharded
 from .errors import CheckpointError, ConfigError, DiffquantError, QuantizationError
 from .hub import push_folder, resolve_dir, split_hub_kwargs
 from .limits import bytes_per_parameter, check_tensor_shapes
+from .snapshot import pinned_load
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class ModelMixin(nn.Module):
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
+    @pinned_load  # one tree for the whole load, however a save swaps the path meanwhile
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None,
                         use_safetensors: bool | None = None, low_cpu_mem_usage: bool = True,
@@ -195,8 +197,11 @@ class ModelMixin(nn.Module):
         if on_disk is not None:
             if not isinstance(on_disk, dict):
                 raise ConfigError(f"{config_path}: key 'quantization_config' should be an object")
-            merged = DiffusersAutoQuantizer.merge_quantization_configs(on_disk, user_config)
-            return DiffusersAutoQuantizer.from_config(merged, pre_quantized=True)
+            try:
+                merged = DiffusersAutoQuantizer.merge_quantization_configs(on_disk, user_config)
+                return DiffusersAutoQuantizer.from_config(merged, pre_quantized=True)
+            except (ConfigError, QuantizationError, TypeError) as err:  # name the file
+                raise ConfigError(f"{config_path}: quantization_config: {err}") from None
         return DiffusersAutoQuantizer.from_config(user_config, pre_quantized=False)
 
     @classmethod

@@ -56,7 +56,7 @@ class QuantoConfig(QuantizationConfigMixin):
 
     def __init__(self, weights_dtype: str = "int8", modules_to_not_convert=None):
         self.quant_method = QuantizationMethod.QUANTO
-        if weights_dtype not in WEIGHTS_DTYPES:
+        if not isinstance(weights_dtype, str) or weights_dtype not in WEIGHTS_DTYPES:
             raise ConfigError(f"QuantoConfig.weights_dtype={weights_dtype!r}: expected one of "
                               f"{list(WEIGHTS_DTYPES)}")
         self.weights_dtype = weights_dtype
