@@ -9,9 +9,10 @@ The rules a save keeps (docs/guarantees.md names the tests):
 
 - a target path that is a symbolic link is followed: the checkpoint is saved where it points
   and the link stays a link (diffusers writes through it too);
-- files of the old checkpoint that the new save does not write (a README) are carried over,
-  symbolic links as links: a save never reads outside the model it saves, and never copies
-  what a link points to into a checkpoint; FIFOs, sockets and devices are not carried;
+- files of the old checkpoint that the new save does not write (a README) are carried over;
+  a save never reads outside the model it saves and never copies what a link points to into
+  a checkpoint: links that stay inside it are recreated as links, links out of it (and FIFOs,
+  sockets, devices) are left out with a warning;
 - two saves racing to one new path end with one complete checkpoint, from one of them;
 - temporary names fit the file system's NAME_MAX (a long name is shortened plus a hash);
 - the replaced tree is deleted unless a load still reads it (snapshot.py's shared lock): then
@@ -35,6 +36,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -167,21 +169,29 @@ def _dispose(tree: Path, target: Path, tag: str) -> None:
 
 def _carry_over(old: Path, new: Path) -> None:
     """Keep files of the old directory that the new save does not write (a README, say):
-    regular files are copied, links recreated as links, other kinds (FIFOs) left out."""
+    regular files are copied, links into the checkpoint recreated as links; links out of it
+    and other kinds (FIFOs, sockets) are left out, with a warning."""
+    root = os.path.realpath(old)
     for entry in os.scandir(old):
         dest = new / entry.name
         if os.path.lexists(dest) or entry.name.endswith(_WEIGHT_SUFFIXES):
             continue
-        _copy_entry(entry, dest)
+        _copy_entry(entry, dest, root)
 
 
-def _copy_entry(entry: os.DirEntry, dest: Path) -> None:
+def _copy_entry(entry: os.DirEntry, dest: Path, root: str) -> None:
     if entry.is_symlink():
-        os.symlink(os.readlink(entry.path), dest)
+        # never read through it; keep it only if it stays inside the checkpoint, so a
+        # push_to_hub of the folder cannot upload what it points to
+        if os.path.commonpath([root, os.path.realpath(entry.path)]) == root:
+            os.symlink(os.readlink(entry.path), dest)
+        else:
+            logger.warning("%s: a link to %s, outside the checkpoint; not carried into the new "
+                           "one", dest.name, os.readlink(entry.path))
     elif entry.is_dir(follow_symlinks=False):
         dest.mkdir()
         for child in os.scandir(entry.path):
-            _copy_entry(child, dest / child.name)
+            _copy_entry(child, dest / child.name, root)
     elif entry.is_file(follow_symlinks=False):
         # O_NOFOLLOW: the entry cannot have become a link since it was listed
         fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -204,7 +214,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _resolve_target(target: str | os.PathLike) -> Path:
     """The directory a save replaces: a link at ``target`` is followed (a loop is refused)."""
-    path = Path(target).absolute()
+    path = Path(os.path.abspath(target))  # "out/.." is "." , not a folder named ".."
+    if not path.name:
+        raise CheckpointError(f"{path}: a checkpoint cannot replace the root of a file system")
     if path.is_symlink():
         real = Path(os.path.realpath(path))
         if real.is_symlink():
@@ -237,10 +249,22 @@ def atomic_directory(target: str | os.PathLike):
         _commit(tmp, target, tag)
     except DiffquantError:
         raise
-    except OSError as err:
-        raise _save_error(target, err, tmp) from err
+    except Exception as err:  # noqa: BLE001 - an OS error, or one in a library's words
+        os_error = as_os_error(err)
+        if os_error is None:
+            raise
+        raise _save_error(target, os_error, tmp) from err
     finally:
         _remove(tmp)
+
+
+def as_os_error(err: BaseException) -> OSError | None:
+    """``err`` as an OSError: itself, or the one safetensors reports as "... (os error 28)"
+    (its SafetensorError, raised by transformers' saves too, is not an OSError)."""
+    if isinstance(err, OSError):
+        return err
+    code = re.search(r"\(os error (\d+)\)", str(err))
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
 
 
 def _save_error(target: Path, err: OSError, tmp: Path | None = None) -> CheckpointError:

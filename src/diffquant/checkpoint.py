@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .limits import parse_json
 
 SAFETENSORS_DTYPES = {
@@ -367,11 +367,12 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(size: int | str) -> int:
     """``"10GB"`` -> 10_000_000_000; ints pass through."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected an int or a string like '5GB' or '500MB'")
+        raise ConfigError(f"max_shard_size={size!r}: expected an int or a string like '5GB' or "
+                          "'500MB'")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
@@ -400,10 +401,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
         save_file(plain, str(path), metadata={"format": "pt"})
     except Exception as err:  # SafetensorError, not an OSError: "... (os error 28)"
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
+        from .atomic import as_os_error
+
+        os_error = as_os_error(err)
+        if os_error is None:
             raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+        raise OSError(os_error.errno, os_error.strerror, str(path)) from err
     with open(path, "rb") as fh:  # data must reach the disk before the directory is renamed
         os.fsync(fh.fileno())
 

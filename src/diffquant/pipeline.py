@@ -214,7 +214,7 @@ class DiffusionPipeline:
         if cls is not DiffusionPipeline:
             return cls
         name = index.get("_class_name")
-        if name not in PIPELINE_CLASSES:
+        if not isinstance(name, str) or name not in PIPELINE_CLASSES:
             raise ConfigError(f"{index_path}: key '_class_name' is {name!r}; diffquant implements "
                               f"{sorted(PIPELINE_CLASSES)}")
         return import_class(name, PIPELINE_CLASSES)
