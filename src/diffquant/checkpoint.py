@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .limits import parse_json
+from .limits import BadJSON, file_identity, is_count, parse_json, unique_keys
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -59,7 +59,7 @@ class SafetensorsFile(FileReader):
         self.path = Path(path)
         self._fh = None
         self._open()
-        self._identity = _identity(self._fh)
+        self._identity = file_identity(self._fh)
         try:
             self._read_header()
         except BaseException:
@@ -80,7 +80,7 @@ class SafetensorsFile(FileReader):
 
     def _reopen(self) -> None:
         self._open()
-        if _identity(self._fh) != self._identity:
+        if file_identity(self._fh) != self._identity:
             self._fh.close()
             self._fh = None
             raise CheckpointError(f"{self.path}: the file changed on disk while it was being "
@@ -99,9 +99,9 @@ class SafetensorsFile(FileReader):
         if n > _MAX_HEADER or 8 + n > size:
             self._fail(f"header length {n} does not fit in a file of {size} bytes")
         try:
-            header = parse_json(self._fh.read(n), "header", _BadHeader, _unique_keys,
+            header = parse_json(self._fh.read(n), "header", BadJSON, unique_keys,
                                 allow_nan=False, max_bytes=_MAX_HEADER)
-        except _BadHeader as err:
+        except BadJSON as err:
             self._fail(str(err).replace("header: not valid JSON", "header is not valid JSON"))
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
@@ -138,10 +138,10 @@ class SafetensorsFile(FileReader):
             self._fail(f"entry {key!r} has unknown dtype {info['dtype']!r}; "
                        f"expected one of {sorted(SAFETENSORS_DTYPES)}")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        if not (isinstance(shape, list) and all(is_count(d) for d in shape)):
             self._fail(f"entry {key!r} has invalid shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(_is_count(o) for o in offsets)):
+                and all(is_count(o) for o in offsets)):
             self._fail(f"entry {key!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
@@ -187,29 +187,6 @@ class SafetensorsFile(FileReader):
             if got != end - begin:
                 self._fail(f"tensor {key!r} ends early ({got} of {end - begin} bytes)")
         return out
-
-
-class _BadHeader(ValueError):
-    pass
-
-
-def _unique_keys(pairs):
-    """json's object_pairs_hook: a name twice in one object is refused (json keeps the last)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _BadHeader(f"the name {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
-
-
-def _identity(fh) -> tuple:
-    st = os.fstat(fh.fileno())
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _check_inside(directory: Path, name: str, source: Path) -> Path:

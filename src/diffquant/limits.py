@@ -13,7 +13,7 @@ Example:
     >>> parse_json(b"[" * 100 + b"]" * 100, "config.json")
     Traceback (most recent call last):
     ...
-    diffquant.errors.ConfigError: config.json: JSON nested deeper than 64 levels; ...
+    diffquant.errors.ConfigError: config.json: JSON nested deeper than 64 levels; the file is corrupt or not a config
 """
 
 from __future__ import annotations
@@ -42,6 +42,31 @@ def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS} are read)")
     return int(text)
+
+
+class BadJSON(ValueError):
+    """parse_json's error class for callers that word the message themselves."""
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook: a name twice in one object is refused (json keeps the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise BadJSON(f"the name {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def is_count(value) -> bool:
+    """A size, dimension or offset as binary formats store them: an int in [0, 2**64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def file_identity(fh) -> tuple:
+    """What tells an open file from another one put at its path later."""
+    st = os.fstat(fh.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def json_depth(value) -> int:

@@ -80,7 +80,10 @@ def _restore_names(obj, handle: str, real: str) -> None:
     """Loaders record where they loaded from (``config._name_or_path``, a tokenizer's
     ``name_or_path``, a pipeline's): the path the caller gave, never the handle, which means
     nothing once the load is over."""
-    fix = lambda v: real + v[len(handle):] if isinstance(v, str) and v.startswith(handle) else None  # noqa: E731
+    def fix(value):
+        return real + value[len(handle):] if isinstance(value, str) and \
+            value.startswith(handle) else None
+
     components = getattr(obj, "components", None)
     for item in [obj, *(components.values() if isinstance(components, dict) else ())]:
         if fix(getattr(item, "name_or_path", None)):

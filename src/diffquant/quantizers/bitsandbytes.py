@@ -30,6 +30,7 @@ from ..ops import fast_formats as ff
 from ..ops import native
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
+from .bitsandbytes_state import check_statistics, quant_state_blob
 from .config import (QuantizationConfigMixin, QuantizationMethod, check_field, dtype_to_str,
                      str_to_dtype)
 
@@ -227,13 +228,13 @@ class BnB4BitLinear(_PiecesLinear):
                                       f"bytes of {self.quant_storage}, got {tensor.dtype} "
                                       f"{list(tensor.shape)}; is this checkpoint really 4-bit?")
         if name == self.state_key:
-            self._meta = _quant_state_blob(tensor, (self.out_features, self.in_features))
+            self._meta = quant_state_blob(tensor, (self.out_features, self.in_features))
         self._put(name, tensor)
 
     def check_complete(self, name: str, backend: str) -> None:
         super().check_complete(name, backend)
         if self._meta is not None:  # the statistics must cover the weight's blocks, exactly
-            _check_statistics(self, name)
+            check_statistics(self, name)
 
     def _quantize(self, w: torch.Tensor) -> None:
         """bitsandbytes' blockwise 4-bit quantization (blocksize 64, as Params4bit uses)."""
@@ -285,41 +286,6 @@ class BnB4BitLinear(_PiecesLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}, double_quant={self.double_quant}"
-
-
-def _quant_state_blob(tensor: torch.Tensor, shape: tuple) -> dict:
-    """The non-tensor fields of a stored 4-bit QuantState (a uint8 tensor of JSON), checked."""
-    import json
-
-    try:
-        meta = json.loads(tensor.cpu().numpy().tobytes().decode("utf-8")) if tensor.dtype == \
-            torch.uint8 and tensor.dim() == 1 else None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        meta = None
-    ok = isinstance(meta, dict) and list(meta.get("shape") or ()) == list(shape) and all(
-        isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and meta[k] > 0
-        for k in ("blocksize",) + (("nested_blocksize",) if "nested_blocksize" in meta else ()))
-    if not ok:
-        raise CheckpointError(f"BnB4BitLinear: the quant_state blob should be bitsandbytes' JSON "
-                              f"with shape {list(shape)} and a positive blocksize; got "
-                              f"{str(meta)[:200] if meta is not None else 'unreadable bytes'}")
-    return meta
-
-
-def _check_statistics(layer: "BnB4BitLinear", name: str) -> None:
-    """absmax has one value per block of the weight, the code books 16 (256 nested) values."""
-    blocks = -(-layer.in_features * layer.out_features // layer._meta["blocksize"])
-    want = {"weight_absmax": blocks, "weight_quant_map": 16}
-    if layer.double_quant:
-        want.update(weight_nested_absmax=-(-blocks // layer._meta.get("nested_blocksize", 256)),
-                    weight_nested_quant_map=256)
-    for attr, n in want.items():
-        t = getattr(layer, attr)
-        if t is not None and t.numel() != n:
-            raise CheckpointError(f"bitsandbytes layer {name!r}: {attr.replace('_', '.', 1)} holds "
-                                  f"{t.numel()} values, but a [{layer.out_features}, "
-                                  f"{layer.in_features}] weight in blocks of "
-                                  f"{layer._meta['blocksize']} needs {n}; the file is corrupt")
 
 
 class BnB8BitLinear(_PiecesLinear):

@@ -314,15 +314,8 @@ class ModelOptLinear(QuantizedLinear):
                                   "expected weight, bias or weight_quantizer.<_amax|_scale|...>")
 
     def _check_packed(self, tensor: torch.Tensor) -> None:
-        """A stored weight is [out, in] (FP8, INT8) or holds the 4-bit codes of every value."""
-        out, n = self.out_features, self.out_features * self.in_features
-        if self.scheme in ("FP8", "INT8"):
-            ok, want = tuple(tensor.shape) == (out, self.in_features), f"[{out}, {self.in_features}]"
-        else:
-            ok = tensor.dtype == torch.uint8 and tensor.numel() >= -(-n // 2) and \
-                (tensor.dim() == 1 or tensor.shape[0] == out)
-            want = f"uint8 holding {-(-n // 2)} bytes of packed 4-bit codes"
-        if not ok:
+        want = mm.packed_weight_mismatch(self.scheme, tensor, self.out_features, self.in_features)
+        if want:
             raise CheckpointError(f"modelopt layer ({self.scheme}): 'weight' should be {want}, got "
                                   f"{tensor.dtype} {list(tensor.shape)}; the checkpoint does not "
                                   "match its layer")
