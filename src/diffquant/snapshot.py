@@ -103,7 +103,11 @@ def pinned_load(load):
     the whole load (see the module docstring); anything else is passed on unchanged."""
 
     @functools.wraps(load)
-    def wrapper(cls, name_or_path, *args, **kwargs):
+    def wrapper(cls, *args, **kwargs):
+        by_name = not args and "pretrained_model_name_or_path" in kwargs
+        name_or_path = kwargs.pop("pretrained_model_name_or_path") if by_name else \
+            (args[0] if args else None)
+        args = args[1:] if args else ()
         try:
             local = Path(os.fspath(name_or_path)).expanduser()
             is_dir = local.is_dir()
