@@ -163,9 +163,25 @@ def test_save_through_a_linked_target_saves_where_it_points(tmp_path):
     os.symlink(tmp_path / "later" / "model", tmp_path / "dangling")
     model.save_pretrained(tmp_path / "dangling")  # created where it points
     assert fingerprint(ToyModel.from_pretrained(tmp_path / "later" / "model")) == fingerprint(model)
+    stale = tmp_path / "store" / f".model.tmp-{_dead_pid()}-0123abcd"  # an older version's leftover
+    os.symlink(real, stale)
+    model.save_pretrained(link)
+    assert not os.path.lexists(stale) and siblings(real) == ["model"]  # the link went, not its target
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     with pytest.raises(CheckpointError, match=r"loop: is a symbolic link that never reaches a dir"):
         model.save_pretrained(tmp_path / "loop")
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
 
 
 # -- long names ----------------------------------------------------------------------------------

@@ -46,15 +46,20 @@ def pinned(path: str | os.PathLike):
     """Yield a path that opens files in the tree ``path`` named on entry, however it is
     renamed or swapped meanwhile; error messages name ``path``, not the handle."""
     path = Path(path)
-    if not _PROC_FD.is_dir():
-        yield path
-        return
-    for _ in range(_TRIES):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = None
+    for _ in range(_TRIES if _PROC_FD.is_dir() else 0):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:  # a folder we may enter but not list: opened by path, as before
+            break
         _lock_shared(fd)
         if os.fstat(fd).st_nlink != 0:  # 0: a save deleted this tree before we locked it
             break
         os.close(fd)
+        fd = None
+    if fd is None:
+        yield path
+        return
     handle = str(_PROC_FD / str(fd))
     try:
         yield Path(handle)
