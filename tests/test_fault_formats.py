@@ -230,7 +230,7 @@ def test_quantization_config_fields_of_the_wrong_type_are_named(config, message,
     ({"quant_backend": "torchao", "quant_kwargs": "int8wo"}, "quant_kwargs='int8wo': expected a dict"),
     ({"quant_backend": "torchao", "quant_kwargs": {"quant_type": "int8wo"}, "components_to_quantize": 7},
      "components_to_quantize=7: expected a component name or a list of them"),
-    ({"quant_mapping": [1]}, "quant_mapping=[1]: expected a dict of component name -> config")])
+    ({"quant_mapping": {5: dq.TorchAoConfig("int8wo")}}, "quant_mapping={5: TorchAoConfig(")])
 def test_pipeline_quantization_config_fields_of_the_wrong_type_are_named(kwargs, message):
     from diffquant.quantizers import PipelineQuantizationConfig
 

@@ -51,8 +51,8 @@ def _check_types(backend, kwargs, components, mapping) -> None:
         ("components_to_quantize", components, "a component name or a list of them",
          components is None or isinstance(components, str) or isinstance(components, (list, tuple))
          and all(isinstance(c, str) for c in components)),
-        ("quant_mapping", mapping, "a dict of component name -> config", mapping is None or
-         isinstance(mapping, dict) and all(isinstance(k, str) for k in mapping))) if not ok]
+        ("quant_mapping", mapping, "component names as keys", not isinstance(mapping, dict)
+         or all(isinstance(k, str) for k in mapping))) if not ok]  # a non-dict: _validate_mapping
     if bad:
         name, value, want = bad[0]
         raise ConfigError(f"PipelineQuantizationConfig.{name}={value!r}: expected {want}")
