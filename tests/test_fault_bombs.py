@@ -4,6 +4,7 @@ or the time it describes is spent; the loads run in children whose address space
 """
 
 import json
+import re
 import struct
 
 import pytest
@@ -127,7 +128,7 @@ def test_config_of_a_huge_model_is_refused_before_it_is_built(tmp_path, field, v
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = Child(build_bounded, tmp_path, "FluxTransformer2DModel").result()
     assert out.startswith(f"{tmp_path / 'config.json'}: FluxTransformer2DModel from this config")
-    assert pytest.importorskip("re").search(expected, out), out
+    assert re.search(expected, out), out
 
 
 # -- parsers: depth, digits, counts ----------------------------------------------------------------
@@ -180,3 +181,15 @@ def test_gguf_metadata_bombs_name_the_file(tmp_path, kv, message):
     path.write_bytes(_gguf_bytes(kv, 1))
     with pytest.raises(CheckpointError, match=f"{path}: .*{message}"):
         GGUFFile(path)
+
+
+@pytest.mark.parametrize("field, value", [("num_train_timesteps", 10**12), ("shift", float("nan"))])
+def test_scheduler_config_bombs_name_the_file(tmp_path, field, value):
+    from diffquant.schedulers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler().save_pretrained(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: FlowMatchEulerDiscreteScheduler: "
+                                                    f"{field}={value!r}; expected")):
+        FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)

@@ -92,6 +92,7 @@ def test_export_gguf_on_a_full_disk_names_the_cause_and_keeps_the_old(how, tmp_p
     with (faults.tmpfs(tmp_path / "fs", "256k") if how == "tmpfs" else
           __import__("contextlib").nullcontext(tmp_path)) as folder:
         path = folder / "model.gguf"
+        (folder / f".model.gguf.tmp-{_dead_pid()}-0123abcd").write_bytes(b"partial")  # a killed export's
         export_gguf(_toy(), path, "Q8_0")
         before = path.read_bytes()
         if how == "simulated":  # numpy's tofile says only "N requested and 0 written"

@@ -264,13 +264,14 @@ def _temp_beside(path) -> tuple[Path, Path]:
     save into a linked folder is, and the temporary name fits NAME_MAX."""
     import uuid
 
-    from .atomic import temp_stem
+    from .atomic import clean_leftovers, temp_stem
 
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; export_gguf writes one .gguf file")
+    clean_leftovers(path)  # partial files of killed exports
     return path, path.with_name(f".{temp_stem(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
