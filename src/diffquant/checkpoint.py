@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .limits import BadJSON, file_identity, is_count, parse_json, unique_keys
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -41,7 +42,8 @@ class FileReader:
     ``with`` support (a reader of several files overrides close)."""
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
     def __enter__(self):
         return self
@@ -55,15 +57,34 @@ class SafetensorsFile(FileReader):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            self._fh = open(self.path, "rb")
-        except OSError as err:
-            raise CheckpointError(f"{self.path}: cannot open safetensors file ({err.strerror})") from err
+        self._fh = None
+        self._open()
+        self._identity = file_identity(self._fh)
         try:
             self._read_header()
         except BaseException:
             self._fh.close()
             raise
+
+    def _open(self) -> None:
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: cannot open safetensors file ({err.strerror})") from err
+
+    def release(self) -> None:
+        """Close the file until the next read, which reopens it (a checkpoint of many shards
+        never holds them all open: a 256-file limit still loads 352 shards)."""
+        self.close()
+        self._fh = None
+
+    def _reopen(self) -> None:
+        self._open()
+        if file_identity(self._fh) != self._identity:
+            self._fh.close()
+            self._fh = None
+            raise CheckpointError(f"{self.path}: the file changed on disk while it was being "
+                                  "loaded; load again")
 
     def _fail(self, what: str):
         raise CheckpointError(f"{self.path}: {what}; the file is truncated or corrupt, "
@@ -78,37 +99,49 @@ class SafetensorsFile(FileReader):
         if n > _MAX_HEADER or 8 + n > size:
             self._fail(f"header length {n} does not fit in a file of {size} bytes")
         try:
-            header = json.loads(self._fh.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self._fail(f"header is not valid JSON ({err})")
+            header = parse_json(self._fh.read(n), "header", BadJSON, unique_keys,
+                                allow_nan=False, max_bytes=_MAX_HEADER)
+        except BadJSON as err:
+            self._fail(str(err).replace("header: not valid JSON", "header is not valid JSON"))
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(v, str) for v in self.metadata.values()):
+            self._fail("__metadata__ is not an object of strings")
         self._data_start = 8 + n
         data_len = size - self._data_start
         self._entries = {}
-        spans = []
         for key, info in header.items():
             dtype, shape, begin, end = self._check_entry(key, info, data_len)
             self._entries[key] = (dtype, tuple(shape), begin, end)
-            spans.append((begin, end, key))
-        spans.sort()
-        for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                self._fail(f"tensors {k0!r} and {k1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
+        self._check_layout(data_len)
+
+    def _check_layout(self, data_len: int) -> None:
+        """As the safetensors library: the tensors tile the data exactly, in offset order, with
+        no gap, no overlap and no byte after the last one."""
+        end, last = 0, None
+        for b, e, key in sorted((b, e, k) for k, (_, _, b, e) in self._entries.items()):
+            if b != end:
+                what = "overlaps" if b < end else f"leaves bytes {end}-{b} unused after"
+                self._fail(f"tensor {key!r} (bytes {b}-{e}) {what} "
+                           f"{repr(last) if last else 'the start of the data'}")
+            end, last = e, key
+        if end != data_len:
+            self._fail(f"{data_len - end} bytes follow the last tensor's data")
 
     def _check_entry(self, key, info, data_len):
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             self._fail(f"entry {key!r} lacks dtype, shape or data_offsets")
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             self._fail(f"entry {key!r} has unknown dtype {info['dtype']!r}; "
                        f"expected one of {sorted(SAFETENSORS_DTYPES)}")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(is_count(d) for d in shape)):
             self._fail(f"entry {key!r} has invalid shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets)):
+                and all(is_count(o) for o in offsets)):
             self._fail(f"entry {key!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
@@ -147,6 +180,8 @@ class SafetensorsFile(FileReader):
             out = buf[: end - begin].view(dtype).view(shape)
         if end > begin:
             buf = out.view(-1).view(torch.uint8).numpy()
+            if self._fh is None:
+                self._reopen()
             self._fh.seek(self._data_start + begin)
             got = self._fh.readinto(memoryview(buf))
             if got != end - begin:
@@ -186,6 +221,7 @@ class Checkpoint(FileReader):
     def __init__(self, files: dict[str, "SafetensorsFile | _BinFile"], key_to_file: dict[str, str]):
         self._files = files
         self._key_to_file = key_to_file
+        self._last = None  # the shard read last; the one left open when there are many
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -200,6 +236,8 @@ class Checkpoint(FileReader):
         try:
             for name in names:
                 files[name] = _BinFile(Path(name)) if name.endswith(".bin") else SafetensorsFile(name)
+                if len(names) > 1 and isinstance(files[name], SafetensorsFile):
+                    files[name].release()  # reopened by tensor(), one shard at a time
         except BaseException:
             for f in files.values():
                 f.close()
@@ -229,6 +267,10 @@ class Checkpoint(FileReader):
     def tensor(self, key: str, scratch: dict | None = None) -> torch.Tensor:
         """``key``'s tensor; see ``SafetensorsFile.tensor`` for ``scratch``."""
         file = self._files[self._key_to_file[key]]
+        if len(self._files) > 1 and self._last is not None and self._last is not file \
+                and isinstance(self._last, SafetensorsFile):
+            self._last.release()
+        self._last = file
         return file.tensor(key, scratch) if scratch is not None else file.tensor(key)
 
     @property
@@ -302,11 +344,12 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(size: int | str) -> int:
     """``"10GB"`` -> 10_000_000_000; ints pass through."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected an int or a string like '5GB' or '500MB'")
+        raise ConfigError(f"max_shard_size={size!r}: expected an int or a string like '5GB' or "
+                          "'500MB'")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
@@ -332,7 +375,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     plain = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(path), metadata={"format": "pt"})
+    try:
+        save_file(plain, str(path), metadata={"format": "pt"})
+    except Exception as err:  # SafetensorError, not an OSError: "... (os error 28)"
+        from .atomic import as_os_error
+
+        os_error = as_os_error(err)
+        if os_error is None:
+            raise
+        raise OSError(os_error.errno, os_error.strerror, str(path)) from err
     with open(path, "rb") as fh:  # data must reach the disk before the directory is renamed
         os.fsync(fh.fileno())
 

@@ -73,13 +73,16 @@ def _json_value(value):
 
 def read_json(path: str | os.PathLike, what: str = "config") -> dict:
     """Read a JSON object from ``path`` with an error that names the file on any failure."""
+    from .limits import parse_json, read_bounded
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err}); expected a JSON object") from err
+        raw = read_bounded(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what} file ({err.strerror})") from err
+    data = parse_json(raw, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

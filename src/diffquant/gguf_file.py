@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .ops.gguf_dequant import GGMLType, byte_shape, dequantize
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4                      # GGML_MAX_DIMS
+MAX_METADATA_VALUES = 1 << 24     # array elements over a file's metadata (an LLM vocabulary: ~1e5)
 # GGUF metadata value types -> struct format (8 = string, 9 = array are handled apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
@@ -53,6 +56,7 @@ class _Cursor:
 
     def __init__(self, fh, path: Path, size: int):
         self.fh, self.path, self.size, self.pos = fh, path, size, 0
+        self.budget = MAX_METADATA_VALUES  # array elements left to read, over the whole file
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > self.size:
@@ -81,9 +85,25 @@ class _Cursor:
             return self.string(what)
         if vtype == 9:
             itype, count = self.unpack("<I", what), self.unpack("<Q", what)
+            self._check_array(itype, count, what)
             return [self.value(itype, what) for _ in range(count)]
         raise CheckpointError(f"{self.path}: {what} has unknown GGUF value type {vtype}; "
                               "the file is corrupt or from a newer GGUF version")
+
+
+    def _check_array(self, itype: int, count: int, what: str) -> None:
+        """As ggml: no arrays of arrays, at most 2**30 elements, and no more than the bytes
+        left can hold; and at most MAX_METADATA_VALUES in all (Python values are ~50 bytes)."""
+        least = struct.calcsize(_SCALARS[itype]) if itype in _SCALARS else 8
+        if itype not in _SCALARS and itype != 8:
+            raise CheckpointError(f"{self.path}: {what} is an array of GGUF type {itype}; ggml "
+                                  "reads arrays of numbers, booleans or strings only")
+        if count > min(1 << 30, self.budget) or count * least > self.size - self.pos:
+            raise CheckpointError(f"{self.path}: {what} claims an array of {count:,} values at byte "
+                                  f"{self.pos}, but the file has {self.size - self.pos:,} bytes left "
+                                  f"(and diffquant reads at most {MAX_METADATA_VALUES:,} values); the "
+                                  "file is corrupt")
+        self.budget -= count
 
 
 class GGUFFile(FileReader):
@@ -112,28 +132,46 @@ class GGUFFile(FileReader):
         if version not in (2, 3):
             raise CheckpointError(f"{self.path}: GGUF version {version} is not supported (expected 2 "
                                   "or 3, little-endian); convert it again with a current gguf-py")
-        n_tensors, n_kv = cur.unpack("<Q", "the tensor count"), cur.unpack("<Q", "the metadata count")
-        self.metadata = {}
+        n_tensors, n_kv = cur.unpack("<q", "the tensor count"), cur.unpack("<q", "the metadata count")
+        if n_tensors < 0 or n_kv < 0:
+            raise CheckpointError(f"{self.path}: negative tensor ({n_tensors}) or metadata ({n_kv}) "
+                                  "count; the file is corrupt")
+        self.metadata, types = {}, {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            self.metadata[key] = cur.value(cur.unpack("<I", f"metadata {key!r}"), f"metadata {key!r}")
+            if not key or key in self.metadata:
+                raise CheckpointError(f"{self.path}: metadata key #{i} {key!r} is "
+                                      f"{'empty' if not key else 'a duplicate'}; the file is corrupt")
+            types[key] = cur.unpack("<I", f"metadata {key!r}")
+            self.metadata[key] = cur.value(types[key], f"metadata {key!r}")
         raw = [self._tensor_header(cur, i) for i in range(n_tensors)]
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise CheckpointError(f"{self.path}: general.alignment={align!r}; expected a power of two")
+        if types.get("general.alignment", 4) != 4 or align <= 0 or align & (align - 1):
+            raise CheckpointError(f"{self.path}: general.alignment={align!r}; expected a power of two "
+                                  "stored as uint32")
         data_start = -(-cur.pos // align) * align
         self.tensors: dict[str, GGUFTensorInfo] = {}
+        expected = 0  # as ggml: each tensor starts where the previous one ends, padded to align
         for name, dims, type_id, rel in raw:
-            self.tensors[name] = self._tensor_info(name, dims, type_id, data_start + rel, rel, align)
+            if rel != expected:
+                raise CheckpointError(f"{self.path}: tensor {name!r} starts at data offset {rel}, but "
+                                      f"the tensors before it end at {expected}; ggml requires "
+                                      "tensors to follow each other (no gap, no overlap)")
+            info = self._tensor_info(name, dims, type_id, data_start + rel, rel, align)
+            self.tensors[name] = info
+            expected = rel + -(-info.nbytes // align) * align
 
     def _tensor_header(self, cur: _Cursor, i: int):
         name = cur.string(f"the name of tensor #{i}")
         what = f"the info of tensor {name!r}"
         n_dims = cur.unpack("<I", what)
-        if n_dims > 8:
-            raise CheckpointError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions; the file "
-                                  "is corrupt")
-        dims = [cur.unpack("<Q", what) for _ in range(n_dims)]
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions; ggml "
+                                  f"allows at most {MAX_DIMS}; the file is corrupt")
+        dims = [cur.unpack("<q", what) for _ in range(n_dims)]
+        if any(d < 0 for d in dims) or _prod(dims) >= 2**63:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dimensions {dims}; each must be "
+                                  "non-negative and their product below 2**63")
         return name, dims, cur.unpack("<I", what), cur.unpack("<Q", what)
 
     def _tensor_info(self, name, dims, type_id, offset, rel, align) -> GGUFTensorInfo:
@@ -197,8 +235,7 @@ def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: d
     from .quantizers.base import require
 
     gguf = require("gguf", "gguf")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path, tmp = _temp_beside(path)
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         for key, value in (metadata or {}).items():
@@ -211,7 +248,44 @@ def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: d
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, tmp, err) from err
     finally:
+        for fh in writer.fout or ():  # after a failed write: close (a flush may fail again)
+            with contextlib.suppress(OSError, ValueError):
+                fh.close()
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _temp_beside(path) -> tuple[Path, Path]:
+    """(the file to replace, a temporary name beside it): a link at ``path`` is followed, as a
+    save into a linked folder is, and the temporary name fits NAME_MAX."""
+    import uuid
+
+    from .atomic import clean_leftovers, temp_stem
+
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; export_gguf writes one .gguf file")
+    clean_leftovers(path)  # partial files of killed exports
+    return path, path.with_name(f".{temp_stem(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_error(path: Path, tmp: Path, err: OSError) -> CheckpointError:
+    """numpy's ``tofile`` reports a full disk as "N requested and 0 written", with no errno."""
+    import errno
+    import shutil
+
+    cause = err.strerror
+    if not err.errno:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(tmp.parent).free < (1 << 20):
+                cause = os.strerror(errno.ENOSPC)
+    out = CheckpointError(f"{path}: could not write the GGUF file ({cause or err}); the partial "
+                          "file was removed and what was at that path before is unchanged")
+    out.errno = err.errno or (errno.ENOSPC if cause == os.strerror(errno.ENOSPC) else None)
+    return out

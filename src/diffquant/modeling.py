@@ -24,8 +24,10 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .checkpoint import Checkpoint, find_weights, write_sharded
-from .errors import CheckpointError, ConfigError, QuantizationError
+from .errors import CheckpointError, ConfigError, DiffquantError, QuantizationError
 from .hub import push_folder, resolve_dir, split_hub_kwargs
+from .limits import bytes_per_parameter, check_tensor_shapes
+from .snapshot import pinned_load
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,14 @@ def _unshare(model: nn.Module, key: str, buffer: torch.Tensor) -> None:
             _set_tensor(owner, name, t.detach().clone())
 
 
+def _name_file(err: Exception, path, key: str) -> Exception:
+    """A backend's error about one stored tensor, with the file and key it came from."""
+    text = str(err)
+    if str(path) in text:
+        return err
+    return type(err)(f"{path}: tensor {key!r}: {text}")
+
+
 def _stored_dtype(model: nn.Module, ckpt: Checkpoint) -> torch.dtype | None:
     """The float dtype of the tensors no backend quantizes (biases, norms) in ``ckpt``; those
     of ``_keep_in_fp32_modules`` are float32 whatever the model's dtype, so they do not count."""
@@ -117,6 +127,7 @@ class ModelMixin(nn.Module):
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
+    @pinned_load  # one tree for the whole load, however a save swaps the path meanwhile
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None,
                         use_safetensors: bool | None = None, low_cpu_mem_usage: bool = True,
@@ -143,7 +154,8 @@ class ModelMixin(nn.Module):
         if quantizer is not None and not low_cpu_mem_usage:
             raise ValueError("low_cpu_mem_usage=False cannot be used with quantization: "
                              "quantized layers are built on the meta device; drop the argument")
-        model = cls._build_on_meta(config, config_path)
+        model = cls._build_on_meta(config, config_path, bytes_per_parameter(torch_dtype, quantizer),
+                                   parse_device_map(device_map))
         with Checkpoint.open(weights) as ckpt:
             if torch_dtype == "auto":
                 torch_dtype = _stored_dtype(model, ckpt)
@@ -187,23 +199,32 @@ class ModelMixin(nn.Module):
         if on_disk is not None:
             if not isinstance(on_disk, dict):
                 raise ConfigError(f"{config_path}: key 'quantization_config' should be an object")
-            merged = DiffusersAutoQuantizer.merge_quantization_configs(on_disk, user_config)
-            return DiffusersAutoQuantizer.from_config(merged, pre_quantized=True)
+            try:
+                merged = DiffusersAutoQuantizer.merge_quantization_configs(on_disk, user_config)
+                return DiffusersAutoQuantizer.from_config(merged, pre_quantized=True)
+            except (ConfigError, QuantizationError, TypeError) as err:  # name the file
+                raise ConfigError(f"{config_path}: quantization_config: {err}") from None
         return DiffusersAutoQuantizer.from_config(user_config, pre_quantized=False)
 
     @classmethod
-    def _build_on_meta(cls, config: dict, config_path: Path):
+    def _build_on_meta(cls, config: dict, config_path: Path, per_param: float = 0.5, device=None):
+        """The model on meta; a config too large for ``device``'s memory at ``per_param`` bytes
+        a parameter, or one ``cls`` cannot take, is refused naming ``config_path``."""
+        from .limits import build_within_limits
+
         init_kwargs = cls.init_kwargs_from_config(config, source=str(config_path))
         try:
-            with torch.device("meta"):
-                model = cls(**init_kwargs)
-        except (TypeError, ValueError, AssertionError) as err:
+            model = build_within_limits(cls, init_kwargs, config_path, per_param, device)
+        except DiffquantError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of __init__ is the config's
             raise ConfigError(f"{config_path}: cannot build {cls.__name__} from this config "
                               f"({type(err).__name__}: {err}); check the values' types") from err
         return model
 
     def _assign_from(self, ckpt: Checkpoint, dtype, device, quantizer) -> None:
         """Stream each checkpoint tensor into the model; error on missing keys and bad shapes."""
+        check_tensor_shapes(self, ckpt, quantizer)  # before any read: a header can lie
         expected = dict(self.named_parameters())
         expected.update(self.named_buffers())
         unexpected = []
@@ -215,7 +236,10 @@ class ModelMixin(nn.Module):
             if quantizer is not None and quantizer.check_if_quantized_param(self, key, ckpt):
                 target = self._target_dtype(key, dtype)
                 value = ckpt.tensor(key, scratch) if scratch is not None else ckpt.tensor(key)
-                quantizer.create_quantized_param(self, key, value, target, device)
+                try:
+                    quantizer.create_quantized_param(self, key, value, target, device)
+                except (CheckpointError, QuantizationError) as err:
+                    raise _name_file(err, ckpt.file_of(key), key) from None
                 if scratch:
                     _unshare(self, key, scratch["buffer"])
                 continue

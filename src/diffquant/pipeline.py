@@ -38,6 +38,7 @@ from .pipeline_components import (PIPELINE_CLASSES, import_class, is_plain_folde
                                   resolve_quant_configs)
 # save_pretrained looks this name up here at call time, so tests can swap it for a spy
 from .pipeline_components import save_component as _save_component
+from .snapshot import pinned_load
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class DiffusionPipeline:
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
+    @pinned_load  # one tree for the whole load, however a save swaps the path meanwhile
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None,
                         quantization_config=None, variant: str | None = None,
                         use_safetensors: bool | None = None, device_map=None,

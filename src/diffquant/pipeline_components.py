@@ -57,8 +57,9 @@ def resolve_class(index_path: Path, name: str, entry):
     if library == "transformers":
         import transformers
 
-        cls = getattr(transformers, str(class_name), None)
-        if cls is None:
+        cls = getattr(transformers, class_name, None) if isinstance(class_name, str) and \
+            not class_name.startswith("_") else None
+        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
             raise ConfigError(f"{index_path}: key {name!r} names class {class_name!r}, which "
                               f"transformers {transformers.__version__} does not have")
         return cls

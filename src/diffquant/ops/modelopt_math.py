@@ -112,6 +112,16 @@ def dequantize_nvfp4(q: torch.Tensor, scale: torch.Tensor, double_scale: torch.T
     return blocks.reshape(shape).to(dtype)
 
 
+def packed_weight_mismatch(scheme: str, q: torch.Tensor, out: int, in_: int) -> str | None:
+    """What a stored weight of an (out, in) layer should be, if ``q`` is not: [out, in] for
+    FP8/INT8, uint8 holding every value's 4-bit code for the others (rows first, or flat)."""
+    if scheme in ("FP8", "INT8"):
+        return None if tuple(q.shape) == (out, in_) else f"[{out}, {in_}]"
+    nbytes = -(-out * in_ // 2)
+    ok = q.dtype == torch.uint8 and q.numel() >= nbytes and (q.dim() == 1 or q.shape[0] == out)
+    return None if ok else f"uint8 holding {nbytes} bytes of packed 4-bit codes"
+
+
 def scheme_of(attrs: dict, where: str) -> str:
     """FP8 | INT8 | INT4 | NF4 | NVFP4 from a weight quantizer's attributes (as mtq.compress)."""
     bits, blocks = attrs.get("num_bits", 8), attrs.get("block_sizes") or {}

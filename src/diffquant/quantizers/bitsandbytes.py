@@ -30,7 +30,9 @@ from ..ops import fast_formats as ff
 from ..ops import native
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
-from .config import QuantizationConfigMixin, QuantizationMethod, dtype_to_str, str_to_dtype
+from .bitsandbytes_state import check_statistics, quant_state_blob
+from .config import (QuantizationConfigMixin, QuantizationMethod, check_field, dtype_to_str,
+                     str_to_dtype)
 
 _STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 _QUANT_TYPES = ("fp4", "nf4")
@@ -69,15 +71,13 @@ class BitsAndBytesConfig(QuantizationConfigMixin):
             raise ConfigError("BitsAndBytesConfig: load_in_4bit and load_in_8bit are both True, but "
                               "only one can be used at a time; set one of them to False")
         self._load_in_8bit, self._load_in_4bit = load_in_8bit, load_in_4bit
-        if isinstance(llm_int8_threshold, bool) or not isinstance(llm_int8_threshold, (int, float)):
-            raise ConfigError(f"BitsAndBytesConfig.llm_int8_threshold={llm_int8_threshold!r}: "
-                              "expected a float such as 6.0")
+        check_field("BitsAndBytesConfig", "llm_int8_threshold", llm_int8_threshold, "number")
         self.llm_int8_threshold = float(llm_int8_threshold)
         self.llm_int8_skip_modules = self._check_modules_list(llm_int8_skip_modules,
                                                               "llm_int8_skip_modules")
         self.llm_int8_enable_fp32_cpu_offload = llm_int8_enable_fp32_cpu_offload
         self.llm_int8_has_fp16_weight = llm_int8_has_fp16_weight
-        if bnb_4bit_quant_type not in _QUANT_TYPES:
+        if not isinstance(bnb_4bit_quant_type, str) or bnb_4bit_quant_type not in _QUANT_TYPES:
             raise ConfigError(f"BitsAndBytesConfig.bnb_4bit_quant_type={bnb_4bit_quant_type!r}: "
                               f"expected one of {_QUANT_TYPES}")
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
@@ -228,8 +228,13 @@ class BnB4BitLinear(_PiecesLinear):
                                       f"bytes of {self.quant_storage}, got {tensor.dtype} "
                                       f"{list(tensor.shape)}; is this checkpoint really 4-bit?")
         if name == self.state_key:
-            self._meta = _bnb().utils.unpack_tensor_to_dict(tensor)
+            self._meta = quant_state_blob(tensor, (self.out_features, self.in_features))
         self._put(name, tensor)
+
+    def check_complete(self, name: str, backend: str) -> None:
+        super().check_complete(name, backend)
+        if self._meta is not None:  # the statistics must cover the weight's blocks, exactly
+            check_statistics(self, name)
 
     def _quantize(self, w: torch.Tensor) -> None:
         """bitsandbytes' blockwise 4-bit quantization (blocksize 64, as Params4bit uses)."""
@@ -314,11 +319,13 @@ class BnB8BitLinear(_PiecesLinear):
             return
         if name not in self.PIECES:
             self._bad_piece(name)
-        if name == "weight" and (tensor.dtype != torch.int8 or
-                                 tuple(tensor.shape) != (self.out_features, self.in_features)):
-            raise CheckpointError(f"BnB8BitLinear: 'weight' should be int8 "
-                                  f"{[self.out_features, self.in_features]}, got {tensor.dtype} "
-                                  f"{list(tensor.shape)}; is this checkpoint really 8-bit?")
+        want = {"weight": (torch.int8, (self.out_features, self.in_features)),
+                "SCB": (torch.float32, (self.out_features,))}[name]
+        if (tensor.dtype, tuple(tensor.shape)) != want:
+            raise CheckpointError(f"BnB8BitLinear: {name!r} should be {str(want[0])[6:]} "
+                                  f"{list(want[1])}, "
+                                  f"got {tensor.dtype} {list(tensor.shape)}; is this checkpoint "
+                                  "really 8-bit?")
         self._put(name, tensor)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 from enum import Enum
 from typing import Any
@@ -39,6 +40,32 @@ class QuantizationMethod(str, Enum):
 def dtype_to_str(value):
     """torch.float16 -> "float16"; other values unchanged (configs hold dtypes, JSON holds names)."""
     return str(value).split(".")[-1] if isinstance(value, torch.dtype) else value
+
+
+_KINDS = {"bool": ("True or False", lambda v: isinstance(v, bool)),
+          "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          "positive int": ("an int > 0",
+                           lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+          "number": ("a finite number", lambda v: isinstance(v, (int, float))
+                     and not isinstance(v, bool) and math.isfinite(v)),
+          "str": ("a string", lambda v: isinstance(v, str))}
+
+
+def check_field(owner: str, field: str, value, kind: str, optional: bool = False):
+    """``value`` if it is of ``kind`` (see _KINDS; None too where ``optional``), else a
+    ConfigError naming ``owner.field``: a string "false" is not a bool, 64.0 not a group size,
+    8.5 not a GGUF type.
+
+    Example:
+        >>> check_field("QuantoConfig", "weights_dtype", ["int8"], "str")
+        Traceback (most recent call last):
+        ...
+        diffquant.errors.ConfigError: QuantoConfig.weights_dtype=['int8']: expected a string
+    """
+    what, ok = _KINDS[kind]
+    if (value is None and optional) or ok(value):
+        return value
+    raise ConfigError(f"{owner}.{field}={value!r}: expected {what}{' or None' if optional else ''}")
 
 
 def str_to_dtype(value, field: str, owner: str):

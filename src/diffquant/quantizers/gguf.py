@@ -82,8 +82,9 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
                               "such as torch.bfloat16, torch.float16 or torch.float32")
         self.compute_dtype = dtype
         if quant_type is not None:
-            try:
-                qtype = ggml_type(quant_type)
+            try:  # a name or a type id: ggml_type(8.5) would be Q8_0, ggml_type(True) F16
+                qtype = ggml_type(quant_type) if isinstance(quant_type, (str, int)) and \
+                    not isinstance(quant_type, bool) else None
             except QuantizationError:
                 qtype = None
             if qtype not in QUANTIZABLE_TYPES:

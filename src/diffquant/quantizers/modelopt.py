@@ -35,7 +35,7 @@ from ..ops import modelopt_math as mm
 from ..ops.modelopt_math import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
-from .config import QuantizationConfigMixin, QuantizationMethod
+from .config import QuantizationConfigMixin, QuantizationMethod, check_field
 
 logger = logging.getLogger(__name__)
 
@@ -107,24 +107,29 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
         self.quant_method = QuantizationMethod.MODELOPT
         self.quant_type = self._check_quant_type(quant_type)
         self.modules_to_not_convert = self._check_modules_list(modules_to_not_convert)
-        self.weight_only = bool(weight_only)
-        for field, value in (("channel_quantize", channel_quantize), ("block_quantize", block_quantize),
-                             ("scale_channel_quantize", scale_channel_quantize),
-                             ("scale_block_quantize", scale_block_quantize)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"NVIDIAModelOptConfig.{field}={value!r}: expected an int or None")
-            setattr(self, field, value)
+        self.weight_only = check_field("NVIDIAModelOptConfig", "weight_only", weight_only, "bool")
+        for field, value, kind in (("channel_quantize", channel_quantize, "int"),
+                                   ("block_quantize", block_quantize, "positive int"),
+                                   ("scale_channel_quantize", scale_channel_quantize, "int"),
+                                   ("scale_block_quantize", scale_block_quantize, "positive int")):
+            setattr(self, field, check_field("NVIDIAModelOptConfig", field, value, kind, True))
+        if forward_loop is not None and not callable(forward_loop):
+            raise ConfigError(f"NVIDIAModelOptConfig.forward_loop={forward_loop!r}: expected a "
+                              "callable or None")
         if not isinstance(algorithm, str):
             raise ConfigError(f"NVIDIAModelOptConfig.algorithm={algorithm!r}: expected a string "
                               "such as 'max'")
         self.calib_cfg = {"method": algorithm}  # diffusers' key for the algorithm
         self._forward_loop = forward_loop       # a callable: kept, never serialised
-        if modelopt_config is not None and (not isinstance(modelopt_config, dict)
-                                            or "quant_cfg" not in modelopt_config):
+        if modelopt_config is not None and (not isinstance(modelopt_config, dict) or not
+                                            isinstance(modelopt_config.get("quant_cfg"),
+                                                       (dict, list))):
             raise ConfigError(f"NVIDIAModelOptConfig.modelopt_config: expected a dict with a "
-                              f"'quant_cfg' key, got {modelopt_config!r}")
+                              f"'quant_cfg' object (or list), got {modelopt_config!r}")
         self.modelopt_config = _canonical(modelopt_config or self.get_config_from_quant_type())
-        self.disable_conv_quantization = bool(disable_conv_quantization)
+        self.disable_conv_quantization = check_field("NVIDIAModelOptConfig",
+                                                     "disable_conv_quantization",
+                                                     disable_conv_quantization, "bool")
 
     @staticmethod
     def _check_quant_type(quant_type) -> str:
@@ -198,6 +203,9 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
         if "quant_method" in data:  # diffusers' in-memory dict holds its own enum
             data["quant_method"] = getattr(data["quant_method"], "value", data["quant_method"])
         calib = data.pop("calib_cfg", None)
+        if calib is not None and not isinstance(calib, dict):
+            raise ConfigError(f"NVIDIAModelOptConfig.calib_cfg={calib!r}: expected an object such "
+                              "as {'method': 'max'}")
         if isinstance(calib, dict) and "algorithm" not in data:
             data["algorithm"] = calib.get("method", "max")
         return super().from_dict(data, return_unused_kwargs=return_unused_kwargs)
@@ -293,12 +301,24 @@ class ModelOptLinear(QuantizedLinear):
             for key, buf in buffers.items():
                 self.weight_quantizer.register_buffer(key, buf)
         elif name == "weight":
+            self._check_packed(tensor)
             self.weight = tensor
         elif name.startswith("weight_quantizer.") and "." not in name[len("weight_quantizer."):]:
+            if tensor.numel() > self.out_features * self.in_features:
+                raise CheckpointError(f"modelopt layer ({self.scheme}): {name!r} holds "
+                                      f"{tensor.numel()} values, more than the weight's "
+                                      f"{self.out_features} x {self.in_features}")
             self.weight_quantizer.register_buffer(name.split(".", 1)[1], tensor)
         else:
             raise CheckpointError(f"modelopt layer ({self.scheme}): unexpected tensor {name!r}; "
                                   "expected weight, bias or weight_quantizer.<_amax|_scale|...>")
+
+    def _check_packed(self, tensor: torch.Tensor) -> None:
+        want = mm.packed_weight_mismatch(self.scheme, tensor, self.out_features, self.in_features)
+        if want:
+            raise CheckpointError(f"modelopt layer ({self.scheme}): 'weight' should be {want}, got "
+                                  f"{tensor.dtype} {list(tensor.shape)}; the checkpoint does not "
+                                  "match its layer")
 
     def check_complete(self, name: str) -> None:
         missing = [f"{name}.{k}" for k in ("weight",) if getattr(self, k) is None]

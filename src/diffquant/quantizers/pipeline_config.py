@@ -42,12 +42,29 @@ def _init_names(cls) -> tuple[set[str], bool]:
     return names - {"kwargs"}, takes_any
 
 
+def _check_types(backend, kwargs, components, mapping) -> None:
+    """Each field's type, by name, before anything iterates over it."""
+    bad = [(n, v, want) for n, v, want, ok in (
+        ("quant_backend", backend, "a backend name", backend is None or isinstance(backend, str)),
+        ("quant_kwargs", kwargs, "a dict of keyword arguments", kwargs is None or
+         isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)),
+        ("components_to_quantize", components, "a component name or a list of them",
+         components is None or isinstance(components, str) or isinstance(components, (list, tuple))
+         and all(isinstance(c, str) for c in components)),
+        ("quant_mapping", mapping, "component names as keys", not isinstance(mapping, dict)
+         or all(isinstance(k, str) for k in mapping))) if not ok]  # a non-dict: _validate_mapping
+    if bad:
+        name, value, want = bad[0]
+        raise ConfigError(f"PipelineQuantizationConfig.{name}={value!r}: expected {want}")
+
+
 class PipelineQuantizationConfig:
     """Per-component quantization for DiffusionPipeline.from_pretrained(quantization_config=...)."""
 
     def __init__(self, quant_backend: str | None = None, quant_kwargs: dict | None = None,
                  components_to_quantize: list[str] | str | None = None,
                  quant_mapping: dict | None = None):
+        _check_types(quant_backend, quant_kwargs, components_to_quantize, quant_mapping)
         self.quant_backend = quant_backend
         self.quant_kwargs = dict(quant_kwargs or {})
         if isinstance(components_to_quantize, str):

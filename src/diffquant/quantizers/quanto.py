@@ -56,7 +56,7 @@ class QuantoConfig(QuantizationConfigMixin):
 
     def __init__(self, weights_dtype: str = "int8", modules_to_not_convert=None):
         self.quant_method = QuantizationMethod.QUANTO
-        if weights_dtype not in WEIGHTS_DTYPES:
+        if not isinstance(weights_dtype, str) or weights_dtype not in WEIGHTS_DTYPES:
             raise ConfigError(f"QuantoConfig.weights_dtype={weights_dtype!r}: expected one of "
                               f"{list(WEIGHTS_DTYPES)}")
         self.weights_dtype = weights_dtype
@@ -175,6 +175,11 @@ class QuantoLinear(PiecesLinear):
             self._refuse(name)
         if name.startswith("weight._data"):
             self._check_data(name, tensor)
+        elif name in ("weight._scale", "weight._shift"):
+            rows = self.out_features * self.in_features // (self.group_size or self.in_features)
+            if tuple(tensor.shape) != (rows, 1):
+                raise CheckpointError(f"QuantoLinear: {name!r} should be [{rows}, 1] for weights_"
+                                      f"dtype={self.weights_dtype!r}, got {list(tensor.shape)}")
         self._put(name, aligned(tensor))
 
     def _check_data(self, name, t):

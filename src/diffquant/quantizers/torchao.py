@@ -34,7 +34,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, owner_of, require
-from .config import QuantizationConfigMixin, QuantizationMethod
+from .config import QuantizationConfigMixin, QuantizationMethod, check_field
 from .torchao_layers import LAYERS
 
 logger = logging.getLogger(__name__)
@@ -92,9 +92,19 @@ class TorchAoConfig(QuantizationConfigMixin):
         self.quant_method = QuantizationMethod.TORCHAO
         self.quant_type = quant_type
         self.modules_to_not_convert = self._check_modules_list(modules_to_not_convert)
+        if isinstance(quant_type, (bool, int, float, list, dict, type(None))):
+            raise ConfigError(f"TorchAoConfig.quant_type={quant_type!r}: expected a name such as "
+                              "'int8wo' or a torchao AOBaseConfig object")
         if isinstance(quant_type, str):
             # a dict read from config.json carries the kwargs under "quant_type_kwargs"
-            kwargs = dict(kwargs.pop("quant_type_kwargs", None) or {}, **kwargs)
+            nested = kwargs.pop("quant_type_kwargs", None) or {}
+            if not isinstance(nested, dict):
+                raise ConfigError(f"TorchAoConfig.quant_type_kwargs={nested!r}: expected an object")
+            kwargs = dict(nested, **kwargs)
+            check_field("TorchAoConfig", "quant_type_kwargs['group_size']",
+                        kwargs.get("group_size"), "int", optional=True)
+            check_field("TorchAoConfig", "quant_type_kwargs['set_inductor_config']",
+                        kwargs.get("set_inductor_config"), "bool", optional=True)
             if "weight_dtype" in kwargs:  # JSON holds names, not dtypes
                 kwargs["weight_dtype"] = str(_fp8_dtype(kwargs["weight_dtype"])).split(".")[-1]
             self.quant_type_kwargs = kwargs
@@ -160,7 +170,11 @@ class TorchAoConfig(QuantizationConfigMixin):
                 raise ConfigError(f"TorchAoConfig.from_dict: quant_type should be a name or "
                                   f"{{'default': <torchao config>}}, got keys {sorted(quant_type)}")
             config_from_dict = require("torchao.core.config", "torchao").config_from_dict
-            quant_type = config_from_dict(quant_type["default"])
+            try:
+                quant_type = config_from_dict(quant_type["default"])
+            except (TypeError, ValueError, KeyError, AttributeError) as err:
+                raise ConfigError(f"TorchAoConfig.quant_type['default']: not a torchao config "
+                                  f"torchao can read ({type(err).__name__}: {err})") from None
         obj = cls(quant_type, **data)
         return (obj, {}) if return_unused_kwargs else obj
 

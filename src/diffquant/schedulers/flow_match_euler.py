@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +56,14 @@ class FlowMatchEulerDiscreteScheduler(ConfigMixin):
         if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
             raise ConfigError("FlowMatchEulerDiscreteScheduler: only one of use_karras_sigmas, "
                               "use_exponential_sigmas, use_beta_sigmas can be true")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
+                or not 1 <= num_train_timesteps <= 1_000_000:  # an array of this length is built
+            raise ConfigError(f"FlowMatchEulerDiscreteScheduler: num_train_timesteps="
+                              f"{num_train_timesteps!r}; expected an int in [1, 1000000] (1000 in "
+                              "diffusers' configs)")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
+            raise ConfigError(f"FlowMatchEulerDiscreteScheduler: shift={shift!r}; expected a finite "
+                              "number")
         if time_shift_type not in ("exponential", "linear"):
             raise ConfigError(f"FlowMatchEulerDiscreteScheduler: time_shift_type={time_shift_type!r}; "
                               "expected 'exponential' or 'linear'")
@@ -218,7 +228,11 @@ class FlowMatchEulerDiscreteScheduler(ConfigMixin):
 
         config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder,
                                  **split_hub_kwargs(kwargs))
-        return cls.from_config(config, **kwargs)
+        try:
+            return cls.from_config(config, **kwargs)
+        except (ConfigError, TypeError, ValueError) as err:  # name the file it came from
+            where = Path(os.fspath(pretrained_model_name_or_path), subfolder or "", cls.config_name)
+            raise ConfigError(f"{where}: {err}") from None
 
     def save_pretrained(self, save_directory, **unused) -> None:
         """Write ``scheduler_config.json`` into ``save_directory``."""
