@@ -23,30 +23,21 @@ from diffquant.gguf_recipes import plan_types, resolve_recipe, use_more_bits
 from diffquant.ops.gguf_dequant import quantize
 from diffquant.quantizers.gguf import GGUFQuantizationConfig
 from tests.gguf_spec import check_gguf_file
+from tests.test_gguf_kquant import wide_flux  # noqa: F401  (a fixture, shared)
 from tests.test_gguf_single_file import to_bfl
 from tests.toy import flux_inputs
 
-# rows of 256 almost everywhere, so the K-quants and their mixtures apply
-WIDE = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
-            num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=256,
-            axes_dims_rope=(8, 28, 28), guidance_embeds=True)
 IMG_ARCH_LIST = {"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan",
                  "lumina2", "qwen_image"}   # ComfyUI-GGUF loader.py
 EMBEDDERS = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wide")
-    ref = diffusers.FluxTransformer2DModel(**WIDE).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    ref.save_pretrained(root / "config")
-    model = FluxTransformer2DModel.from_pretrained(root / "config")
+def wide(wide_flux):
+    """test_gguf_kquant's Flux with rows of 256 almost everywhere (the K-quants apply)."""
+    model = FluxTransformer2DModel.from_pretrained(wide_flux)
     bfl = {k: v[0] for k, v in to_bfl({k: (v.numpy(), None) for k, v in model.state_dict().items()}).items()}
-    return dict(config=root / "config", model=model, bfl=bfl)
+    return dict(config=wide_flux, model=model, bfl=bfl)
 
 
 @pytest.fixture(scope="module")

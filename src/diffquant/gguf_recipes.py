@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from .errors import QuantizationError
-from .ops.gguf_dequant import BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, ggml_type
+from .ops.gguf_dequant import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, ggml_type,
+                               quantizable_type)
 
 T = GGMLType
 SMALL_TENSOR = 1024  # city96's QUANTIZATION_THRESHOLD: at most this many values stay F32
@@ -141,11 +142,8 @@ def parse_overrides(items) -> dict[str, GGMLType]:
     pairs = items.items() if isinstance(items, dict) else [_split(s) for s in items or ()]
     out = {}
     for glob, qtype in pairs:
-        try:
-            kind = ggml_type(qtype)
-        except QuantizationError:
-            kind = None
-        if kind not in QUANTIZABLE_TYPES:
+        kind = quantizable_type(qtype)
+        if kind is None:
             raise QuantizationError(f"GGUF override {glob!r}: type {qtype!r}; expected one of "
                                     f"{[t.name for t in QUANTIZABLE_TYPES]}")
         out[str(glob)] = kind

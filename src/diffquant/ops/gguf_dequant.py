@@ -290,6 +290,15 @@ _QUANT = {GGMLType.Q8_0: _q_q8_0, GGMLType.Q4_0: _q_q4_0, GGMLType.Q4_1: _q_q4_1
 QUANTIZABLE_TYPES = tuple(FLOAT_TYPES) + tuple(_QUANT)
 
 
+def quantizable_type(qtype) -> GGMLType | None:
+    """The GGMLType ``qtype`` names if diffquant can write it (quantize to it), else None."""
+    try:
+        kind = ggml_type(qtype)
+    except QuantizationError:
+        return None
+    return kind if kind in QUANTIZABLE_TYPES else None
+
+
 def quantize(weight: torch.Tensor, qtype) -> torch.Tensor:
     """Values (..., n) -> uint8 blocks (..., nbytes) of GGUF type ``qtype`` (float types too).
 

@@ -41,7 +41,7 @@ from ..errors import CheckpointError, ConfigError, QuantizationError
 from ..ops.fast_gguf import prepare_gguf_weight
 from ..ops.fast_linear import linear_weight_only
 from ..ops.gguf_dequant import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
-                                ggml_type, logical_shape, quantize)
+                                ggml_type, logical_shape, quantizable_type, quantize)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of
 from .config import QuantizationConfigMixin, QuantizationMethod, str_to_dtype
@@ -82,11 +82,8 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
                               "such as torch.bfloat16, torch.float16 or torch.float32")
         self.compute_dtype = dtype
         if quant_type is not None:
-            try:
-                qtype = ggml_type(quant_type)
-            except QuantizationError:
-                qtype = None
-            if qtype not in QUANTIZABLE_TYPES:
+            qtype = quantizable_type(quant_type)
+            if qtype is None:
                 raise ConfigError(f"GGUFQuantizationConfig.quant_type={quant_type!r}: expected None (load "
                                   "pre-quantized files only) or one of "
                                   f"{[t.name for t in QUANTIZABLE_TYPES]}")
