@@ -37,6 +37,7 @@ _EXPORTS = {
     "DiffquantError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "QuantizationError": "errors", "BackendUnavailableError": "errors",
     "default_pipeline_path": "assets",
+    "export_gguf": "gguf_export", "export_t5_gguf": "t5_gguf", "load_t5_encoder_gguf": "t5_gguf",
 }
 
 __all__ = sorted(_EXPORTS)
