@@ -225,6 +225,8 @@ def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: d
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it the file
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
