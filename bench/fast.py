@@ -137,7 +137,7 @@ def run_child(job: dict) -> dict:
         from diffquant.single_file import export_gguf
 
         tmp = Path(job["export"]).with_suffix(".tmp.gguf")
-        export_gguf(model, tmp, qtype=job["qtype"])
+        export_gguf(model, tmp, qtype=job["qtype"], layout="diffusers")  # what diffusers splits at any width
         os.replace(tmp, job["export"])
     if job["kind"] == "forward":
         out.update(_forwards(job, model))

@@ -230,7 +230,8 @@ def _export(model, job: dict, config) -> None:
 
     target = Path(job["export_gguf"])
     tmp = target.with_suffix(".tmp.gguf")
-    export_gguf(model, tmp, qtype=config.quant_type)
+    # diffusers names: its loader splits original-layout files with Flux-dev sizes written in
+    export_gguf(model, tmp, qtype=config.quant_type, layout="diffusers")
     os.replace(tmp, target)
 
 

@@ -207,7 +207,7 @@ def test_save_pretrained_reloads_without_config(flux, tmp_path):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_export_gguf_reads_back_in_gguf_py_and_diffusers(flux, tmp_path, qtype):
     plain = FluxTransformer2DModel.from_pretrained(flux["root"] / "config")
-    path = export_gguf(plain, tmp_path / "out.gguf", qtype)
+    path = export_gguf(plain, tmp_path / "out.gguf", qtype, layout="diffusers")
     reader = gguf.GGUFReader(path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert set(types) == set(plain.state_dict())
@@ -237,9 +237,9 @@ def test_export_of_a_gguf_model_keeps_its_blocks(flux, tmp_path):
     model = FluxTransformer2DModel.from_single_file(
         flux["root"] / "diffusers.gguf", quantization_config=GGUFQuantizationConfig(torch.float32),
         config=flux["root"] / "config")
-    path = export_gguf(model, tmp_path / "again.gguf", "Q8_0")
+    path = export_gguf(model, tmp_path / "again.gguf", "Q8_0")   # the community layout
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-    assert types["time_text_embed.timestep_embedder.linear_1.weight"] == "Q6_K"
+    assert types["time_in.in_layer.weight"] == "Q6_K"   # an embedder, but its blocks are kept
     assert not any(k.endswith("weight_qtype") for k in types)
     again = FluxTransformer2DModel.from_single_file(path, quantization_config=GGUFQuantizationConfig(),
                                                     config=flux["root"] / "config")

@@ -45,6 +45,7 @@ _EXPORTS = {
     "default_pipeline_path": "assets",
     "diffusers_class": "diffusers_bridge",
     "diffusers_pipeline_class": "pipelines.diffusers_pipelines",
+    "export_gguf": "gguf_export", "export_t5_gguf": "t5_gguf", "load_t5_encoder_gguf": "t5_gguf",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -222,31 +222,48 @@ def _prod(shape) -> int:
     return out
 
 
-def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: dict | None = None) -> Path:
+GGML_MAX_NAME = 64  # ggml's reader refuses tensor names of 64 bytes or more
+GGML_MAX_DIMS = 4
+
+
+def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: dict | None = None,
+               *, progress: bool = False) -> Path:
     """Write ``tensors`` (name -> (uint8 blocks, GGMLType)) to ``path`` with gguf-py's GGUFWriter.
 
-    The file is written beside ``path`` and renamed into place, so a crash never leaves half a
-    file under the final name.
+    ``metadata`` values are written with their own GGUF types: int as uint32 (uint64 when
+    larger), float as float32, bool, str, and lists of those as arrays. ``general.alignment``
+    (32) is always written, as ggml's reader checks it. Names must stay under ggml's 64 bytes and
+    tensors within its 4 dimensions. The file is written beside ``path`` and renamed into place,
+    so a crash never leaves half a file under the final name.
 
     Example:
         >>> blocks = quantize(torch.randn(64, 64), GGMLType.Q8_0)             # doctest: +SKIP
-        >>> write_gguf("w.gguf", {"proj.weight": (blocks, GGMLType.Q8_0)})    # doctest: +SKIP
+        >>> write_gguf("w.gguf", {"proj.weight": (blocks, GGMLType.Q8_0)},     # doctest: +SKIP
+        ...            metadata={"general.quantization_version": 2})
     """
     from .quantizers.base import require
 
     gguf = require("gguf", "gguf")
     path, tmp = _temp_beside(path)
+    for name, (blocks, _) in tensors.items():
+        if len(name.encode()) >= GGML_MAX_NAME or blocks.dim() > GGML_MAX_DIMS:
+            raise CheckpointError(f"{path}: tensor {name!r} of {blocks.dim()} dimensions cannot be "
+                                  f"written: ggml reads names under {GGML_MAX_NAME} bytes and at "
+                                  f"most {GGML_MAX_DIMS} dimensions")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
+        writer.add_custom_alignment(DEFAULT_ALIGNMENT)
         for key, value in (metadata or {}).items():
-            writer.add_string(key, str(value))
+            _add_value(writer, gguf, key, value)
         for name, (blocks, qtype) in tensors.items():
             data = blocks.detach().to("cpu").contiguous().numpy()
             writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
         writer.close()
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it the file
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
         raise _write_error(path, tmp, err) from err
@@ -289,3 +306,17 @@ def _write_error(path: Path, tmp: Path, err: OSError) -> CheckpointError:
                           "file was removed and what was at that path before is unchanged")
     out.errno = err.errno or (errno.ENOSPC if cause == os.strerror(errno.ENOSPC) else None)
     return out
+
+
+def _add_value(writer, gguf, key: str, value) -> None:
+    kind = gguf.GGUFValueType
+    if isinstance(value, bool):
+        writer.add_key_value(key, value, kind.BOOL)
+    elif isinstance(value, int):
+        writer.add_key_value(key, value, kind.UINT32 if 0 <= value < 2 ** 32 else kind.INT64)
+    elif isinstance(value, float):
+        writer.add_key_value(key, value, kind.FLOAT32)
+    elif isinstance(value, (list, tuple)):
+        writer.add_key_value(key, list(value), kind.ARRAY)
+    else:
+        writer.add_key_value(key, str(value), kind.STRING)

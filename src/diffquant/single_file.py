@@ -14,7 +14,7 @@ Example:
     >>> from diffquant import FluxTransformer2DModel, GGUFQuantizationConfig
     >>> m = FluxTransformer2DModel.from_single_file("flux1-dev-Q8_0.gguf",         # doctest: +SKIP
     ...         quantization_config=GGUFQuantizationConfig(torch.bfloat16), torch_dtype=torch.bfloat16)
-    >>> export_gguf(m, "flux-Q8_0.gguf", "Q8_0")                                  # doctest: +SKIP
+    >>> export_gguf(m, "flux-Q8_0.gguf", "Q8_0")     # community layout   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from .checkpoint import SafetensorsFile
-from .errors import CheckpointError, ConfigError, QuantizationError
-from .gguf_file import GGUFFile, write_gguf
+from .errors import CheckpointError, ConfigError
+from .gguf_file import GGUFFile
 from .hub import resolve_dir
-from .ops.gguf_dequant import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, dequantize,
-                               ggml_type, quantize)
+from .ops.gguf_dequant import FLOAT_TYPES, dequantize
 
 logger = logging.getLogger(__name__)
 
@@ -321,38 +320,14 @@ def load_planned(cls, source, plan: dict[str, Piece], config_dict: dict, quantiz
     return model.eval()
 
 
-# -- export ------------------------------------------------------------------------------------
-def export_gguf(model: nn.Module, path, qtype="Q8_0", arch: str = "flux") -> Path:
-    """Write ``model`` as one ``.gguf`` file with diffusers key names.
-
-    Linear weights whose rows fit the block size become ``qtype`` (GGUF layers keep their own
-    blocks); everything else is stored as F32, which diffusers' GGUF loader and llama.cpp tools
-    read as plain tensors. The file loads with ``from_single_file`` here and in diffusers.
+# -- export ---------------------------------------------------------------------------------------
+def export_gguf(model: nn.Module, path, qtype=None, **kwargs) -> Path:
+    """Write ``model`` as one ``.gguf`` file (Flux: the community layout); the arguments and
+    the layouts are ``diffquant.gguf_export.export_gguf``'s.
 
     Example:
         >>> export_gguf(model, "transformer-Q8_0.gguf", "Q8_0")                 # doctest: +SKIP
     """
-    from .quantizers.gguf import GGUFLinear
+    from .gguf_export import export_gguf as export
 
-    qtype = ggml_type(qtype)
-    if qtype not in QUANTIZABLE_TYPES:
-        raise QuantizationError(f"export_gguf: qtype={qtype.name}; expected one of "
-                                f"{[t.name for t in QUANTIZABLE_TYPES]}")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and str(quantizer.quantization_config.quant_method) != "gguf":
-        raise QuantizationError(f"export_gguf: this model is quantized with "
-                                f"{quantizer.quantization_config.quant_method}; dequantize() it first")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, GGUFLinear))}
-    tensors = {}
-    for key, value in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        module = linears.get(owner)
-        if isinstance(module, GGUFLinear) and leaf in ("weight", "weight_qtype"):
-            if leaf == "weight":
-                tensors[key] = (value, module.qtype)
-        elif isinstance(module, nn.Linear) and leaf == "weight" \
-                and value.shape[-1] % BLOCK_LAYOUT[qtype][0] == 0:
-            tensors[key] = (quantize(value, qtype), qtype)
-        else:
-            tensors[key] = (quantize(value.float(), GGMLType.F32), GGMLType.F32)
-    return write_gguf(path, tensors, arch=arch)
+    return export(model, path, qtype, **kwargs)

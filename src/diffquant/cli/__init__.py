@@ -1,4 +1,4 @@
-"""The ``diffquant`` command line: generate | quantize | inspect | compare.
+"""The ``diffquant`` command line: generate | quantize | inspect | compare | convert.
 
 Every command takes ``--quantize backend:scheme[@components]`` (see diffquant.spec) where it
 loads a pipeline. Errors print one line, ``diffquant: error: <cause>; <what to do>``, and exit
@@ -9,6 +9,9 @@ Example:
     $ diffquant generate --prompt "a red circle" --quantize torchao:int8wo --out out/a.png
     $ diffquant quantize pipe/ pipe-int8/ --quantize torchao:int8wo
     $ diffquant inspect pipe-int8/
+    $ diffquant convert default out/flux-Q4_K_M.gguf --recipe Q4_K_M
+
+Wherever a model is taken, ``default`` names the pipeline shipped with diffquant.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from . import commands
+from . import commands, convert
 from .commands import EXIT_RUNTIME, EXIT_USAGE, ChildError, UsageError
 
 
@@ -49,7 +52,10 @@ EPILOGS = {
   diffquant compare --prompt "a red circle" --quantize torchao:int8wo --quantize bnb:nf4
   diffquant compare --prompt "a blue square" --quantize gguf:q4_0 --out out/grid.png
   diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0+quanto:int8@text_encoder_2""",
+    "convert": convert.EPILOG,
 }
+MODEL_HELP = ("pipeline directory, hub id, or 'default' (the pipeline shipped with diffquant; "
+              "write ./default for a directory of that name)")
 SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: transformer), "
              "e.g. torchao:int8wo, bnb:nf4@transformer,text_encoder_2, gguf:q4_0, quanto:int8, "
              "modelopt:int8 (bnb = bitsandbytes: nf4, fp4, nf4-dq, fp4-dq, int8; modelopt int8 "
@@ -59,8 +65,7 @@ SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: tra
 
 def _common(parser, model_flag=True) -> None:
     if model_flag:
-        parser.add_argument("--model", default=None, help="pipeline directory or hub id "
-                            "(default: the pipeline shipped with diffquant)")
+        parser.add_argument("--model", default="default", help=MODEL_HELP + " (default: default)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="dtype of unquantized weights and compute (auto: float32 on CPU, else bfloat16)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     qua = command("quantize", commands.cmd_quantize, "write a pre-quantized pipeline copy",
                   "Quantize SRC and save it to DST; DST loads with no configuration.")
-    qua.add_argument("src", metavar="SRC", help="pipeline directory or hub id")
+    qua.add_argument("src", metavar="SRC", help=MODEL_HELP)
     qua.add_argument("dst", metavar="DST", help="directory to write")
     qua.add_argument("--quantize", action="append", metavar="SPEC", required=True, help=SPEC_HELP)
     qua.add_argument("--overwrite", action="store_true", help="save into DST even if not empty")
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = command("inspect", commands.cmd_inspect, "list components and their quantization",
                   "Show each component: class, quantization, parameters, bytes on disk and in memory.")
-    ins.add_argument("path", metavar="PATH", help="pipeline directory or hub id")
+    ins.add_argument("path", metavar="PATH", help=MODEL_HELP)
     _common(ins, model_flag=False)
 
     cmp_ = command("compare", commands.cmd_compare, "compare quantization schemes",
@@ -139,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quantize", action="append", metavar="SPEC", required=True,
                       help=SPEC_HELP + "; each flag is one variant (join SPECs with '+')")
     cmp_.add_argument("--out", default="out/compare.png", help="grid PNG (default out/compare.png)")
+
+    con = command("convert", convert.cmd_convert, "convert between folders and .gguf / "
+                  ".safetensors files", convert.DESCRIPTION)
+    convert.add_arguments(con)
     return parser
 
 
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given; run 'diffquant --help' for the commands "
-                             "(generate, quantize, inspect, compare)")
+                             "(generate, quantize, inspect, compare, convert)")
         commands.quiet_libraries(args.quiet, args.debug)
         return args.func(args)
     except KeyboardInterrupt:

@@ -78,12 +78,22 @@ def _device(name: str) -> str:
 
 
 # -- pipelines ----------------------------------------------------------------------------
-def _model_index(model) -> tuple[str, dict]:
-    """(path or id, model_index.json) of ``model`` (None: the shipped default pipeline)."""
-    if model is None:
+DEFAULT_MODEL = "default"  # names the pipeline shipped with diffquant wherever a model is taken
+
+
+def model_path(name: str | None) -> str:
+    """``name`` as a path or hub id: ``default`` (or None) is the shipped pipeline's directory
+    (write ``./default`` for a local directory of that name)."""
+    if name is None or name == DEFAULT_MODEL:
         from ..assets import default_pipeline_path
 
-        model = str(default_pipeline_path())
+        return str(default_pipeline_path())
+    return name
+
+
+def _model_index(model) -> tuple[str, dict]:
+    """(path or id, model_index.json) of ``model`` (None or "default": the shipped pipeline)."""
+    model = model_path(model)
     path = Path(model).expanduser()
     if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise UsageError(f"{model}: no such directory; give a pipeline directory or a hub id "
@@ -289,6 +299,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    args.src = model_path(args.src)
     src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
     if dst.exists() and any(dst.iterdir()) and not args.overwrite:
         raise UsageError(f"{dst}: exists and is not empty; choose another DST or pass --overwrite")

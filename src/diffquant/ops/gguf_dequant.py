@@ -285,15 +285,27 @@ _QUANT = {GGMLType.Q8_0: _q_q8_0, GGMLType.Q4_0: _q_q4_0, GGMLType.Q4_1: _q_q4_1
           GGMLType.Q5_0: _q_q5_0, GGMLType.Q5_1: _q_q5_1,
           # gguf-py has no K-quant quantizer: ggml's reference semantics, see gguf_kquant.py
           GGMLType.Q4_K: lambda x: kquant_blocks(x, "Q4_K"),
+          GGMLType.Q5_K: lambda x: kquant_blocks(x, "Q5_K"),
           GGMLType.Q6_K: lambda x: kquant_blocks(x, "Q6_K")}
 QUANTIZABLE_TYPES = tuple(FLOAT_TYPES) + tuple(_QUANT)
+
+
+def quantizable_type(qtype) -> GGMLType | None:
+    """The GGMLType ``qtype`` names if diffquant can write it (quantize to it), else None."""
+    if not isinstance(qtype, (str, int)) or isinstance(qtype, bool):
+        return None  # ggml_type(8.5) would be Q8_0, ggml_type(True) F16
+    try:
+        kind = ggml_type(qtype)
+    except QuantizationError:
+        return None
+    return kind if kind in QUANTIZABLE_TYPES else None
 
 
 def quantize(weight: torch.Tensor, qtype) -> torch.Tensor:
     """Values (..., n) -> uint8 blocks (..., nbytes) of GGUF type ``qtype`` (float types too).
 
-    Bit-identical to ``gguf.quants.quantize`` (the reference of llama.cpp's converters); Q4_K
-    and Q6_K, which gguf-py cannot write, follow ggml's reference quantizers (gguf_kquant.py).
+    Bit-identical to ``gguf.quants.quantize`` (the reference of llama.cpp's converters); Q4_K,
+    Q5_K and Q6_K, which gguf-py cannot write, follow ggml's reference quantizers (gguf_kquant.py).
     """
     qtype = ggml_type(qtype)
     if qtype not in QUANTIZABLE_TYPES:

@@ -41,7 +41,7 @@ from ..errors import CheckpointError, ConfigError, QuantizationError
 from ..ops.fast_gguf import prepare_gguf_weight
 from ..ops.fast_linear import linear_weight_only
 from ..ops.gguf_dequant import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
-                                ggml_type, logical_shape, quantize)
+                                ggml_type, logical_shape, quantizable_type, quantize)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of
 from .config import QuantizationConfigMixin, QuantizationMethod, str_to_dtype
@@ -82,12 +82,8 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
                               "such as torch.bfloat16, torch.float16 or torch.float32")
         self.compute_dtype = dtype
         if quant_type is not None:
-            try:  # a name or a type id: ggml_type(8.5) would be Q8_0, ggml_type(True) F16
-                qtype = ggml_type(quant_type) if isinstance(quant_type, (str, int)) and \
-                    not isinstance(quant_type, bool) else None
-            except QuantizationError:
-                qtype = None
-            if qtype not in QUANTIZABLE_TYPES:
+            qtype = quantizable_type(quant_type)
+            if qtype is None:
                 raise ConfigError(f"GGUFQuantizationConfig.quant_type={quant_type!r}: expected None (load "
                                   "pre-quantized files only) or one of "
                                   f"{[t.name for t in QUANTIZABLE_TYPES]}")
@@ -175,6 +171,45 @@ class GGUFLinear(QuantizedLinear):
         return f"{super().extra_repr()}, qtype={kind}, compute_dtype={self.compute_dtype}"
 
 
+class GGUFEmbedding(nn.Module):
+    """nn.Embedding whose table is raw ggml blocks: a lookup decodes only the rows it picks
+    (a ggml block never crosses a row), so a quantized vocabulary stays quantized in memory.
+
+    Example:
+        >>> import torch
+        >>> from diffquant.ops.gguf_dequant import quantize
+        >>> emb = GGUFEmbedding(4, 64, compute_dtype=torch.float32)
+        >>> emb.load_blocks(quantize(torch.randn(4, 64), "Q8_0"), "Q8_0")
+        >>> emb(torch.tensor([[0, 3]])).shape
+        torch.Size([1, 2, 64])
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, compute_dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.compute_dtype = compute_dtype
+        self.qtype: GGMLType | None = None
+        self.register_buffer("weight", torch.empty(num_embeddings, 0, dtype=torch.uint8))
+
+    def load_blocks(self, blocks: torch.Tensor, qtype) -> None:
+        qtype = ggml_type(qtype)
+        shape = logical_shape(tuple(blocks.shape), qtype)
+        if shape != (self.num_embeddings, self.embedding_dim):
+            raise CheckpointError(f"GGUF embedding: {qtype.name} blocks decode to {list(shape)}, "
+                                  f"expected [{self.num_embeddings}, {self.embedding_dim}]")
+        self.weight, self.qtype = blocks, qtype
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight, self.qtype, self.compute_dtype or torch.float32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids]                               # (..., bytes per row) uint8
+        return dequantize(rows, self.qtype, self.compute_dtype or torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={getattr(self.qtype, 'name', None)}"
+
+
 @register_quantizer("gguf", GGUFQuantizationConfig)
 class GGUFQuantizer(DiffusersQuantizer):
     """Swaps nn.Linear for GGUFLinear; loads ggml blocks, or quantizes floats to ``quant_type``."""
@@ -238,4 +273,4 @@ class GGUFQuantizer(DiffusersQuantizer):
         return True
 
 
-__all__ = ["GGUFLinear", "GGUFQuantizationConfig", "GGUFQuantizer"]
+__all__ = ["GGUFEmbedding", "GGUFLinear", "GGUFQuantizationConfig", "GGUFQuantizer"]
