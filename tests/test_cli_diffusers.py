@@ -52,7 +52,7 @@ def test_quantize_and_inspect(wan_dir, tmp_path, capsys):
     assert index["_class_name"] == "WanPipeline"
     assert index["transformer"] == ["diffusers", "WanTransformer3DModel"]
     config = json.loads((dst / "transformer" / "config.json").read_text())
-    assert config["quantization_config"]["quant_type"] == "int8wo"
+    assert config["quantization_config"]["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
     capsys.readouterr()
     assert main_in_process("inspect", dst, "-q") == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}

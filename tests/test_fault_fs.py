@@ -45,11 +45,11 @@ def full_disk(request, tmp_path, monkeypatch):
 
     real = C.write_safetensors  # small saves pass; the big one finds the disk full
 
-    def write(tensors, path):
+    def write(tensors, path, metadata=None):
         if sum(t.numel() * t.element_size() for t in tensors.values()) > 1_000_000:
             path.write_bytes(b"\0" * 4096)  # part of it made it to the disk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(tensors, path)
+        return real(tensors, path, metadata)
 
     monkeypatch.setattr(C, "write_safetensors", write)
     yield tmp_path, "simulated"

@@ -66,8 +66,9 @@ def test_float8_names_follow_diffusers():
     assert TorchAoConfig("float8wo").scheme() == ("float8wo", {"weight_dtype": torch.float8_e5m2})
     assert TorchAoConfig("float8_weight_only").scheme()[1]["weight_dtype"] is torch.float8_e4m3fn
     c = TorchAoConfig("float8_weight_only", weight_dtype=torch.float8_e5m2)
-    assert c.to_dict()["quant_type_kwargs"] == {"weight_dtype": "float8_e5m2"}
+    assert c.quant_type_kwargs == {"weight_dtype": "float8_e5m2"}
     assert c.scheme()[1]["weight_dtype"] is torch.float8_e5m2
+    assert c == TorchAoConfig(tq.Float8WeightOnlyConfig(weight_dtype=torch.float8_e5m2))
 
 
 # -- numerics against torchao's quantize_ -------------------------------------------------------
@@ -218,16 +219,21 @@ def _flux_inputs(height=3, width=4, text=5, batch=2):
                 guidance=torch.tensor([3.5, 1.0]).to(torch.bfloat16))
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    """(checkpoint dir, inputs, bf16 output) of a random tiny Flux transformer saved by diffusers."""
-    directory = tmp_path_factory.mktemp("flux")
+def save_random_flux(directory):
+    """Save a random tiny Flux transformer (weights ~N(0, 0.2)) with diffusers in bf16."""
     ref = diffusers.FluxTransformer2DModel(**TINY_FLUX)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     ref.to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """(checkpoint dir, inputs, bf16 output) of a random tiny Flux transformer saved by diffusers."""
+    directory = save_random_flux(tmp_path_factory.mktemp("flux"))
     base = FluxTransformer2DModel.from_pretrained(directory, torch_dtype=torch.bfloat16)
     inputs = _flux_inputs()
     with torch.no_grad():

@@ -371,12 +371,12 @@ def plan_shards(groups: list[list[str]], nbytes: dict[str, int], max_bytes: int)
     return shards
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     plain = {k: v.detach().contiguous() for k, v in tensors.items()}
     try:
-        save_file(plain, str(path), metadata={"format": "pt"})
+        save_file(plain, str(path), metadata={"format": "pt", **(metadata or {})})
     except Exception as err:  # SafetensorError, not an OSError: "... (os error 28)"
         from .atomic import as_os_error
 
@@ -390,22 +390,26 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def write_sharded(tensors: dict[str, torch.Tensor], groups: list[list[str]], directory: Path,
                   base: str = "diffusion_pytorch_model", variant: str | None = None,
-                  max_shard_size: int | str = "10GB") -> list[Path]:
-    """Write ``tensors`` as one safetensors file, or as shards plus an index when too big."""
+                  max_shard_size: int | str = "10GB", metadata: dict | None = None) -> list[Path]:
+    """Write ``tensors`` as one safetensors file, or as shards plus an index when too big.
+
+    ``metadata`` (str -> str) goes into every file's header and the index's ``metadata``, as
+    diffusers writes a quantizer's (torchao's per-tensor descriptions)."""
     nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     shards = plan_shards(groups, nbytes, parse_size(max_shard_size))
     if len(shards) <= 1:
         path = directory / add_variant(f"{base}.safetensors", variant)
-        write_safetensors(tensors, path)
+        write_safetensors(tensors, path, metadata)
         return [path]
     written, weight_map = [], {}
     for i, keys in enumerate(shards, 1):
         name = add_variant(f"{base}.safetensors", variant).replace(  # x.fp16-00001-of-00002.safetensors
             ".safetensors", f"-{i:05d}-of-{len(shards):05d}.safetensors")
-        write_safetensors({k: tensors[k] for k in keys}, directory / name)
+        write_safetensors({k: tensors[k] for k in keys}, directory / name, metadata)
         written.append(directory / name)
         weight_map.update({k: name for k in keys})
-    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(nbytes.values()), **(metadata or {})},
+             "weight_map": weight_map}
     index_path = directory / add_variant(f"{base}.safetensors.index.json", variant)
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return written + [index_path]

@@ -302,9 +302,11 @@ class ModelMixin(nn.Module):
     def write_into(self, directory: Path, variant=None, max_shard_size="10GB") -> None:
         """Write config and weights into an existing (fresh) directory, no atomic swap."""
         self.save_config(directory)
-        tensors = self.state_dict()
+        tensors, metadata = self.state_dict(), {}
+        if self.hf_quantizer is not None:  # a backend may write its library's layout (torchao)
+            tensors, metadata = self.hf_quantizer.get_state_dict_and_metadata(self, tensors)
         write_sharded(tensors, self._tensor_groups(tensors), Path(directory), WEIGHTS_BASE,
-                      variant, max_shard_size)
+                      variant, max_shard_size, metadata=metadata)
 
     def _tensor_groups(self, tensors: dict) -> list[list[str]]:
         """Keys grouped by their owning module, so a quantized weight's pieces share a shard.

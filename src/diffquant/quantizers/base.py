@@ -192,6 +192,11 @@ class DiffusersQuantizer:
     def postprocess_model(self, model: nn.Module, **kwargs) -> None:
         """Called once every tensor is in place."""
 
+    def get_state_dict_and_metadata(self, model: nn.Module, state_dict: dict) -> tuple[dict, dict]:
+        """The tensors ``save_pretrained`` writes and extra safetensors metadata (diffusers' hook of
+        this name): the state dict as it is, by default; torchao writes its library's layout."""
+        return state_dict, {}
+
     # -- after loading ---------------------------------------------------------------------
     def dequantize(self, model: nn.Module) -> nn.Module:
         """Replace every quantized layer by an nn.Linear holding its dequantized weight."""

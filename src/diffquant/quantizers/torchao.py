@@ -2,12 +2,17 @@
 layers are in ``torchao_layers``.
 
 The layers hold plain tensors (``weight`` int8/uint8/float8, ``weight_scale``, ``weight_zero``)
-and reproduce torchao's numerics with ``diffquant.ops.int_quant``; torchao itself is needed only
-for ``AOBaseConfig`` objects and for reading checkpoints that diffusers wrote with torchao, which
-are converted here, at the file boundary:
+and reproduce torchao's numerics with ``diffquant.ops.int_quant``, so running a model needs no
+torchao. torchao is needed for ``AOBaseConfig`` objects, for a config's JSON and for the files,
+which ``torchao_format`` converts at the file boundary:
 
-- safetensors with torchao's flattened layout (diffusers >= 0.38): ``<layer>._weight_qdata``,
-  ``_weight_scale``, ``_weight_zero_point`` plus per-tensor JSON in the file's metadata;
+- int8wo, int8dq and float8wo are saved as diffusers 0.42 saves them (so diffusers loads them):
+  config.json's ``quant_type`` is ``{"default": <torchao config>}`` and the safetensors hold
+  torchao's flattened layout (``<layer>._weight_qdata``, ``_weight_scale``, ``_weight_zero_point``
+  plus per-tensor JSON in the file's metadata); without torchao installed they fall back to
+  diffusers 0.37's scheme name and plain keys (``<layer>.weight``, ``weight_scale``);
+- int4wo keeps that 0.37 form: torchao 0.18's int4 tensors run only with the mslk package or
+  on CUDA, XPU and NPU, so no int4 file diffusers writes or reads works on a CPU;
 - ``.bin`` files holding torchao tensor subclasses (``Int8Tensor``, ``Float8Tensor``), read with
   ``torch.load(weights_only=True)``: importing torchao registers its classes as safe globals.
 
@@ -35,7 +40,8 @@ from ..errors import CheckpointError, ConfigError, QuantizationError
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, owner_of, require
 from .config import QuantizationConfigMixin, QuantizationMethod, check_field
-from .torchao_layers import LAYERS
+from .torchao_format import TORCHAO_TENSOR, flatten, torchao_pieces
+from .torchao_layers import LAYERS, TorchAoLinear
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +81,17 @@ def _fp8_dtype(value, field="weight_dtype"):
 class TorchAoConfig(QuantizationConfigMixin):
     """torchao quantization: a scheme name (diffusers 0.37's strings) or a torchao AOBaseConfig.
 
+    A name is shorthand for its torchao config: the JSON (and so config.json) is diffusers 0.42's
+    form, and a name equals the config object it stands for. int4wo keeps 0.37's JSON (see the
+    module docstring).
+
     Example:
         >>> from diffquant import TorchAoConfig
-        >>> sorted(TorchAoConfig("int8wo").to_dict().items())  # diffusers 0.37's JSON
-        [('modules_to_not_convert', None), ('quant_method', 'torchao'), ('quant_type', 'int8wo'), \
-('quant_type_kwargs', {})]
+        >>> TorchAoConfig("int8wo").to_dict()["quant_type"]["default"]["_type"]  # diffusers 0.42's
+        'Int8WeightOnlyConfig'
+        >>> sorted(TorchAoConfig("int4wo", group_size=64).to_dict().items())  # diffusers 0.37's
+        [('modules_to_not_convert', None), ('quant_method', 'torchao'), ('quant_type', 'int4wo'), \
+('quant_type_kwargs', {'group_size': 64})]
         >>> TorchAoConfig("int8wo", group_size=32)
         Traceback (most recent call last):
         ...
@@ -144,16 +156,38 @@ class TorchAoConfig(QuantizationConfigMixin):
         return kind, params
 
     def to_dict(self) -> dict:
-        """diffusers' JSON: 0.37's string form, or 0.42's ``{"default": config_to_dict(obj)}``."""
+        """diffusers' JSON: 0.42's ``{"default": config_to_dict(obj)}`` where ``as_torchao_config``
+        gives an object, else 0.37's string form."""
         d = {"quant_method": "torchao", "quant_type": self.quant_type,
              "modules_to_not_convert": self.modules_to_not_convert}
-        if isinstance(self.quant_type, str):
+        obj = self.as_torchao_config()
+        if obj is None:
             d["quant_type_kwargs"] = dict(self.quant_type_kwargs)
         else:
             from torchao.core.config import config_to_dict
 
-            d["quant_type"] = {"default": config_to_dict(self.quant_type)}
+            d["quant_type"] = {"default": config_to_dict(obj)}
         return json.loads(json.dumps(d))  # a deep, JSON-clean copy
+
+    def as_torchao_config(self):
+        """The torchao AOBaseConfig this config saves as (diffusers 0.42's form), or None where it
+        keeps 0.37's scheme name: int4wo names, and any name when torchao is not installed.
+
+        Example:
+            >>> TorchAoConfig("float8wo").as_torchao_config().weight_dtype
+            torch.float8_e5m2
+        """
+        if not isinstance(self.quant_type, str):
+            return self.quant_type
+        kind, params = self.scheme()
+        if kind == "int4wo":
+            return None
+        try:
+            import torchao.quantization  # noqa: F401  (seconds: only when a JSON is wanted)
+        except ImportError:
+            return None
+        inductor = {k: v for k, v in self.quant_type_kwargs.items() if k == "set_inductor_config"}
+        return _torchao_config(kind, {**params, **inductor})
 
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
@@ -186,17 +220,23 @@ class TorchAoConfig(QuantizationConfigMixin):
             return out
         ours = cls(**quant_kwargs)
         kind, params = ours.scheme()
-        import torchao.quantization as tq
-
-        make = {"int8wo": tq.Int8WeightOnlyConfig, "int8dq": tq.Int8DynamicActivationInt8WeightConfig,
-                "int4wo": tq.Int4WeightOnlyConfig, "float8wo": tq.Float8WeightOnlyConfig}[kind]
         if kind == "int4wo":
             _require_torchao_int4_kernels()
-        return {"quant_type": make(**params), "modules_to_not_convert": ours.modules_to_not_convert}
+        return {"quant_type": _torchao_config(kind, params),
+                "modules_to_not_convert": ours.modules_to_not_convert}
 
     @classmethod
     def cpu_examples(cls) -> list["TorchAoConfig"]:
         return [cls("int8wo"), cls("int8dq"), cls("int4wo", group_size=64), cls("float8wo_e4m3")]
+
+
+def _torchao_config(kind: str, kwargs: dict):
+    """torchao's config object for scheme ``kind`` (``scheme()``'s params, set_inductor_config)."""
+    import torchao.quantization as tq
+
+    make = {"int8wo": tq.Int8WeightOnlyConfig, "int8dq": tq.Int8DynamicActivationInt8WeightConfig,
+            "int4wo": tq.Int4WeightOnlyConfig, "float8wo": tq.Float8WeightOnlyConfig}[kind]
+    return make(**kwargs)
 
 
 def _require_torchao_int4_kernels() -> None:
@@ -247,58 +287,16 @@ def _scheme_of_object(cfg) -> tuple[str, dict]:
     refuse("this torchao config is not implemented")
 
 
-# torchao tensor subclass each kind is saved as by diffusers (for checking foreign checkpoints)
-TORCHAO_TENSOR = {"int8wo": "Int8Tensor", "int8dq": "Int8Tensor", "float8wo": "Float8Tensor"}
-
-
-# -- foreign checkpoints: torchao tensor subclasses and their flattened safetensors layout --------
-_FLAT_NAMES = {"_weight_qdata": "weight", "_weight_scale": "weight_scale",
-               "_weight_zero_point": "weight_zero_point"}
-
-
-def torchao_pieces(name: str, tensor: torch.Tensor, kind: str, where: str) -> list[tuple[str, torch.Tensor]]:
-    """One tensor of a torchao checkpoint -> diffquant's (piece name, tensor) pairs.
-
-    A torchao subclass (from a .bin) is opened into qdata/scale; a zero point must be all zeros
-    (diffquant's int8 is symmetric, as torchao's default) and is dropped.
-    """
-    if type(tensor).__name__ in ("Int8Tensor", "Float8Tensor"):
-        if list(tensor.block_size) != [1, tensor.shape[-1]]:
-            raise CheckpointError(f"{where}: torchao {type(tensor).__name__} with block_size "
-                                  f"{list(tensor.block_size)}; diffquant reads per-row scales only")
-        if getattr(tensor, "act_pre_scale", None) is not None:
-            raise CheckpointError(f"{where}: torchao tensor with act_pre_scale (AWQ/SmoothQuant) is "
-                                  "not supported")
-        pairs = [("weight", tensor.qdata), ("weight_scale", tensor.scale)]
-        if getattr(tensor, "zero_point", None) is not None:
-            pairs.append(("weight_zero_point", tensor.zero_point))
-    elif name == "weight" and type(tensor) is not torch.Tensor:
-        raise CheckpointError(f"{where}: torchao {type(tensor).__name__} weights cannot be read by "
-                              f"diffquant's {kind} layer; re-quantize from the original checkpoint")
-    else:
-        pairs = [(_FLAT_NAMES.get(name, name), tensor)]
-    out = []
-    for piece, value in pairs:
-        value = value.as_subclass(torch.Tensor) if type(value) is not torch.Tensor else value
-        if piece == "weight_zero_point":
-            if value.any():
-                raise CheckpointError(f"{where}: nonzero torchao zero_point (asymmetric int8); "
-                                      "diffquant reads symmetric int8 only")
-            continue
-        out.append((piece, value.reshape(value.shape[0], -1) if piece == "weight_scale" else value))
-    return out
-
-
 @register_quantizer("torchao", TorchAoConfig)
 class TorchAoQuantizer(DiffusersQuantizer):
-    """Swaps nn.Linear for plain-buffer torchao layers; reads diffusers' torchao checkpoints too."""
+    """Swaps nn.Linear for plain-buffer torchao layers; reads and writes diffusers' torchao files."""
 
     default_torch_dtype = torch.bfloat16
 
     def __init__(self, quantization_config, pre_quantized: bool = True, **kwargs):
         super().__init__(quantization_config, pre_quantized=pre_quantized, **kwargs)
         self.kind, self.params = quantization_config.scheme()
-        self._foreign_meta: dict | None = None
+        self._file_meta: dict | None = None
         self._file = "checkpoint"
 
     def validate_environment(self, torch_dtype=None, device_map=None, **kwargs) -> None:
@@ -321,8 +319,8 @@ class TorchAoQuantizer(DiffusersQuantizer):
                                  **self.params)
 
     def check_if_quantized_param(self, model, key, checkpoint=None) -> bool:
-        if self._foreign_meta is None and checkpoint is not None:
-            self._foreign_meta = checkpoint.metadata if "tensor_names" in checkpoint.metadata else {}
+        if self._file_meta is None and checkpoint is not None:
+            self._file_meta = checkpoint.metadata if "tensor_names" in checkpoint.metadata else {}
         if checkpoint is not None:
             self._file = checkpoint.file_of(key)  # for error messages
         return super().check_if_quantized_param(model, key, checkpoint)
@@ -331,22 +329,36 @@ class TorchAoQuantizer(DiffusersQuantizer):
         module, rel = owner_of(model, key)
         if not self.pre_quantized:
             return super().create_quantized_param(model, key, tensor, dtype, device)
-        self._check_foreign_type(key, rel)
+        self._check_stored_type(key, rel)
         for piece, value in torchao_pieces(rel, tensor, self.kind, f"{self._file}: {key}"):
             value = value.to(device) if device is not None else value
             module.load_piece(piece, value, pre_quantized=True, dtype=dtype, device=device)
 
-    def _check_foreign_type(self, key: str, rel: str) -> None:
+    def _check_stored_type(self, key: str, rel: str) -> None:
         """A flattened torchao file names each weight's tensor class; it must match the config."""
-        if not self._foreign_meta or not rel.startswith("_weight_"):
+        if not self._file_meta or not rel.startswith("_weight_"):
             return
         weight_key = key.rpartition(".")[0] + ".weight"
-        info = json.loads(self._foreign_meta.get(weight_key, "{}"))
+        info = json.loads(self._file_meta.get(weight_key, "{}"))
         if info.get("_type") != TORCHAO_TENSOR.get(self.kind):
             raise CheckpointError(f"{self._file}: {key}: torchao saved this weight as "
                                   f"{info.get('_type')!r}, but "
                                   f"the quantization_config asks for {self.kind}; diffquant reads "
                                   "Int8Tensor (int8wo/int8dq) and Float8Tensor (float8wo) files")
+
+    def get_state_dict_and_metadata(self, model, state_dict: dict) -> tuple[dict, dict]:
+        """What ``save_pretrained`` writes: the 0.42 form where config.json gets a torchao object
+        (torchao's flattened tensors and their metadata), else the plain buffers."""
+        if self.kind not in TORCHAO_TENSOR:  # int4wo: diffquant's own keys
+            return state_dict, {}
+        config = self.quantization_config.as_torchao_config()
+        if config is None:
+            logger.warning("torchao is not installed: saving torchao %s in diffusers 0.37's form "
+                           "(scheme name, plain keys), which diffusers 0.42 cannot load; pip "
+                           "install 'diffquant[torchao]' to save diffusers 0.42's form", self.kind)
+            return state_dict, {}
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, TorchAoLinear)}
+        return flatten(layers, state_dict, config)
 
     def scheme_name(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
