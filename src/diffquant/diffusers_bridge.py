@@ -152,14 +152,18 @@ class DiffusersModelMixin(ModelMixin):
     init_kwargs_from_config = ConfigMixin.__dict__["init_kwargs_from_config"]
 
     @classmethod
-    def _build_on_meta(cls, config: dict, config_path: Path):
+    def _build_on_meta(cls, config: dict, config_path: Path, per_param: float = 0.5,
+                       device=None):
+        from .limits import check_fits
+
         config = {k: v for k, v in config.items() if k != "quantization_config"}
         try:
             with parameters_on_meta():
-                return cls.from_config(config)  # diffusers' own: deprecated keys, hidden fields
+                model = cls.from_config(config)  # diffusers' own: deprecated keys, hidden fields
         except (TypeError, ValueError, AssertionError, KeyError) as err:
             raise ConfigError(f"{config_path}: cannot build {cls.__name__} from this config "
                               f"({type(err).__name__}: {err}); check the values") from err
+        return check_fits(model, config_path, per_param, device)
 
     def _target_dtype(self, key: str, dtype):
         # diffusers' rule: float32 where a dotted part of the key is a _keep_in_fp32_modules

@@ -278,6 +278,14 @@ def build_within_limits(cls, kwargs: dict, source, per_param: float = 0.5,
                           f"{MAX_MODULES:,} modules; check the config's values") from None
 
 
+def check_fits(model: nn.Module, source, per_param: float = 0.5,
+               device: torch.device | None = None) -> nn.Module:
+    """``model`` (built on meta by other code: diffusers' from_config) if its parameters fit
+    ``device``'s memory at ``per_param`` bytes each, else a ConfigError naming ``source``."""
+    free = None if os.environ.get("DIFFQUANT_SKIP_MEMORY_CHECK") else available_memory(device)
+    return _check_fits(model, type(model), source, per_param, free)
+
+
 def _check_fits(model: nn.Module, cls, source, per_param: float, free: int | None) -> nn.Module:
     count = _elements(model)
     if free is not None and count * per_param > free:
