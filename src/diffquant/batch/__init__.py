@@ -9,12 +9,12 @@ after a killed run; a prompt that fails is recorded with its error and the batch
 
 Example:
     >>> from diffquant.batch import run_batch
-    >>> records = run_batch(["a red circle", {"prompt": "a blue square", "seed": 7}],  # doctest: +SKIP
-    ...                     "out/batch", quantize=["torchao:int8wo"], steps=2,
-    ...                     height=64, width=64, reference=True)
+    >>> prompts = ["a red circle", {"prompt": "a blue square", "seed": 7}]
+    >>> records = run_batch(prompts, "out/batch", quantize=["torchao:int8wo"],  # doctest: +SKIP
+    ...                     steps=2, height=64, width=64, reference=True)
     >>> [(r["id"], r["seed"], r["status"], r["path"]) for r in records]     # doctest: +SKIP
     [('00001', 0, 'ok', 'images/00001-0.png'), ('00002', 7, 'ok', 'images/00002-7.png')]
-    >>> run_batch(..., ray="", ray_actors=2)       # the same on a local Ray cluster  # doctest: +SKIP
+    >>> run_batch(..., ray="", ray_actors=2)   # on a local Ray cluster    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -69,15 +69,17 @@ def run_batch(prompts, out, *, model=None, quantize=None, batch_size: int = 1, r
     """Make an image per prompt of ``prompts`` (a .jsonl/.txt path or a list) under ``out``;
     returns one record per prompt, in order (as ``out/results.jsonl`` holds them).
 
-    ``model``: a pipeline folder or hub id (None: the shipped one), quantized on load with
-    ``quantize`` (CLI SPECs such as "gguf:q4_0"), or pre-quantized. ``reference``: True for the
-    same model unquantized, or a pipeline folder; each record gets the PSNR against it.
+    ``model``: a pipeline folder or hub id (None or "default": the shipped one), quantized on
+    load with ``quantize`` (CLI SPECs such as "gguf:q4_0"), or pre-quantized. ``reference``:
+    True for the same model unquantized, or a pipeline folder; each record gets the PSNR
+    against it.
     ``seed``/``steps``/``height``/``width``/``guidance``/``negative_prompt``: defaults a prompt
     line may override. ``ray``: None runs here; "" a local Ray cluster (or RAY_ADDRESS); else
     the cluster's address. On Ray, ``quantize`` is applied once here and saved to
     ``pipeline_dir`` (default ``out/.pipeline``), which every actor loads."""
     quantize = list(quantize or [])
     ray = "" if ray is True else None if ray is False else ray
+    model = None if model in (None, "default") else model  # "default": the shipped pipeline
     jobs = read_prompts(prompts, seed=seed, steps=steps, height=height, width=width,
                         guidance=guidance, negative_prompt=negative_prompt)
     groups = make_groups(jobs, batch_size)

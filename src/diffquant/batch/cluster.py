@@ -4,7 +4,7 @@ the import with a clear error when it is missing, and a session on a cluster.
 Ray is optional (``pip install 'diffquant[ray]'``); nothing imports it until ``--ray`` asks.
 
 Example:
-    >>> with ray_session(None) as ray:            # a local cluster, or RAY_ADDRESS  # doctest: +SKIP
+    >>> with ray_session(None) as ray:     # a local cluster, or RAY_ADDRESS  # doctest: +SKIP
     ...     print(ray.cluster_resources()["CPU"])
 """
 

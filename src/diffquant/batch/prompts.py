@@ -126,7 +126,7 @@ def _lines(path: Path) -> list[tuple[int, object]]:
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}:{n}: not valid JSON ({err.msg}); each line of a .jsonl "
-                              "file is one object such as {\"prompt\": \"a cat\", \"seed\": 1}") from err
+                              'file is one object such as {"prompt": "a cat", "seed": 1}') from err
     return rows
 
 

@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,7 +129,9 @@ def _psnr(result, reference) -> float | None:
 
     from ..report import psnr
 
-    stack = lambda r: np.stack([np.asarray(f) for f in (r if isinstance(r, list) else [r])])  # noqa: E731
+    def stack(r):
+        return np.stack([np.asarray(f) for f in (r if isinstance(r, list) else [r])])
+
     value = psnr(stack(result), stack(reference))
     return None if math.isinf(value) else round(value, 3)
 
@@ -168,7 +171,10 @@ class BatchWorker:
             write_atomic(reference, self.out / "reference" / name)
             fields["psnr"] = _psnr(result, reference)
         first = result[0] if isinstance(result, list) else result
-        return self._record(job, **fields, size=[first.height, first.width])
+        # which process made it, and when (unix seconds): on a cluster, where to look
+        return self._record(job, **fields, size=[first.height, first.width],
+                            worker=f"{socket.gethostname()}:{os.getpid()}",
+                            finished=round(time.time(), 3))
 
     def run_group(self, jobs: list[Job], skip=frozenset()) -> list[dict]:
         """Run ``jobs`` as one pipeline call; a record per job not in ``skip`` (keys already

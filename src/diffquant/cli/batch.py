@@ -141,7 +141,8 @@ def cmd_sensitivity(args) -> int:
                                ray_cpus_per_task=args.ray_cpus_per_task,
                                ray_gpus_per_task=args.ray_gpus_per_task, progress=not args.quiet)
     cell = lambda e: "-" if e is None else f"{e:.3g}"  # noqa: E731
-    print(format_table(["layer", *formats], [[n, *map(cell, f.values())] for n, f in errors.items()]))
+    rows = [[name, *map(cell, by_format.values())] for name, by_format in errors.items()]
+    print(format_table(["layer", *formats], rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(errors, indent=1) + "\n")
