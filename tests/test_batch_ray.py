@@ -40,7 +40,7 @@ def test_batch_on_ray_makes_the_in_process_images(cluster, local_run, tmp_path):
         assert (out / r["path"]).read_bytes() == (local_run.out / r["path"]).read_bytes()
     # quantized once, here, into OUT/.pipeline: the actors loaded it pre-quantized
     config = json.loads((out / ".pipeline" / "transformer" / "config.json").read_text())
-    assert config["quantization_config"]["quant_type"] == "int8wo"
+    assert config["quantization_config"]["quant_method"] == "torchao"
     # a second run finds everything done (no actor starts) and keeps the records
     again = run_batch(local_run.prompts, out, ray="", ray_actors=2, progress=False, **RUN)
     assert again == records

@@ -128,7 +128,7 @@ def _run(pending, out: Path, log: ResultsLog, latest: dict, total: int, done: in
             model = prepare_pipeline_dir(model, quantize, opts["dtype"], dest,
                                          owned=opts["pipeline_dir"] is None)
         worker.update(out=absolute(out), model=absolute(model), quantize=None,
-                      reference=absolute(reference), quiet=True)
+                      reference=absolute(reference))
     bar = tqdm(total=total, initial=done, unit="prompt", desc="batch",
                disable=not opts["progress"])
 

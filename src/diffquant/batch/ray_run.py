@@ -23,7 +23,11 @@ from ..errors import ConfigError
 from .cluster import quiet_ray_data, ray_session
 from .worker import BatchWorker, load_pipeline
 
-MARKER = "diffquant_batch.json"  # in a folder prepare_pipeline_dir wrote: what it holds
+MARKER = "diffquant_batch.json"
+# set before an actor's process imports anything (tqdm reads its defaults on import): loading
+# bars would only interleave in the driver's log, where the batch has its own bar
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}  # in a folder prepare_pipeline_dir wrote: what it holds
 
 
 def prepare_pipeline_dir(model, quantize: list[str], dtype: str, dest: Path, owned: bool) -> Path:
@@ -69,7 +73,7 @@ def run_on_ray(pending: list[tuple[list, set]], worker_kwargs: dict, on_records,
         dataset = dataset.map_batches(
             BatchWorker, fn_constructor_kwargs=worker_kwargs, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
-            num_gpus=gpus or None)
+            num_gpus=gpus or None, runtime_env={"env_vars": QUIET_ENV})
         for row in dataset.iter_rows():
             on_records([json.loads(row["record"])])
 

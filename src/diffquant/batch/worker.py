@@ -145,9 +145,7 @@ class BatchWorker:
     quantization: its images go to ``OUT/reference/`` and each record gets their PSNR."""
 
     def __init__(self, out, model=None, quantize=None, dtype="auto", device="auto",
-                 reference=None, scheme: str | None = None, quiet: bool = False):
-        if quiet:  # a Ray actor: loading bars would only interleave in the driver's log
-            os.environ["TQDM_DISABLE"] = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+                 reference=None, scheme: str | None = None):
         self.out = Path(out)
         self.pipe = load_pipeline(model, quantize, dtype, device)
         self.reference = None if reference is None else \
