@@ -128,6 +128,10 @@ def layer_sensitivity(model: nn.Module, inputs: dict, formats, *, layers=None, r
     from tqdm.auto import tqdm
 
     formats = check_formats(formats)
+    if ray is not None:
+        from .batch.cluster import require_ray
+
+        require_ray()  # before the first forward: say which extra to install
     names = linear_layers(model, layers)
     if not names:
         raise ConfigError(f"sensitivity: no nn.Linear layer matches {list(layers or ['*'])}; "

@@ -131,6 +131,10 @@ def cmd_sensitivity(args) -> int:
     from .commands import load_pipeline, run_sizes
 
     formats = check_formats(args.formats)  # before loading anything
+    if args.ray is not None:
+        from ..batch.cluster import require_ray
+
+        require_ray()
     pipe, _ = load_pipeline(args)
     sizes = run_sizes(pipe, SimpleNamespace(height=args.height, width=args.width,
                                             max_sequence_length=None, num_frames=None))
@@ -159,6 +163,7 @@ def run_children_on_ray(commands: list[list[str]], files: list[tuple[str, str]],
     from ..batch.cluster import ray_session
 
     with ray_session(args.ray) as ray:
+        print(f"running {len(commands)} variants as Ray tasks", flush=True)
         task = ray.remote(num_cpus=args.ray_cpus_per_task,
                           num_gpus=args.ray_gpus_per_task or None)(_run_child)
         refs = [task.remote(cmd, image, stats, args.model is None)

@@ -353,13 +353,13 @@ def cmd_compare(args) -> int:
     labels = ["unquantized"] + args.quantize
     results, videos = [], []
     with tempfile.TemporaryDirectory(prefix="diffquant-compare-") as tmp:
-        files = [(str(Path(tmp) / f"{i}.png"), str(Path(tmp) / f"{i}.json")) for i in range(len(variants))]
+        files = [(str(Path(tmp) / f"{i}.png"), str(Path(tmp) / f"{i}.json"))
+                 for i in range(len(variants))]
         children = [_child_command(args, model, specs, *f) for specs, f in zip(variants, files)]
         codes = None
         if getattr(args, "ray", None) is not None:  # every variant at once, as Ray tasks
             from .batch import run_children_on_ray
 
-            print(f"running {len(variants)} variants as Ray tasks", flush=True)
             codes = run_children_on_ray(children, files, args)
         for i, (specs, label) in enumerate(zip(variants, labels)):
             print(f"[{i + 1}/{len(variants)}] {label}", flush=True)
