@@ -1,4 +1,4 @@
-"""Micro-benchmark of the fast quantized linear kernels (``diffquant.ops.fast_linear``).
+"""Micro-benchmark of the fast quantized linear kernels (``diffquant.ops.cpu.linear``).
 
 For each format and number of rows: milliseconds of a bf16 and a float32 ``F.linear``, of the
 format's reference forward (dequantize-then-matmul, as the backend layers do today), of the
@@ -35,12 +35,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffquant.ops import fast_gguf as fg  # noqa: E402
-from diffquant.ops import fast_int4 as f4  # noqa: E402
-from diffquant.ops import fast_int8 as fi  # noqa: E402
-from diffquant.ops import fast_linear as fl  # noqa: E402
-from diffquant.ops import gguf_dequant as gd  # noqa: E402
-from diffquant.ops import int_quant as iq  # noqa: E402
+from diffquant.ops.cpu import gguf as fg  # noqa: E402
+from diffquant.ops.cpu import int4 as f4  # noqa: E402
+from diffquant.ops.cpu import int8_dynamic as fi  # noqa: E402
+from diffquant.ops.cpu import linear as fl  # noqa: E402
+from diffquant.ops.formats import gguf as gd  # noqa: E402
+from diffquant.ops.formats import torchao as iq  # noqa: E402
 
 from .kernel_refs import agreement, int4_group, library_layer  # noqa: E402
 

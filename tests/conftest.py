@@ -15,7 +15,7 @@ def bf16_product(monkeypatch):
     ``fast_linear._float32_faster`` themselves."""
     import torch
 
-    from diffquant.ops import fast_linear
+    from diffquant.ops.cpu import linear as fast_linear
     monkeypatch.setattr(fast_linear, "_float32_faster",
                         {torch.bfloat16: False, torch.float16: False})
 

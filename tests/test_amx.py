@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_amx
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int8_amx as native_amx
 
 
 def _cpu_has_amx() -> bool:

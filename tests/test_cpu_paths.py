@@ -4,7 +4,9 @@ layers run, for each build of the kernels this machine executes."""
 import pytest
 
 from diffquant import cpu_paths
-from diffquant.ops import fast_int8, native_amx, native_int4
+from diffquant.ops.cpu import int8_dynamic as fast_int8
+from diffquant.ops.native import int8_amx as native_amx
+from diffquant.ops.native import int4 as native_int4
 
 pytestmark = pytest.mark.usefixtures("native_target")
 

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.errors import QuantizationError
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import fast_int4 as f4
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import int_quant as iq
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.formats import torchao as iq
 
 BF16 = torch.bfloat16
 ROWS = (1, 5, 17, 40, 80)  # packed kernels up to the weight's small_rows (16..64), then dequantize

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffquant.ops import fast_linear as fl
+from diffquant.ops.cpu import linear as fl
 from diffquant.quantizers.base import QuantizedLinear
 from diffquant.quantizers.gguf import GGUFLinear
 from diffquant.quantizers.modelopt import ModelOptLinear, resolve_quantizer

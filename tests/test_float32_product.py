@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import fast_int4 as f4
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int8
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int8_dynamic as native_int8
 from tests import test_fast_paths as fp
 from tests.test_fast_linear import assert_bf16_close, gguf_blocks
 
@@ -208,7 +209,7 @@ def test_bitsandbytes_4bit_under_the_float32_product(tmp_path, float32_product):
 
 
 def test_cpu_products_names_the_paths_taken(monkeypatch):
-    from diffquant.ops import native_amx
+    from diffquant.ops.native import int8_amx as native_amx
     monkeypatch.setattr(native_amx, "amx_available", lambda: False)
     monkeypatch.setattr(fi, "_int_mm_slow", lambda: False)
     assert fi.cpu_products() == "many-row products: weight-only in bf16, int8 dynamic on torch._int_mm"

@@ -6,12 +6,13 @@ tests/test_native_build.py tests the build itself."""
 import pytest
 import torch
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int8
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int8_dynamic as native_int8
 from diffquant.quantizers.bitsandbytes import BnB4BitLinear
 from tests.test_fast_linear import gguf_blocks
 from tests.test_fast_paths import LAYER_CASES
@@ -395,7 +396,7 @@ def test_scale_rows_is_torchs_mul_then_add(with_bias):
 # -- one-row products with the bias in the same C call ------------------------------------------
 def _one_row_cases():
     """name -> (n, k, f(x2, bias, portable)) for each one-row kernel that takes a bias"""
-    from diffquant.ops import native_int4
+    from diffquant.ops.native import int4 as native_int4
     from tests.test_native_int4 import affine4
     q8, q6 = gguf_blocks(70, 256, "Q8_0"), gguf_blocks(70, 512, "Q6_K")
     packed, sz = native_int4.pack_rows(*affine4(70, 256, 64))
@@ -431,7 +432,7 @@ def test_one_row_products_add_the_bias_as_torchs_add(case):
 def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monkeypatch):
     """The packed kernels of GGUF and int4 bring a one_row that takes the bias: one native call
     per one-row product, no torch add after it, whether built now or on first use."""
-    from diffquant.ops import native_int4
+    from diffquant.ops.native import int4 as native_int4
     k = 256 if fmt == "Q6_K" else 64
     blocks = gguf_blocks(48, k, fmt)
     w = fg.prepare_gguf_weight(blocks, fmt, lazy=lazy)

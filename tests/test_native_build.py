@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import native
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.native import build as native
 from tests.native_targets import TARGETS
 from tests.test_fast_linear import gguf_blocks
 from tests.test_native import assert_same
@@ -87,7 +87,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with caplog.at_level(logging.WARNING, logger="diffquant.ops.native"):
+    with caplog.at_level(logging.WARNING, logger="diffquant.ops.native.build"):
         assert not native.available() and not native.available()
     assert [r.message for r in caplog.records if "could not build" in r.message] != []
     assert len(caplog.records) == 1

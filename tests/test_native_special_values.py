@@ -8,9 +8,11 @@ agree bit for bit too."""
 import pytest
 import torch
 
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int4, native_int8
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int4 as native_int4
+from diffquant.ops.native import int8_dynamic as native_int8
 from tests.test_fast_linear import gguf_blocks
 from tests.test_native import SPECIAL_HALVES, assert_same, lut4_weight, with_scales
 

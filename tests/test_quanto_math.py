@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffquant.errors import BackendUnavailableError
-from diffquant.ops import quanto_math as qm
+from diffquant.ops.formats import quanto as qm
 from diffquant.quantizers import base
 from diffquant.quantizers import quanto as qz
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .ops import native
+from .ops.native import build as native
 from .quantizers import DiffusersAutoQuantizer
 from .spec import available_backends, backend_schemes, diffquant_config, parse_spec
 

@@ -31,7 +31,7 @@ from .checkpoint import SafetensorsFile
 from .errors import CheckpointError, ConfigError, QuantizationError
 from .gguf_file import GGUFFile, write_gguf
 from .hub import resolve_dir
-from .ops.gguf_dequant import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, dequantize,
+from .ops.formats.gguf import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, dequantize,
                                ggml_type, quantize)
 
 logger = logging.getLogger(__name__)

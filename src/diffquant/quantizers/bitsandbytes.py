@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops import fast_formats as ff
-from ..ops import native
+from ..ops.cpu import int8 as ff
+from ..ops.native import build as native
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
 from .config import QuantizationConfigMixin, QuantizationMethod, dtype_to_str, str_to_dtype

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops.fast_gguf import prepare_gguf_weight
-from ..ops.fast_linear import linear_weight_only
-from ..ops.gguf_dequant import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
+from ..ops.cpu.gguf import prepare_gguf_weight
+from ..ops.cpu.linear import linear_weight_only
+from ..ops.formats.gguf import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
                                 ggml_type, logical_shape, quantize)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of

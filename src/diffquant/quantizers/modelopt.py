@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops import fast_formats as ff
-from ..ops import fast_linear as fl
-from ..ops import modelopt_math as mm
-from ..ops.modelopt_math import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
+from ..ops.cpu import int8 as ff
+from ..ops.cpu import linear as fl
+from ..ops.formats import modelopt as mm
+from ..ops.formats.modelopt import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
 from .config import QuantizationConfigMixin, QuantizationMethod

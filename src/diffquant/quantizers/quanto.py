@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from ..ops import fast_formats as ff
-from ..ops import fast_linear as fl
-from ..ops import quanto_math as qm
+from ..ops.cpu import int8 as ff
+from ..ops.cpu import linear as fl
+from ..ops.formats import quanto as qm
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require, require_installed
 from .config import QuantizationConfigMixin, QuantizationMethod

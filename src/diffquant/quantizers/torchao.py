@@ -2,7 +2,7 @@
 layers are in ``torchao_layers``.
 
 The layers hold plain tensors (``weight`` int8/uint8/float8, ``weight_scale``, ``weight_zero``)
-and reproduce torchao's numerics with ``diffquant.ops.int_quant``; torchao itself is needed only
+and reproduce torchao's numerics with ``diffquant.ops.formats.torchao``; torchao itself is needed only
 for ``AOBaseConfig`` objects and for reading checkpoints that diffusers wrote with torchao, which
 are converted here, at the file boundary:
 

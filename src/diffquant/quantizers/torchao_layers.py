@@ -1,6 +1,6 @@
 """The torchao backend's layers (``torchao.py`` holds its config and quantizer): plain buffers
 (``weight`` int8 / packed uint4 / float8, ``weight_scale``, ``weight_zero``) that reproduce
-torchao's numerics with ``diffquant.ops.int_quant``, and take the fast CPU paths of
+torchao's numerics with ``diffquant.ops.formats.torchao``, and take the fast CPU paths of
 ``diffquant.ops`` where those give the same numbers."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from ..ops import fast_formats as ff
-from ..ops import fast_int4 as f4
-from ..ops import fast_int8 as fi
-from ..ops import fast_linear as fl
-from ..ops import int_quant as iq
+from ..ops.cpu import int8 as ff
+from ..ops.cpu import int4 as f4
+from ..ops.cpu import int8_dynamic as fi
+from ..ops.cpu import linear as fl
+from ..ops.formats import torchao as iq
 from .base import QuantizedLinear
 
 

@@ -16,8 +16,8 @@ Two paths, chosen per call by ``fast_linear.linear_weight_only``:
 
 Example:
     >>> import torch
-    >>> from diffquant.ops import gguf_dequant as gd
-    >>> from diffquant.ops.fast_linear import linear_weight_only
+    >>> from diffquant.ops.formats import gguf as gd
+    >>> from diffquant.ops.cpu.linear import linear_weight_only
     >>> w = prepare_gguf_weight(gd.quantize(torch.randn(32, 64), "Q4_0"), "Q4_0")
     >>> linear_weight_only(torch.randn(3, 64, dtype=torch.bfloat16), w).shape
     torch.Size([3, 32])
@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import QuantizationError
-from . import gguf_dequant as gd
-from . import native
-from .fast_int4 import int4_few_rows, int4pack_matmul, pack_int4_cpu
-from .fast_linear import INT4_SMALL_ROWS, PreparedWeight
+from ...errors import QuantizationError
+from ..formats import gguf as gd
+from ..native import build as native
+from .int4 import int4_few_rows, int4pack_matmul, pack_int4_cpu
+from .linear import INT4_SMALL_ROWS, PreparedWeight
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
-from .gguf_dequant import GGMLType
+from ..formats.gguf import GGMLType
 
 QK_K = gd.QK_K
 
@@ -302,7 +302,7 @@ def prepare_gguf_weight(blocks: torch.Tensor, qtype, small_rows: int | None = No
 
     Example:
         >>> import torch
-        >>> from diffquant.ops import gguf_dequant as gd
+        >>> from diffquant.ops.formats import gguf as gd
         >>> prepare_gguf_weight(gd.quantize(torch.randn(32, 64), "Q8_0"), "Q8_0").in_features
         64
     """

@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import int_quant as iq
-from . import native, native_int4
-from .fast_linear import INT4_SMALL_ROWS, PreparedWeight
+from ..formats import torchao as iq
+from ..native import build as native
+from ..native import int4 as native_int4
+from .linear import INT4_SMALL_ROWS, PreparedWeight
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 
 
@@ -104,7 +105,7 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
 
     Example:
         >>> import torch
-        >>> from diffquant.ops import int_quant as iq
+        >>> from diffquant.ops.formats import torchao as iq
         >>> p, s, z = iq.int4_quantize_groupwise(torch.randn(32, 128, dtype=torch.bfloat16), 64)
         >>> prepare_int4_weight(p, s, z).in_features
         128

@@ -8,7 +8,7 @@ so the weight it writes is bit-identical; the packed few-row kernels are held to
 
 Example:
     >>> import torch
-    >>> from diffquant.ops.fast_linear import linear_weight_only
+    >>> from diffquant.ops.cpu.linear import linear_weight_only
     >>> q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
     >>> w = prepare_row_scaled(q, torch.rand(32, 1, dtype=torch.bfloat16))
     >>> linear_weight_only(torch.randn(3, 64, dtype=torch.bfloat16), w).shape
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from . import native
-from .fast_int4 import int4_few_rows
-from .fast_linear import INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, linear_decoded
+from ..native import build as native
+from .int4 import int4_few_rows
+from .linear import INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, linear_decoded
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 
 

@@ -10,7 +10,7 @@ exact: the same int32 sums either way.
 
 Example:
     >>> import torch
-    >>> from diffquant.ops import int_quant as iq
+    >>> from diffquant.ops.formats import torchao as iq
     >>> w = torch.randn(64, 128, dtype=torch.bfloat16)
     >>> q, s = iq.int8_quantize_per_channel(w)
     >>> x = torch.randn(5, 128, dtype=torch.bfloat16)
@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import int_quant as iq
-from . import native, native_amx, native_int8
-from .fast_linear import float32_product
+from ..formats import torchao as iq
+from ..native import build as native
+from ..native import int8_amx as native_amx
+from ..native import int8_dynamic as native_int8
+from .linear import float32_product
 from .scratch import scratch_buffer
 
 _F32_EPS = torch.finfo(torch.float32).eps
@@ -87,7 +89,7 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
 
     Example:
         >>> import torch
-        >>> from diffquant.ops import int_quant as iq
+        >>> from diffquant.ops.formats import torchao as iq
         >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
         >>> linear_int8_dynamic(torch.randn(3, 64), prepare_int8_dynamic(q, s)).shape
         torch.Size([3, 32])

@@ -25,7 +25,7 @@ kernels accumulate in float32 and round once, with scales rounded to the activat
 
 Example:
     >>> import torch
-    >>> from diffquant.ops import int_quant as iq
+    >>> from diffquant.ops.formats import torchao as iq
     >>> q, s = iq.int8_quantize_per_channel(torch.randn(64, 128))
     >>> x = torch.randn(5, 128, dtype=torch.bfloat16)
     >>> y = linear_weight_only(x, prepare_int8_weight(q, s))
@@ -41,8 +41,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import QuantizationError
-from . import native
+from ...errors import QuantizationError
+from ..native import build as native
 # clear_scratch is re-exported: callers of these paths free the buffer pool through this module
 from .scratch import clear_scratch, scratch_buffer  # noqa: F401
 
@@ -191,7 +191,7 @@ def linear_weight_only(x: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | 
 
     Example:
         >>> import torch
-        >>> from diffquant.ops import int_quant as iq
+        >>> from diffquant.ops.formats import torchao as iq
         >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
         >>> w = prepare_int8_weight(q, s)
         >>> linear_weight_only(torch.randn(2, 3, 64, dtype=torch.bfloat16), w).shape
@@ -260,7 +260,7 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
 
     Example:
         >>> import torch
-        >>> from diffquant.ops import int_quant as iq
+        >>> from diffquant.ops.formats import torchao as iq
         >>> q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
         >>> prepare_int8_weight(q, s).out_features
         32

@@ -11,7 +11,7 @@ torch port used by diffusers.
 
 Example:
     >>> import torch
-    >>> from diffquant.ops.gguf_dequant import GGMLType, quantize, dequantize
+    >>> from diffquant.ops.formats.gguf import GGMLType, quantize, dequantize
     >>> w = torch.randn(4, 64)
     >>> blocks = quantize(w, GGMLType.Q8_0)          # (4, 68) uint8: 2 blocks of 34 bytes per row
     >>> (dequantize(blocks, GGMLType.Q8_0) - w).abs().max() < 0.05
@@ -24,7 +24,7 @@ from enum import IntEnum
 
 import torch
 
-from ..errors import QuantizationError
+from ...errors import QuantizationError
 from .gguf_kquant import kquant_blocks
 
 QK_K = 256  # super-block size of the K-quants

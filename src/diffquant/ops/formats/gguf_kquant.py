@@ -20,8 +20,8 @@ Block layouts (one super-block = 256 values of a row):
 
 Example:
     >>> import torch
-    >>> from diffquant.ops.gguf_kquant import quantize_q4_k
-    >>> from diffquant.ops.gguf_dequant import dequantize
+    >>> from diffquant.ops.formats.gguf_kquant import quantize_q4_k
+    >>> from diffquant.ops.formats.gguf import dequantize
     >>> w = torch.randn(4, 512)
     >>> blocks = quantize_q4_k(w)                     # (4, 288) uint8: 2 super-blocks per row
     >>> ((dequantize(blocks, "Q4_K") - w).norm() / w.norm()) < 0.1
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import QuantizationError
+from ...errors import QuantizationError
 
 QK_K = 256
 _CHUNK = 16384  # super-blocks per pass: bounds the temporaries of the searches (~16 MB each)

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ..errors import QuantizationError
+from ...errors import QuantizationError
 
 CPU_SCHEMES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")
 # Buffers each compressed format keeps on its weight_quantizer (besides the optional _amax).

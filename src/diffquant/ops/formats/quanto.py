@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from ..native import build as native
 
 
 def supported(w: torch.Tensor, group: int | None) -> bool:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native, native_int8
+from ..native import build as native
+from ..native import int8_dynamic as native_int8
 
 _F32_EPS = torch.finfo(torch.float32).eps  # torchao uses float32's eps for int8 whatever the dtype
 

@@ -18,7 +18,7 @@ flags and the CPU.
 
 Example:
     >>> import torch
-    >>> from diffquant.ops import gguf_dequant as gd
+    >>> from diffquant.ops.formats import gguf as gd
     >>> blocks = gd.quantize(torch.randn(4, 64), "Q8_0")
     >>> out = torch.empty(4, 64)
     >>> if available():
@@ -44,8 +44,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("gguf_cpu.c", "int8_cpu.c", "intw_cpu.c", "int4_cpu.c",
-                                    "wquant_cpu.c", "lut4_cpu.c", "amx_cpu.c", "parallel.c")]
+SOURCES = [CSRC / name for name in ("gguf_decode.c", "int8_dynamic.c", "int8_weight.c", "int4.c",
+                                    "quantize.c", "bnb4.c", "int8_amx.c", "parallel.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 # DIFFQUANT_MARCH's choices: the builds that -march=native gives on the CPUs the project runs
 # on, each of which a newer x86-64 CPU can also execute (the tests run every one it can)
@@ -308,7 +308,7 @@ _block_bytes: dict = {}  # qtype as given -> bytes per block (gguf_dequant's tab
 def _geometry(blocks: torch.Tensor, qtype) -> tuple[int, int]:
     size = _block_bytes.get(qtype)
     if size is None:  # the import and the enum lookup cost ~10 us: a one-row product's 1%
-        from .gguf_dequant import BLOCK_LAYOUT, ggml_type
+        from ..formats.gguf import BLOCK_LAYOUT, ggml_type
         size = _block_bytes[qtype] = BLOCK_LAYOUT[ggml_type(qtype)][1]
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
         raise ValueError("native GGUF kernels take contiguous uint8 blocks [N, bytes]")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import build as native
 
 
 def vector_loop() -> bool:

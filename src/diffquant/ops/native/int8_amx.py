@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import build as native
 
 _state: dict = {}  # "lib": the library last asked, "amx": its answer
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import build as native
 
 
 def int8_supported(x: torch.Tensor) -> bool:
