@@ -40,6 +40,7 @@ from diffquant.ops.cpu import int4 as f4  # noqa: E402
 from diffquant.ops.cpu import int8_dynamic as fi  # noqa: E402
 from diffquant.ops.cpu import linear as fl  # noqa: E402
 from diffquant.ops.formats import gguf as gd  # noqa: E402
+from diffquant.ops.cpu import quantize as cq  # noqa: E402
 from diffquant.ops.formats import torchao as iq  # noqa: E402
 
 from .kernel_refs import agreement, int4_group, library_layer  # noqa: E402
@@ -70,7 +71,7 @@ def build(fmt: str, w: torch.Tensor, bias: torch.Tensor):
 def _build(fmt, w, bias):
     wb = w.to(BF16)
     if fmt in ("int8dq", "int8wo"):
-        q, s = iq.int8_quantize_per_channel(wb)
+        q, s = cq.int8_quantize_per_channel(wb)
         if fmt == "int8dq":
             p = fi.prepare_int8_dynamic(q, s)
             return (lambda x: iq.int8_dynamic_linear(x, q, s, bias),
@@ -79,7 +80,7 @@ def _build(fmt, w, bias):
         return (lambda x: iq.int8_weight_only_linear(x, q, s, bias),
                 lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None)
     if fmt == "int4wo":
-        packed, scale, zero = iq.int4_quantize_groupwise(wb, int4_group(w.shape[1]))
+        packed, scale, zero = cq.int4_quantize_groupwise(wb, int4_group(w.shape[1]))
         p = f4.prepare_int4_weight(packed, scale, zero)
         def ref(x):  # Int4WeightOnlyLinear.forward
             return torch.matmul(x, iq.int4_dequantize(packed, scale, zero, BF16).t()) + bias

@@ -5,8 +5,8 @@ import pytest
 
 from diffquant import cpu_paths
 from diffquant.ops.cpu import int8_dynamic as fast_int8
-from diffquant.ops.native import int8_amx as native_amx
 from diffquant.ops.native import int4 as native_int4
+from diffquant.ops.native import int8_amx as native_amx
 
 pytestmark = pytest.mark.usefixtures("native_target")
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from diffquant.errors import QuantizationError
 from diffquant.ops.cpu import gguf as fg
-from diffquant.ops.cpu import int8_dynamic as fi
 from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import int8_dynamic as fi
 from diffquant.ops.cpu import linear as fl
 from diffquant.ops.formats import gguf as gd
 from diffquant.ops.formats import torchao as iq

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.ops.cpu import gguf as fg
-from diffquant.ops.cpu import int8_dynamic as fi
 from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import int8_dynamic as fi
 from diffquant.ops.cpu import linear as fl
 from diffquant.ops.formats import torchao as iq
 from diffquant.ops.native import build as native

@@ -1,7 +1,7 @@
 """Which kernels a quantized layer runs on this machine, per scheme and row count, found by
 running it: every scheme the CLI lists quantizes one Flux-shaped linear layer, which then
 takes one row (a modulation or embedder layer), a few rows and many rows (image tokens), and
-the C kernels (by name, from ``ops/native.py``'s table) and the torch ops that did the work are
+the C kernels (by name, as ``ops/native/registry.py`` calls them) and the torch ops that did the work are
 recorded. The answer depends on the CPU (AVX-512, AMX, VNNI, a bf16 matmul kernel in torch)
 and on the build of the kernels (``DIFFQUANT_MARCH``), so the probe is the ground truth:
 docs/performance.md's table per CPU family is this command's output on each.
@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .ops.native import build as native
+from .ops.native import registry
 from .quantizers import DiffusersAutoQuantizer
 from .spec import available_backends, backend_schemes, diffquant_config, parse_spec
 
@@ -71,20 +72,10 @@ def _layer(spec: str, n: int, k: int) -> nn.Module:
 
 def _paths(model: nn.Module, rows: int, k: int) -> str:
     """What one forward of ``rows`` bf16 rows ran: C kernels first, then torch's work ops."""
-    kernels, ops = [], []
-    real = native._run
-
-    def run(kernel, *args, **kwargs):
-        kernels.append(native.KERNELS[kernel])
-        return real(kernel, *args, **kwargs)
-
+    ops = []
     x = torch.randn(rows, k).to(torch.bfloat16)
-    native._run = run
-    try:
-        with torch.no_grad(), _Recorder(ops):
-            model(x)
-    finally:
-        native._run = real
+    with torch.no_grad(), _Recorder(ops), registry.trace() as kernels:
+        model(x)
     done = [f"C {name}" for name in dict.fromkeys(kernels)] + list(dict.fromkeys(ops))
     return " + ".join(done) or "torch elementwise ops"
 

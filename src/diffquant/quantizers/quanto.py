@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError
 from ..ops.cpu import int8 as ff
 from ..ops.cpu import linear as fl
+from ..ops.cpu import quantize as cq
 from ..ops.formats import quanto as qm
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require, require_installed
@@ -99,9 +100,9 @@ def quantize(w: torch.Tensor, weights_dtype: str, group_size: int | None) -> dic
     if not qm.supported(w, None if bits == 8 else group_size):
         return quantize_with_quanto(w, weights_dtype, group_size)
     if bits == 8:
-        data, scale = qm.quantize_symmetric(w, _CODE_DTYPES[weights_dtype])
+        data, scale = cq.quantize_symmetric(w, _CODE_DTYPES[weights_dtype])
         return {"weight._data": data, "weight._scale": scale}
-    packed, scale, shift = qm.quantize_affine(w, bits, group_size)
+    packed, scale, shift = cq.quantize_affine(w, bits, group_size)
     return {"weight._data._data": packed, "weight._scale": scale, "weight._shift": shift}
 
 
@@ -124,19 +125,6 @@ def quantize_with_quanto(w: torch.Tensor, weights_dtype: str,
         return {"weight._data": qt._data, "weight._scale": qt._scale}
     return {"weight._data._data": qt._data._data, "weight._scale": qt._scale,
             "weight._shift": qt._shift}
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """quanto's packing, undone: value k of byte i is row i + k*len(packed), bits k*bits up."""
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * k)) & mask for k in range(8 // bits)]
-    return torch.cat(parts)[:rows]  # [rows, cols] uint8 codes
-
-
-def dequantize_bits(packed, scale, shift, bits: int, shape) -> torch.Tensor:
-    """[groups, 1] scale/shift over the unpacked [groups, group_size] codes -> weight ``shape``."""
-    codes = unpack_bits(packed, bits, scale.shape[0])
-    return (scale * codes - shift).reshape(shape)  # same op order as quanto: bit-identical
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +195,7 @@ class QuantoLinear(PiecesLinear):
         shape = (self.out_features, self.in_features)
         if self.bits == 8:
             return self.weight_scale * self.weight_data.to(self.weight_scale.dtype)  # [out, in]
-        return dequantize_bits(self.weight_data, self.weight_scale, self.weight_shift, self.bits,
+        return qm.dequantize_bits(self.weight_data, self.weight_scale, self.weight_shift, self.bits,
                                shape)
 
     def _prepare(self):

@@ -12,6 +12,7 @@ from ..ops.cpu import int8 as ff
 from ..ops.cpu import int4 as f4
 from ..ops.cpu import int8_dynamic as fi
 from ..ops.cpu import linear as fl
+from ..ops.cpu import quantize as cq
 from ..ops.formats import torchao as iq
 from .base import QuantizedLinear
 
@@ -30,7 +31,7 @@ class TorchAoLinear(QuantizedLinear):
                 "weight_scale": ((self.out_features, 1), torch.float32)}
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = iq.int8_quantize_per_channel(w)
+        q, scale = cq.int8_quantize_per_channel(w)
         return {"weight": q, "weight_scale": scale}
 
     def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
@@ -88,7 +89,7 @@ class Int4WeightOnlyLinear(TorchAoLinear):
                 "weight_zero": ((n, k // g), dtype)}
 
     def quantize(self, w):
-        packed, scale, zero = iq.int4_quantize_groupwise(w, self.params["group_size"])
+        packed, scale, zero = cq.int4_quantize_groupwise(w, self.params["group_size"])
         return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
 
     def load_piece(self, name, tensor, *, pre_quantized, dtype, device):

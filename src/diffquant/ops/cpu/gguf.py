@@ -11,7 +11,7 @@ Two paths, chosen per call by ``fast_linear.linear_weight_only``:
   q = 16 * (q >> 4) + (q & 15), each with its own per-32 scale, run as one product over [x, x].
   Scales are rounded to the activation dtype there (bf16 rounding level). Q6_K has one scale per
   16 columns, finer than the kernel's smallest group (32): each 16 become a group of 32 over
-  [x, 16 x] (``q6_k_int4_codes``). Q8_0 and Q6_K at one row go to ``native.gemv`` instead,
+  [x, 16 x] (``q6_k_int4_codes``). Q8_0 and Q6_K at one row go to ``native/gguf.gemv`` instead,
   which reads the blocks in place (no 1.25 B/weight copy).
 
 Example:
@@ -29,7 +29,7 @@ import torch
 
 from ...errors import QuantizationError
 from ..formats import gguf as gd
-from ..native import build as native
+from ..native import gguf as native_gguf
 from .int4 import int4_few_rows, int4pack_matmul, pack_int4_cpu
 from .linear import INT4_SMALL_ROWS, PreparedWeight
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
@@ -163,7 +163,7 @@ def dequantize_into(blocks: torch.Tensor, qtype, out: torch.Tensor) -> torch.Ten
     """
     qtype = gd.ggml_type(qtype)
     if _native_decodes(blocks, qtype, out):
-        return native.decode_into(blocks, qtype, out)
+        return native_gguf.decode_into(blocks, qtype, out)
     if qtype not in _FAST:
         return out.copy_(gd.dequantize(blocks, qtype, torch.float32))
     size, scales, fn = _FAST[qtype]
@@ -182,7 +182,7 @@ def _native_decodes(blocks: torch.Tensor, qtype, out: torch.Tensor) -> bool:
     """Whether the compiled decoder (``native``, 5-10x faster, same bits) can fill ``out``."""
     return (out.dtype in (torch.float32, torch.bfloat16) and out.stride(1) == 1
             and blocks.dim() == 2 and blocks.is_contiguous() and blocks.device == out.device
-            and native.supports(qtype, blocks.device))
+            and native_gguf.supports(qtype, blocks.device))
 
 
 # -- int4pack codes for the few-row path ---------------------------------------------------------
@@ -275,8 +275,8 @@ def _with_gemv(blocks: torch.Tensor, qtype, make_int4pack):
     int4pack = []
 
     def one_row(x2, bias):                                  # [1, K] -> [1, N], bias added
-        if blocks.is_contiguous() and native.supports(qtype, x2.device):
-            return native.gemv(blocks, qtype, x2, bias=bias)
+        if blocks.is_contiguous() and native_gguf.supports(qtype, x2.device):
+            return native_gguf.gemv(blocks, qtype, x2, bias=bias)
         return None
 
     def run(x2):                                                          # [M, K] -> [M, N]

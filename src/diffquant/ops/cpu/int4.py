@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import torchao as iq
-from ..native import build as native
+from ..native import registry
 from ..native import int4 as native_int4
 from .linear import INT4_SMALL_ROWS, PreparedWeight
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
@@ -133,8 +133,8 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     zero_s = zero.to(sdt).contiguous()
 
     def dequant_into(out):                                                # out [N, K]
-        if native.bf16_weight_supported(out, packed, scale, zero_s):      # one pass in C
-            native.int4_tinygemm_into(packed, scale, zero_s, out)
+        if registry.bf16_weight_supported(out, packed, scale, zero_s):      # one pass in C
+            native_int4.int4_tinygemm_into(packed, scale, zero_s, out)
         else:
             dequant_rows(out, sdt, fill)
 

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from ..native import build as native
+from ..formats import quanto as qm
+from ..native import bnb4 as native_bnb4
+from ..native import int4 as native_int4
+from ..native import int8_weight as native_int8w
+from ..native import registry
 from .int4 import int4_few_rows
 from .linear import INT4_SMALL_ROWS, SMALL_ROWS, PreparedWeight, _aligned, linear_decoded
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
@@ -46,8 +50,8 @@ def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
     flat_scale = scale.reshape(-1).contiguous()
 
     def dequant_into(out):                                                # out [N, K]
-        if q.dtype == torch.int8 and native.bf16_weight_supported(out, q, flat_scale):
-            native.int8_rows_into(q, flat_scale, out)                     # one pass in C
+        if q.dtype == torch.int8 and registry.bf16_weight_supported(out, q, flat_scale):
+            native_int8w.int8_rows_into(q, flat_scale, out)                     # one pass in C
         else:
             dequant_rows(out, sdt, fill)
 
@@ -66,10 +70,10 @@ def prepare_row_scaled(q: torch.Tensor, scale: torch.Tensor,
             return torch._weight_int8pack_mm(x2, _aligned(q), scale_in(x2.dtype))
 
         def one_row(x2, bias):  # in C: int8pack's numbers, then + bias rounded (quanto's order)
-            if not native.int8_gemv_supported(q, x2) or (bias is not None
+            if not native_int8w.int8_gemv_supported(q, x2) or (bias is not None
                                                           and bias.dtype != x2.dtype):
                 return None
-            return native.int8_gemv(q, scale_in(x2.dtype), x2, bias=bias)
+            return native_int8w.int8_gemv(q, scale_in(x2.dtype), x2, bias=bias)
 
     return PreparedWeight(n, k, dequant_into, None, packed, small_rows, f"{q.dtype} row-scaled",
                           q.device, one_row=one_row)
@@ -112,27 +116,20 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
         tv.mul_(scale[a:b]).sub_(shift[a:b])                              # quanto's op order
 
     def dequant_into(out):                                                # out [N, K]
-        if out.is_contiguous() and native.bf16_weight_supported(out, packed, scale, shift):
-            native.quanto_bits_into(packed, bits, scale, shift, out)      # one pass in C
+        if out.is_contiguous() and registry.bf16_weight_supported(out, packed, scale, shift):
+            native_int4.quanto_bits_into(packed, bits, scale, shift, out)      # one pass in C
         else:
             dequant_rows(out, sdt, fill)
 
     make = None
     if bits == 4 and g == 128 and sdt == torch.bfloat16 and packed.device.type == "cpu":
         def make():
-            codes = _quanto_codes(packed, bits, r_all).view(n, k)
+            codes = qm.unpack(packed, bits, r_all).view(n, k)
             zero = (-shift) + 8 * scale                                   # bf16 math, as quanto
             return int4_few_rows(n, g, codes, scale.view(n, per), zero.view(n, per))
 
     return PreparedWeight(n, k, dequant_into, None, None, INT4_SMALL_ROWS if make else 0,
                           f"quanto int{bits} g{g}", packed.device, make)
-
-
-def _quanto_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """quanto's packing [P, g] -> codes uint8 [rows, g]: group row i + j*P from bits j*bits."""
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * j)) & mask for j in range(8 // bits)]
-    return torch.cat(parts)[:rows]
 
 
 def linear_lut4(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor,
@@ -147,7 +144,7 @@ def linear_lut4(x: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, absmax
     """
     n, k = shape
     if x.numel() == k:
-        out = native.lut4_gemv(packed, lut, absmax, blocksize, shape, x.reshape(1, k), bias=bias)
+        out = native_bnb4.lut4_gemv(packed, lut, absmax, blocksize, shape, x.reshape(1, k), bias=bias)
         return out.reshape(*x.shape[:-1], n)
     buf = scratch_buffer((n, k), x.dtype, x.device)
-    return linear_decoded(x, native.lut4_decode_into(packed, lut, absmax, blocksize, buf), bias)
+    return linear_decoded(x, native_bnb4.lut4_decode_into(packed, lut, absmax, blocksize, buf), bias)

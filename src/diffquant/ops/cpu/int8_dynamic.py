@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import torchao as iq
-from ..native import build as native
+from ..native import build
 from ..native import int8_amx as native_amx
 from ..native import int8_dynamic as native_int8
 from .linear import float32_product
@@ -156,14 +156,14 @@ def cpu_products() -> str:
     elif not _int_mm_slow():
         int8 = "torch._int_mm"
     else:
-        int8 = "the AVX2 int8 dot kernel" if native.available() else "exact float32 matmuls"
+        int8 = "the AVX2 int8 dot kernel" if build.available() else "exact float32 matmuls"
     return f"many-row products: weight-only in {weight_only}, int8 dynamic on {int8}"
 
 
 def _int8_mm_without_vnni(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor) -> None:
     """acc int32 [M, N] <- xq @ qt exactly where _int_mm is a generic loop: native's dot kernel
     (1280 tokens: 0.65x the float32 matmuls' time), else the exact float32 matmuls."""
-    if native.available() and qt.t().is_contiguous():
+    if build.available() and qt.t().is_contiguous():
         xw = scratch_buffer(xq.shape, torch.int16, xq.device, "act int16")
         native_int8.int8_dot(xq, qt.t(), acc, xw)
     else:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import QuantizationError
-from ..native import build as native
+from ..native import int8_weight as native_int8w
 # clear_scratch is re-exported: callers of these paths free the buffer pool through this module
 from .scratch import clear_scratch, scratch_buffer  # noqa: F401
 
@@ -237,8 +237,8 @@ def _scale_rows_out(y: torch.Tensor, w: "PreparedWeight", bias) -> torch.Tensor:
     float32 one is not: 3x slower at 1280 x 3072). The cast is kept per dtype: redone on every
     call it was a torch op (~5-10 us) in each one-row product."""
     s = w.out_scale_in(y.dtype)
-    if native.scale_rows_supported(y, s, bias):  # both ops in one pass, the same bits
-        return native.scale_rows_(y, s, bias)
+    if native_int8w.scale_rows_supported(y, s, bias):  # both ops in one pass, the same bits
+        return native_int8w.scale_rows_(y, s, bias)
     y.mul_(s)
     return y if bias is None else y.add_(bias)
 
@@ -286,12 +286,12 @@ def prepare_int8_weight(qweight: torch.Tensor, scale: torch.Tensor,
     post = {}
 
     def one_row(x2, bias):  # sum, channel scale (cast to bf16 as torchao) and bias: one C call
-        if not native.int8_gemv_supported(q, x2) or (bias is not None and bias.dtype != x2.dtype):
+        if not native_int8w.int8_gemv_supported(q, x2) or (bias is not None and bias.dtype != x2.dtype):
             return None
         s16 = post.get(0)
         if s16 is None:
             s16 = post[0] = scale.to(torch.bfloat16)
-        return native.int8_gemv(q, None, x2, post=s16, bias=bias)
+        return native_int8w.int8_gemv(q, None, x2, post=s16, bias=bias)
 
     return PreparedWeight(n, k, dequant_into, scale, packed, small_rows, "int8", q.device,
                           float32_exact=True, one_row=one_row)

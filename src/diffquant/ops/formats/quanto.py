@@ -15,9 +15,9 @@ itself over random and special values, for bf16, float16 and float32 weights).
   [0, 2^bits - 1]; packed along dim 0 as quanto's ``pack_weights`` (value k of byte i is row
   i + k * rows of the packed tensor).
 
-bf16 weights on a CPU go through ``csrc/wquant_cpu.c`` (the same ops, one pass per row, the
-codes written packed: the torch ops were 5 of 6.6 s of that load); other dtypes and devices
-through torch.
+These are the reference: loading quantizes bf16 weights on a CPU with ``ops/cpu/quantize.py``'s
+C pass instead (the same ops, one pass per row, the codes written packed: the torch ops were 5
+of 6.6 s of that load). ``unpack`` and ``dequantize_bits`` undo the packing.
 
 A weight whose quantization axis has one row (quanto then quantizes per tensor) is not handled
 here: ``supported`` says so and the caller uses quanto.
@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import torch
 
-from ..native import build as native
-
 
 def supported(w: torch.Tensor, group: int | None) -> bool:
     """Whether these functions reproduce quanto for ``w`` [out, in]: more than one row to
@@ -46,13 +44,6 @@ def supported(w: torch.Tensor, group: int | None) -> bool:
 def quantize_symmetric(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (codes [N, K] of ``dtype`` (int8 or float8_e4m3fn), scale [N, 1] in w's
     dtype): quanto's absmax scale per output row and its symmetric quantization."""
-    if dtype == torch.int8 and _in_c(w):                    # the same ops, one pass per row
-        n, k = w.shape
-        q = torch.empty(n, k, dtype=torch.int8)
-        scale = torch.empty(n, 1, dtype=torch.bfloat16)
-        native._run(native.QUANTO_INT8, n, w.data_ptr(), k, q.data_ptr(), scale.data_ptr(),
-                    min_rows=16)
-        return q, scale
     info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
     qmax = info.max if dtype.is_floating_point else 2 ** (info.bits - 1) - 1
     scale = torch.amax(torch.abs(w), dim=[1], keepdim=True) / qmax
@@ -68,25 +59,12 @@ def quantize_affine(w: torch.Tensor, bits: int, group: int | None
     values (None: whole output rows): quanto's min/max scale and shift, its affine codes and
     its bit packing."""
     base = w if group is None else w.reshape(-1, group)
-    if _in_c(base):                                         # the same ops, one pass per row
-        r, g = base.shape
-        rows = -(-r // (8 // bits))                         # pack's rows
-        packed = torch.empty(rows, g, dtype=torch.uint8)
-        scale, shift = (torch.empty(r, 1, dtype=torch.bfloat16) for _ in range(2))
-        native._run(native.QUANTO_AFFINE, rows, base.data_ptr(), g, bits, r, packed.data_ptr(),
-                    scale.data_ptr(), shift.data_ptr(), min_rows=8)
-        return packed, scale, shift
     rmin = torch.amin(base, dim=[1], keepdim=True)
     rmax = torch.amax(base, dim=[1], keepdim=True)
     scale = (rmax - rmin) / ((2 ** (bits - 1) - 1) - (-(2 ** (bits - 1))))
     shift = -rmin
     codes = torch.clamp(torch.round((base + shift) / scale), min=0, max=2 ** bits - 1)
     return pack(codes.to(torch.uint8), bits), scale, shift
-
-
-def _in_c(w: torch.Tensor) -> bool:
-    """wquant_cpu.c's case (``native.bf16_rows_supported``)."""
-    return native.bf16_rows_supported(w)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -99,3 +77,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         part = codes[i * rows:(i + 1) * rows]
         packed[:part.shape[0]] |= part << (bits * i)
     return packed
+
+
+def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """``pack`` undone: packed [P, C] -> uint8 codes [rows, C], row i + k * P from bits k * bits
+    of packed row i."""
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * k)) & mask for k in range(8 // bits)]
+    return torch.cat(parts)[:rows]
+
+
+def dequantize_bits(packed, scale, shift, bits: int, shape) -> torch.Tensor:
+    """[groups, 1] scale/shift over the unpacked [groups, group_size] codes -> weight ``shape``."""
+    codes = unpack(packed, bits, scale.shape[0])
+    return (scale * codes - shift).reshape(shape)  # same op order as quanto: bit-identical

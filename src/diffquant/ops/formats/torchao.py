@@ -24,9 +24,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..native import build as native
-from ..native import int8_dynamic as native_int8
-
 _F32_EPS = torch.finfo(torch.float32).eps  # torchao uses float32's eps for int8 whatever the dtype
 
 
@@ -37,10 +34,6 @@ _CHUNK = 1 << 20  # elements per float32 chunk of the 2-d path: 4 MB, stays in t
 def int8_quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., K] float -> (q int8 [..., K], scale float32 [..., 1]), one scale per row."""
     if w.dim() == 2 and w.numel() > _CHUNK and w.device.type == "cpu":
-        if native_int8.int8_supported(w) and w.stride(1) == 1:  # one pass in C, the same numbers
-            done = native_int8.quantize_rows_bf16(w, torch.empty(w.shape, dtype=torch.int8))
-            if done is not None:
-                return done
         return _int8_quantize_rows_chunked(w)
     amax = w.abs().amax(dim=-1, keepdim=True)           # [..., 1] in w.dtype, as torchao
     scale = torch.clamp(amax / 127.5, min=_F32_EPS).to(torch.float32)
@@ -125,12 +118,6 @@ def int4_quantize_groupwise(w: torch.Tensor, group_size: int):
     if k % group_size or k % 2:
         raise ValueError(f"int4 group-wise quantization: in_features={k} is not a multiple of "
                          f"group_size={group_size}")
-    if _int4_in_c(w, group_size):                   # the same ops in one pass per group (C)
-        packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        scale, zero = (torch.empty(n, k // group_size, dtype=w.dtype) for _ in range(2))
-        native._run(native.INT4_GROUPWISE, n, w.data_ptr(), k, group_size, packed.data_ptr(),
-                    scale.data_ptr(), zero.data_ptr(), min_rows=16)
-        return packed, scale, zero
     g = w.reshape(n, k // group_size, group_size)                     # [N, G, g]
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)                           # [N, G] in w.dtype
     eps = torch.finfo(w.dtype).smallest_normal
@@ -139,12 +126,6 @@ def int4_quantize_groupwise(w: torch.Tensor, group_size: int):
     min_val = (zero - scale * 8.0).unsqueeze(-1)
     q = torch.clamp(torch.round((g - min_val) / scale.unsqueeze(-1)), 0, 15)
     return int4_pack(q.reshape(n, k).to(torch.uint8)), scale, zero
-
-
-def _int4_in_c(w: torch.Tensor, group_size: int) -> bool:
-    """csrc/wquant_cpu.c's case: an even group of bf16 rows it takes (the torch form below took
-    5.8 of 6.5 s of a 1.16B-parameter load on 2 AVX2 cores)."""
-    return group_size % 2 == 0 and native.bf16_rows_supported(w)
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""The one-row product of 4-bit weights in groups (``csrc/int4_cpu.c``) through ``native``'s
-library: w = (u - 8) * scale + zero, the form ``fast_int4`` gives torchao int4, quanto int4
-and GGUF Q4_0 / Q4_1 / Q4_K for torch's int4pack kernel, in a layout of its own
-(``pack_rows``). ``fast_int4.int4_few_rows`` sends one bf16 row here where the kernel has its
-AVX2 loop (CPUs without AVX-512), and every other row count to int4pack.
+"""4-bit weights in groups through the C kernels (``csrc/int4.c``): torchao int4's and quanto's
+int4/int2 decodes into a bf16 buffer, and the one-row product of w = (u - 8) * scale + zero,
+the form ``ops/cpu/int4.py`` gives torchao int4, quanto int4 and GGUF Q4_0 / Q4_1 / Q4_K for
+torch's int4pack kernel, in a layout of its own (``pack_rows``). ``cpu/int4.int4_few_rows``
+sends one bf16 row here where the kernel has its AVX2 loop (CPUs without AVX-512), and every
+other row count to int4pack.
 
 Example:
     >>> import torch
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from . import build as native
+from . import build, registry
 
 
 def vector_loop() -> bool:
     """Whether the kernel runs its AVX2 loop here (built without AVX-512; on AVX-512 CPUs torch's
     int4pack kernel is the faster one-row product)."""
-    lib = native.library()
+    lib = build.library()
     return lib is not None and bool(lib.dq_int4_gemv_vector())
 
 
@@ -80,9 +81,31 @@ def gemv(packed: torch.Tensor, sz: torch.Tensor, group: int, x2: torch.Tensor,
                          f"32 or a multiple of 64 dividing K; got x {x2.dtype} "
                          f"{list(x2.shape)}, sz {sz.dtype} {list(sz.shape)}, group {group}")
     out = torch.empty(1, n, dtype=torch.bfloat16)
-    in_c = native.bf16_bias(bias, n)
-    if not native._run(native.INT4_GEMV, n, packed.data_ptr(), sz.data_ptr(), k, group,
-                       x2.data_ptr(), out.data_ptr(), portable,
-                       None if in_c is None else in_c.data_ptr()):
+    in_c = registry.bf16_bias(bias, n)
+    if not registry.run("int4_gemv", n, packed=packed, sz=sz, k=k, group=group, x=x2, out=out,
+                        portable=portable, bias=in_c):
         return None
     return out if bias is None or in_c is not None else out.add_(bias)
+
+
+# -- decodes into a bf16 buffer (the reference's bf16 math, bit for bit) -------------------------
+def int4_tinygemm_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
+    """torchao int4: packed uint8 [N, K/2], scale/zero bf16 [N, G] -> out bf16 [N, K]."""
+    n, k = out.shape
+    registry.run("int4_tinygemm", n, packed=packed, k=k, group=k // scale.shape[1], scale=scale,
+                 zero=zero, out=out, ld=out.stride(0))
+    return out
+
+
+def quanto_bits_into(packed: torch.Tensor, bits: int, scale: torch.Tensor, shift: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """quanto int4/int2: packed uint8 [P, g], scale/shift bf16 [R, 1] -> out bf16 [N, K]
+    (contiguous: its rows are the R group rows of g values)."""
+    n, k = out.shape
+    if not out.is_contiguous():
+        raise ValueError("native quanto decode writes a contiguous [N, K] buffer")
+    p, g = packed.shape
+    registry.run("quanto_bits", n, packed=packed, p=p, g=g, bits=bits, scale=scale, shift=shift,
+                 per=k // g, out=out)
+    return out

@@ -1,12 +1,12 @@
-"""The int8 dynamic product on AMX tiles (``csrc/amx_cpu.c``), through ``native``'s library:
-whether it runs here, the tokens' quantization into the tiles' layout, and the product.
-``fast_int8.linear_int8_dynamic`` uses it where the CPU has AMX."""
+"""The int8 dynamic product on AMX tiles through the C kernels (``csrc/int8_amx.c``): whether it
+runs here, the tokens' quantization into the tiles' layout, and the product.
+``ops/cpu/int8_dynamic.py`` uses it where the CPU has AMX."""
 
 from __future__ import annotations
 
 import torch
 
-from . import build as native
+from . import build, registry
 
 _state: dict = {}  # "lib": the library last asked, "amx": its answer
 
@@ -14,7 +14,7 @@ _state: dict = {}  # "lib": the library last asked, "amx": its answer
 def amx_available() -> bool:
     """Whether the AMX int8 product runs here: built for a CPU with AMX, and Linux granted this
     process the tile registers (asked once)."""
-    lib = native.library()
+    lib = build.library()
     if lib is None:
         return False
     if _state.get("lib") is not lib:  # asked once per loaded library
@@ -41,8 +41,8 @@ def quantize_rows_vnni(x2: torch.Tensor, xp: torch.Tensor):
         raise ValueError(f"native vnni quantize: xp must be int8 [>= {(m + 15) // 16}, "
                          f"{k // 4}, 16, 4], got {xp.dtype} {list(xp.shape)}")
     scale = torch.empty(m, 1, dtype=torch.float32)
-    if not native._run(native.QUANTIZE_VNNI, m, x2.data_ptr(), x2.stride(0), k, xp.data_ptr(),
-                       scale.data_ptr(), min_rows=16):
+    if not registry.run("quantize_vnni", m, x=x2, ldx=x2.stride(0), k=k, xp=xp, scale=scale,
+                        min_rows=16):
         return None
     return scale
 
@@ -69,7 +69,6 @@ def amx_int8_linear(q: torch.Tensor, xp: torch.Tensor, m: int, sx: torch.Tensor,
             b is not None and b.dtype != torch.bfloat16):
         raise ValueError("native AMX int8: float32 scales, bf16 bias")
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    done = native._run(native.AMX_INT8_LINEAR, (n + 31) // 32, q.data_ptr(), k, n,
-                       xp.data_ptr(), groups, sx.data_ptr(), sw.data_ptr(),
-                       None if b is None else b.data_ptr(), y.data_ptr(), n, m, min_rows=2)
+    done = registry.run("amx_linear", (n + 31) // 32, w=q, k=k, n=n, xp=xp, groups=groups, sx=sx,
+                        sw=sw, bias=b, y=y, ldy=n, m=m, min_rows=2)
     return y if done else None  # not done: no memory for a block's sums (K > 4096)

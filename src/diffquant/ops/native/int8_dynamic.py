@@ -1,19 +1,18 @@
-"""int8 dynamic quantization's C kernels (``csrc/int8_cpu.c``, ``csrc/intw_cpu.c``) through
-``native``'s library: the tokens' quantization, the int32 sums scaled back to bf16, the integer
-product where ``torch._int_mm`` is a generic loop, and one token through all three in one call.
-``fast_int8.linear_int8_dynamic`` and ``int_quant`` use them on bf16 CPU tensors; the AMX
-product is ``native_amx``'s."""
+"""int8 dynamic quantization through the C kernels (``csrc/int8_dynamic.c``): the tokens'
+quantization, the int32 sums scaled back to bf16, the integer product where ``torch._int_mm`` is
+a generic loop, and one token through all three in one call. ``ops/cpu/int8_dynamic.py`` and
+``ops/cpu/quantize.py`` use them on bf16 CPU tensors; the AMX product is ``int8_amx``'s."""
 
 from __future__ import annotations
 
 import torch
 
-from . import build as native
+from . import build, registry
 
 
 def int8_supported(x: torch.Tensor) -> bool:
     """Whether ``quantize_rows_bf16`` / ``int8_output_bf16`` take activations like ``x``."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and native.available()
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and build.available()
 
 
 def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
@@ -24,8 +23,7 @@ def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
     if x2.stride(1) != 1 or not q.is_contiguous() or q.shape != (m, k):
         raise ValueError("native int8 quantize: x needs unit column stride, q [M, K] contiguous")
     scale = torch.empty(m, 1, dtype=torch.float32)
-    if not native._run(native.QUANTIZE, m, x2.data_ptr(), x2.stride(0), k, q.data_ptr(),
-                       scale.data_ptr()):
+    if not registry.run("quantize", m, x=x2, ldx=x2.stride(0), k=k, q=q, scale=scale):
         return None
     return q, scale
 
@@ -44,9 +42,8 @@ def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
     if y.dtype != torch.bfloat16 or y.shape != (m, n) or (n > 1 and y.stride(1) != 1):
         raise ValueError(f"native int8 output: out must be bf16 [{m}, {n}] with contiguous "
                          f"rows, got {y.dtype} {tuple(y.shape)} strides {y.stride()}")
-    b = None if bias is None else bias.contiguous()  # held: its pointer is used below
-    native._run(native.INT8_OUTPUT, m, acc.data_ptr(), sx.data_ptr(), sw.data_ptr(),
-                None if b is None else b.data_ptr(), n, y.data_ptr(), y.stride(0))
+    b = None if bias is None else bias.contiguous()
+    registry.run("int8_output", m, acc=acc, sx=sx, sw=sw, bias=b, n=n, y=y, ldy=y.stride(0))
     return y
 
 
@@ -64,8 +61,7 @@ def int8_dot(xq: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
     if xw is None or xw.shape != (m, k) or xw.dtype != torch.int16 or not xw.is_contiguous():
         xw = torch.empty(m, k, dtype=torch.int16)
     xw.copy_(xq)                                                          # widened once
-    native._run(native.INT8_DOT, n, xw.data_ptr(), m, q.data_ptr(), k, out.data_ptr(),
-                out.stride(0))
+    registry.run("int8_dot", n, xw=xw, m=m, q=q, k=k, acc=out, ldacc=out.stride(0))
     return out
 
 
@@ -84,9 +80,8 @@ def int8_dynamic_row(x2: torch.Tensor, q: torch.Tensor, sw: torch.Tensor,
         raise ValueError(f"native int8 dynamic row: expected contiguous bf16 x [1, {k}], int8 q "
                          f"[{n}, {k}], float32 channel scales [{n}], bf16 bias [{n}] or none")
     sw = sw.reshape(n).contiguous()
-    b = None if bias is None else bias.reshape(n).contiguous()  # held: pointers used below
+    b = None if bias is None else bias.reshape(n).contiguous()
     y = torch.empty(1, n, dtype=torch.bfloat16)
-    if not native._run(native.INT8_DYNAMIC_ROW, n, x2.data_ptr(), k, q.data_ptr(),
-                       sw.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr()):
+    if not registry.run("int8_dynamic_row", n, x=x2, k=k, q=q, sw=sw, bias=b, y=y):
         return None
     return y

@@ -1,15 +1,25 @@
-/* One-row product of 4-bit weights in groups, w = (u - 8) * s + z (torchao int4, quanto int4,
-   GGUF Q4_0 / Q4_1 / Q4_K as fast_linear maps them), on a CPU, compiled on first use by
-   ops/native.py.
+/* 4-bit weights in groups of columns on a CPU, compiled on first use by ops/native/build.py:
+   torchao int4's decode into a bf16 buffer and quanto's int4/int2 decode (each the reference's
+   bf16 math, op for op: torch's bf16 ops compute in float32 and round after every op), and the
+   one-row product of every format of the form w = (u - 8) * s + z (torchao int4, quanto int4,
+   GGUF Q4_0 / Q4_1 / Q4_K as ops/cpu/int4.py and ops/cpu/gguf.py map them).
 
-   Why: where the CPU has AVX2 but not AVX-512 (AMD Zen 3), torch's int4pack kernel takes one
-   row of a 3072 x 3072 weight in ~0.75 ms on two cores (0.65-0.8x the bf16 product), bound by
-   its own arithmetic, not by the 5 MB it reads. This loop does three vector ops per 8 weights.
+   Decodes (rows [r0, r1) of the weight per call):
+   - torchao int4 (tinygemm): w = bf16(bf16((u - 8) * s) + z), u the nibble of column 2j (low)
+     or 2j + 1 (high) of packed [N, K/2], (s, z) one per group of columns;
+   - quanto int4/int2: w = bf16(bf16(c * s) - shift) per group row of g values, group row
+     i + j * P held in bits j * bits of byte row i of packed [P, g].
+   Why C: torch runs each as 3-4 passes over the weight; here one.
 
-   Layout (native.pack_int4_rows): packed uint8 [N, K/2], element 2i the low nibble of byte i and
-   2i + 1 the high one; the last element of every 8 (lane 7 below) stored xor 8. sz uint32
-   [N, K/group]: the bf16 bits of the group's scale (low half) and zero (high half), the values
-   int4pack is given.
+   The one-row product. Why: where the CPU has AVX2 but not AVX-512 (AMD Zen 3), torch's int4pack
+   kernel takes one row of a 3072 x 3072 weight in ~0.75 ms on two cores (0.65-0.8x the bf16
+   product), bound by its own arithmetic, not by the 5 MB it reads. This loop does three vector
+   ops per 8 weights.
+
+   Layout (ops/native/int4.py's pack_rows): packed uint8 [N, K/2], element 2i the low nibble of
+   byte i and 2i + 1 the high one; the last element of every 8 (lane 7 below) stored xor 8. sz
+   uint32 [N, K/group]: the bf16 bits of the group's scale (low half) and zero (high half), the
+   values int4pack is given.
 
    The trick: the 8 elements of 4 bytes are broadcast to 8 lanes and lane l keeps its nibble in
    place (a mask, no shift): lane l < 7 holds u * 16^l, lane 7 (its nibble xor 8, read as the
@@ -242,4 +252,79 @@ int dq_int4_gemv_vector(void) {
 #else
     return 0;
 #endif
+}
+
+/* -- decodes into a bf16 buffer -------------------------------------------------------------- */
+#ifdef __AVX512F__
+/* one group of tinygemm codes (group % 32 == 0): 16 bytes -> 32 values per step, the low
+   nibble of byte j being column 2j; the scalar loop's ops lane by lane */
+static void tinygemm_group(const uint8_t *pg, int64_t group, float s, float z, uint16_t *og) {
+    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), eight = _mm512_set1_ps(8.0f);
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    for (int64_t j = 0; j < group / 2; j += 16) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(pg + j));
+        __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+        __m128i half[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+        for (int h = 0; h < 2; h++) {
+            __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(half[h]));
+            __m512 t = round_bf16x16(_mm512_mul_ps(_mm512_sub_ps(u, eight), vs));
+            store_bf16x16(og + 2 * j + 16 * h, _mm512_add_ps(t, vz));
+        }
+    }
+}
+#endif
+
+/* packed uint8 [N, K/2], scale/zero bf16 [N, K/group] -> out bf16 rows [r0, r1), stride ld */
+int dq_int4_tinygemm_bf16(const uint8_t *packed, int64_t k, int64_t group, const uint16_t *scale,
+                          const uint16_t *zero, int64_t r0, int64_t r1, uint16_t *out, int64_t ld) {
+    if (k % group || group % 2) return -1;
+    int64_t groups = k / group;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * (k / 2);
+        uint16_t *o = out + r * ld;
+        for (int64_t g = 0; g < groups; g++) {
+            float s = bf16_to_float(scale[r * groups + g]), z = bf16_to_float(zero[r * groups + g]);
+            const uint8_t *pg = p + g * group / 2;
+            uint16_t *og = o + g * group;
+#ifdef __AVX512F__
+            if (group % 32 == 0) {
+                tinygemm_group(pg, group, s, z, og);
+                continue;
+            }
+#endif
+            for (int64_t j = 0; j < group / 2; j++) {
+                og[2 * j] = float_to_bf16(round_bf16((float)((pg[j] & 0x0f) - 8) * s) + z);
+                og[2 * j + 1] = float_to_bf16(round_bf16((float)((pg[j] >> 4) - 8) * s) + z);
+            }
+        }
+    }
+    return 0;
+}
+
+/* group rows [a, b) of quanto's packing -> out bf16 [R, g] contiguous (the weight's rows) */
+int dq_quanto_bits_bf16(const uint8_t *packed, int64_t p, int64_t g, int bits,
+                        const uint16_t *scale, const uint16_t *shift, int64_t a, int64_t b,
+                        uint16_t *out) {
+    if (bits != 2 && bits != 4) return -1;
+    const int mask = (1 << bits) - 1;
+    for (int64_t i = a; i < b; i++) {
+        const uint8_t *src = packed + (i % p) * g;
+        int sh = (int)(i / p) * bits;
+        float s = bf16_to_float(scale[i]), t = bf16_to_float(shift[i]);
+        uint16_t *o = out + (i - a) * g;
+        int64_t j = 0;
+#ifdef __AVX512F__
+        const __m512i vsh = _mm512_set1_epi32(sh), vmask = _mm512_set1_epi32(mask);
+        const __m512 vs = _mm512_set1_ps(s), vt = _mm512_set1_ps(t);
+        for (; j + 16 <= g; j += 16) {
+            __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + j)));
+            c = _mm512_and_si512(_mm512_srlv_epi32(c, vsh), vmask);
+            __m512 v = round_bf16x16(_mm512_mul_ps(_mm512_cvtepi32_ps(c), vs));
+            store_bf16x16(o + j, _mm512_sub_ps(v, vt));
+        }
+#endif
+        for (; j < g; j++)
+            o[j] = float_to_bf16(round_bf16((float)((src[j] >> sh) & mask) * s) - t);
+    }
+    return 0;
 }

@@ -1,6 +1,8 @@
-/* The row kernels of gguf_cpu.c, int8_cpu.c, intw_cpu.c, int4_cpu.c and lut4_cpu.c: each does
-   rows [r0, r1) of its output and returns 0, 1 (this input needs the caller's torch fallback)
-   or -1 (bad arguments). parallel.c runs them over row ranges on several threads. */
+/* The row kernels of the C files here: each does rows [r0, r1) of its output and returns 0, 1
+   (this input needs the caller's torch fallback) or -1 (bad arguments); registry.c names them
+   and declares their arguments, parallel.c runs them over row ranges on several threads. Then
+   the helpers the one-row products share: their order of sums, and the vector forms of the
+   bf16 conversions. */
 #ifndef DIFFQUANT_KERNELS_H
 #define DIFFQUANT_KERNELS_H
 #include <stdint.h>
