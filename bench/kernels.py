@@ -37,6 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from diffquant.ops.cpu import gguf as fg  # noqa: E402
 from diffquant.ops.cpu import int4 as f4  # noqa: E402
+from diffquant.ops.cpu import dispatch  # noqa: E402
+from diffquant.ops.cpu import int8 as ci8  # noqa: E402
 from diffquant.ops.cpu import int8_dynamic as fi  # noqa: E402
 from diffquant.ops.cpu import linear as fl  # noqa: E402
 from diffquant.ops.formats import gguf as gd  # noqa: E402
@@ -76,7 +78,7 @@ def _build(fmt, w, bias):
             p = fi.prepare_int8_dynamic(q, s)
             return (lambda x: iq.int8_dynamic_linear(x, q, s, bias),
                     lambda x: fi.linear_int8_dynamic(x, p, bias), None, None)
-        p = fl.prepare_int8_weight(q, s)
+        p = ci8.prepare_int8_weight(q, s)
         return (lambda x: iq.int8_weight_only_linear(x, q, s, bias),
                 lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None)
     if fmt == "int4wo":
@@ -284,7 +286,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps}; "
-          f"{fi.cpu_products()}\n")
+          f"{dispatch.cpu_products()}\n")
     for fmt in args.formats:
         print(table(fmt, *args.shape, args.rows, args.reps) + "\n", flush=True)
     if args.stream:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from ..ops.cpu.gguf import prepare_gguf_weight
-from ..ops.cpu.linear import linear_weight_only
+from ..ops.cpu.linear import linear
 from ..ops.formats.gguf import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
                                 ggml_type, logical_shape, quantize)
 from .auto import register_quantizer
@@ -100,6 +100,12 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
         if self.quant_type is None:
             return 0  # pre-quantized: each tensor of the file has its own type
         return {"Q8": 8, "Q6": 6, "Q5": 5, "Q4": 4, "F1": 16, "BF": 16, "F3": 32}[self.quant_type[:2]]
+
+    in_transformers = False  # transformers' GGUF config reads .gguf files; it does not quantize
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        return {t.name.lower(): {"quant_type": t.name} for t in QUANTIZABLE_TYPES}
 
     @classmethod
     def cpu_examples(cls) -> list["GGUFQuantizationConfig"]:
@@ -165,7 +171,7 @@ class GGUFLinear(QuantizedLinear):
         if self.use_fast_path(x):  # dequantize into a reused buffer; int4 kernel for few rows
             w = self.fast_weight(lambda: prepare_gguf_weight(self.weight, self.qtype, lazy=True),
                                  self.weight, self.weight_qtype)
-            return linear_weight_only(x.to(dtype), w, bias).to(x.dtype)
+            return linear(x.to(dtype), w, bias).to(x.dtype)
         weight = self.dequantized_weight()                                # [out, in]
         return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
@@ -230,10 +236,6 @@ class GGUFQuantizer(DiffusersQuantizer):
 
     @property
     def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_compileable(self) -> bool:
         return True
 
 

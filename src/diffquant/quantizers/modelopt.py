@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops.cpu import int8 as ff
+from ..ops.cpu import int8 as ci8
 from ..ops.cpu import linear as fl
+from ..ops.cpu.dispatch import ROUTES
 from ..ops.formats import modelopt as mm
 from ..ops.formats.modelopt import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
 from .auto import register_quantizer
@@ -40,6 +41,20 @@ from .config import QuantizationConfigMixin, QuantizationMethod
 logger = logging.getLogger(__name__)
 
 QUANT_TYPE_BITS = {"FP8": [4, 3], "INT8": 8, "INT4": 4, "NF4": 4, "NVFP4": [2, 1]}
+# The block formats need block sizes that NVIDIAModelOptConfig (as diffusers') leaves to the
+# caller; a CLI scheme cannot carry them, so these are the usual ones. INT8 per output channel,
+# as ModelOpt's INT8 default (the config alone gives one scale per tensor); INT4 in blocks of
+# 128 as its INT4_BLOCKWISE_WEIGHT_ONLY_CFG; NF4 in blocks of 64 with its scales quantized in
+# blocks of 256, bitsandbytes' sizes; NVFP4 in its blocks of 16 (the scale block does not
+# change its weights: their second scale is per tensor).
+CLI_BLOCKS = {
+    "INT8": {"channel_quantize": 0},
+    "INT4": {"channel_quantize": -1, "block_quantize": 128},
+    "NF4": {"channel_quantize": -1, "block_quantize": 64, "scale_channel_quantize": -1,
+            "scale_block_quantize": 256},
+    "NVFP4": {"channel_quantize": -1, "block_quantize": 16, "scale_channel_quantize": -1,
+              "scale_block_quantize": 16},
+}
 QUANT_TYPE_SCALE_BITS = {"NF4": 8, "NVFP4": [4, 3]}
 
 
@@ -202,6 +217,13 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
             data["algorithm"] = calib.get("method", "max")
         return super().from_dict(data, return_unused_kwargs=return_unused_kwargs)
 
+    in_transformers = False  # transformers loads modelopt checkpoints; it does not quantize
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        """Each type, with the usual block sizes of CLI_BLOCKS."""
+        return {n.lower(): {"quant_type": n, **CLI_BLOCKS.get(n, {})} for n in QUANT_TYPE_BITS}
+
     @classmethod
     def cpu_examples(cls) -> list["NVIDIAModelOptConfig"]:
         """One config per scheme that quantizes, runs, saves and reloads on a CPU."""
@@ -323,15 +345,15 @@ class ModelOptLinear(QuantizedLinear):
                 or scale.numel() not in (1, self.out_features) or self.weight.dim() != 2:
             return None
         dtype = self.compute_dtype or torch.float32
-        return self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, scale.to(dtype), small_rows=0),
-                                self.weight, scale)
+        return self.fast_weight(lambda: ci8.prepare_row_scaled(
+            self.weight, scale.to(dtype), ROUTES[f"modelopt {self.scheme}"]), self.weight, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out); the weight is dequantized per call (modelopt's CPU fallback)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         w = self._fast_prepared() if self.use_fast_path(x) else None
         if w is not None:
-            return fl.linear_weight_only(x, w, bias)
+            return fl.linear(x, w, bias)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from ..ops.cpu import int8 as ff
+from ..ops.cpu import int4 as f4
+from ..ops.cpu import int8 as ci8
 from ..ops.cpu import linear as fl
 from ..ops.cpu import quantize as cq
+from ..ops.cpu.dispatch import ROUTES
 from ..ops.formats import quanto as qm
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require, require_installed
@@ -74,6 +76,10 @@ class QuantoConfig(QuantizationConfigMixin):
         if "weights_dtype" in out:
             out["weights"] = out.pop("weights_dtype")
         return out
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        return {w: {"weights_dtype": w} for w in WEIGHTS_DTYPES}
 
     @classmethod
     def cpu_examples(cls) -> list["QuantoConfig"]:
@@ -200,8 +206,9 @@ class QuantoLinear(PiecesLinear):
 
     def _prepare(self):
         if self.bits == 8:  # weight_scale [out, 1] * weight_data, or quanto's own int8pack kernel
-            return ff.prepare_row_scaled(self.weight_data, self.weight_scale)
-        return ff.prepare_quanto_bits(self.weight_data, self.weight_scale, self.weight_shift,
+            return ci8.prepare_row_scaled(self.weight_data, self.weight_scale,
+                                          ROUTES[f"quanto {self.weights_dtype}"])
+        return f4.prepare_quanto_bits(self.weight_data, self.weight_scale, self.weight_shift,
                                       self.bits, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,13 +216,8 @@ class QuantoLinear(PiecesLinear):
         if self.use_fast_path(x):  # same math in reused buffers; packed kernels for few rows
             w = self.fast_weight(self._prepare, self.weight_data, self.weight_scale,
                                  *(() if self.bits == 8 else (self.weight_shift,)))
-            if w.one_row is not None and x.numel() == self.in_features:  # the bias in the call
-                out = w.one_row(x.reshape(1, -1), self.bias)
-                if out is not None:
-                    return out.reshape(*x.shape[:-1], self.out_features)
-            out = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
-            return out if self.bias is None else out.add_(self.bias)
-        elif self.bits != 8:
+            return fl.linear(x, w, self.bias)  # the bias added after the product, as below
+        if self.bits != 8:
             out = F.linear(x, self.dequantized_weight())
         else:
             _quanto()  # registers torch.ops.quanto

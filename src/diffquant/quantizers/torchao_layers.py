@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from ..ops.cpu import int8 as ff
+from ..ops.cpu import int8 as ci8
 from ..ops.cpu import int4 as f4
 from ..ops.cpu import int8_dynamic as fi
 from ..ops.cpu import linear as fl
 from ..ops.cpu import quantize as cq
+from ..ops.cpu.dispatch import ROUTES
 from ..ops.formats import torchao as iq
 from .base import QuantizedLinear
 
@@ -58,9 +59,9 @@ class TorchAoLinear(QuantizedLinear):
 
     def forward(self, x):
         if self.use_fast_path(x):  # same numbers (bf16 rounding for few rows), less time
-            w = self.fast_weight(lambda: fl.prepare_int8_weight(self.weight, self.weight_scale),
+            w = self.fast_weight(lambda: ci8.prepare_int8_weight(self.weight, self.weight_scale),
                                  self.weight, self.weight_scale)
-            return fl.linear_weight_only(x, w, self.bias)
+            return fl.linear(x, w, self.bias)
         return iq.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 
@@ -106,8 +107,7 @@ class Int4WeightOnlyLinear(TorchAoLinear):
             w = self.fast_weight(lambda: f4.prepare_int4_weight(
                 self.weight, self.weight_scale, self.weight_zero, lazy=True),
                 self.weight, self.weight_scale, self.weight_zero)
-            y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
-            return y.add_(self.bias) if self.bias is not None else y
+            return fl.linear(x, w, self.bias)  # the bias added after the product, as below
         y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
         return y + self.bias if self.bias is not None else y
 
@@ -128,10 +128,10 @@ class Float8WeightOnlyLinear(TorchAoLinear):
 
     def forward(self, x):
         if self.use_fast_path(x):  # the float32 dequantization, into a reused buffer
-            w = self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, self.weight_scale),
-                                 self.weight, self.weight_scale)
-            y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
-            return y.add_(self.bias) if self.bias is not None else y
+            w = self.fast_weight(lambda: ci8.prepare_row_scaled(
+                self.weight, self.weight_scale, ROUTES["torchao float8wo"]),
+                self.weight, self.weight_scale)
+            return fl.linear(x, w, self.bias)  # the bias added after the product
         return iq.float8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 

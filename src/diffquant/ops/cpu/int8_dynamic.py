@@ -1,12 +1,13 @@
 """int8 dynamic quantization's CPU forward: per-token int8 activations x per-channel int8
-weights with ``torch._int_mm``, bit-identical to ``int_quant.int8_dynamic_linear``.
+weights, bit-identical to ``formats.torchao.int8_dynamic_linear``.
 
-The activations are quantized in one pass and the int32 sums scaled back in one pass (C kernels
-of ``native_int8`` for bf16 on a CPU; a few torch ops otherwise, with the same bits). The integer
-product: AMX tiles where the CPU has them (``native_amx``); ``torch._int_mm`` where it has VNNI;
-elsewhere (AVX2 only) ``native_int8.int8_dot`` (one token: ``native_int8.int8_dynamic_row``,
-all three steps in one call), or float32 matmuls over 1024 columns at a time, whose sums are
-exact: the same int32 sums either way.
+The activations are quantized in one pass and the int32 sums scaled back in one pass (the C
+kernels of ``native/int8_dynamic.py`` for bf16 on a CPU; a few torch ops otherwise, with the same
+bits). The integer product is the first of ``dispatch.INT8_DYNAMIC_PRODUCTS`` this machine runs:
+AMX tiles (``native/int8_amx.py``); ``torch._int_mm`` where the CPU has VNNI; elsewhere (AVX2
+only) the C dot product (one token: ``dispatch.ROUTES["torchao int8dq"].one_row``, all three
+steps in one call), or float32 matmuls over 1024 columns at a time, whose sums are exact: the
+same int32 sums either way.
 
 Example:
     >>> import torch
@@ -21,17 +22,18 @@ Example:
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 import torch
 
 from ..formats import torchao as iq
-from ..native import build
 from ..native import int8_amx as native_amx
 from ..native import int8_dynamic as native_int8
-from .linear import float32_product
+from .dispatch import INT8_DYNAMIC_PRODUCTS, ROUTES
 from .scratch import scratch_buffer
+
+ONE_TOKEN = ROUTES["torchao int8dq"].one_row
+AMX, INT_MM, INT8_DOT, _ = INT8_DYNAMIC_PRODUCTS  # the rest: exact float32 matmuls
 
 _F32_EPS = torch.finfo(torch.float32).eps
 # torch._int_mm slows down on wide outputs: at 1024-1280 tokens x 3072 inputs, 12288 output
@@ -96,7 +98,8 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
     """
     k, n = w.qt.shape
     x2 = x.reshape(-1, k)                                                 # [M, K]
-    if native_amx.amx_int8_supported(x2, w.qt.t()) and (bias is None or bias.dtype == x.dtype):
+    if AMX.runs() and native_amx.amx_int8_supported(x2, w.qt.t()) \
+            and (bias is None or bias.dtype == x.dtype):
         y = _linear_amx(x2, w, bias)
         if y is not None:
             return y.reshape(*x.shape[:-1], n)
@@ -110,7 +113,7 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
     m = x2.shape[0]
     native_out = native_int8.int8_supported(x) and (bias is None or bias.dtype == x.dtype)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    slow = _int_mm_slow()
+    slow = not INT_MM.runs()
     columns = n if slow else _INT_MM_COLUMNS  # the slow-_int_mm products gain nothing by blocks
     for j0 in range(0, n, columns):
         j1 = min(n, j0 + columns)
@@ -130,40 +133,16 @@ def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
 def _one_token(x2: torch.Tensor, w: Int8DynamicWeight, bias) -> torch.Tensor | None:
     """One bf16 token where _int_mm is a generic loop: quantized, multiplied and scaled in one
     native call (the weight read once as a stream), or None (not this case, or a NaN/inf)."""
-    if x2.shape[0] != 1 or not native_int8.int8_supported(x2) or not _int_mm_slow() \
+    if x2.shape[0] != 1 or not ONE_TOKEN.runs() or not native_int8.int8_supported(x2) \
             or not w.qt.t().is_contiguous() or (bias is not None and bias.dtype != x2.dtype):
         return None
     return native_int8.int8_dynamic_row(x2.contiguous(), w.qt.t(), w.scale, bias)
 
 
-def _int_mm_slow() -> bool:
-    """Whether torch._int_mm on this CPU is a generic loop: without VNNI (AVX2 only: AMD Zen 3,
-    older Intel) it took 4.4x the bf16 product and 22x the float32 one at 1280 x 3072 x 3072
-    (Zen 3 core pair, torch 2.13). Zen 4 and the AMX Xeons, with VNNI, run it at 0.5-0.8x bf16."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False  # VNNI is x86's; elsewhere torch's own choice stands (not measured here)
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return vnni is not None and not vnni()
-
-
-def cpu_products() -> str:
-    """Which many-row products the fast paths take on this CPU, in one line (the benchmarks'
-    headers print it: the tables of two machines differ by it)."""
-    x = torch.zeros(1, 64, dtype=torch.bfloat16)
-    weight_only = "float32 (torch has no bf16 matmul kernel here)" if float32_product(x) else "bf16"
-    if native_amx.amx_available():
-        int8 = "AMX tiles"
-    elif not _int_mm_slow():
-        int8 = "torch._int_mm"
-    else:
-        int8 = "the AVX2 int8 dot kernel" if build.available() else "exact float32 matmuls"
-    return f"many-row products: weight-only in {weight_only}, int8 dynamic on {int8}"
-
-
 def _int8_mm_without_vnni(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor) -> None:
     """acc int32 [M, N] <- xq @ qt exactly where _int_mm is a generic loop: native's dot kernel
     (1280 tokens: 0.65x the float32 matmuls' time), else the exact float32 matmuls."""
-    if build.available() and qt.t().is_contiguous():
+    if INT8_DOT.runs() and qt.t().is_contiguous():
         xw = scratch_buffer(xq.shape, torch.int16, xq.device, "act int16")
         native_int8.int8_dot(xq, qt.t(), acc, xw)
     else:

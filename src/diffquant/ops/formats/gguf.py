@@ -89,9 +89,12 @@ def logical_shape(bshape, qtype) -> tuple[int, ...]:
 
 
 # -- bit helpers ------------------------------------------------------------------------------
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """(n, 2) little-endian half-float bytes -> (n, 1) float32."""
+def half_floats(b: torch.Tensor) -> torch.Tensor:
+    """[..., 2] little-endian half-float bytes (any strides) -> [..., 1] float32."""
     return b.contiguous().view(torch.float16).float()
+
+
+_f16 = half_floats  # the short name of the block decoders below
 
 
 def _u32(b: torch.Tensor) -> torch.Tensor:
@@ -167,12 +170,19 @@ def _dq_q3_k(b):
     return (dl * q).reshape(n, QK_K)
 
 
-def _dq_q4_k(b):
-    n = b.shape[0]
+def q4_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K blocks (n, 144) -> (d * scale, dmin * min) float32 (n, 8), per 32-value sub-block:
+    the weight is d * scale * q - dmin * min (ops/cpu/gguf.py maps it onto int4pack)."""
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:16])
+    return d * sc, dmin * mn
+
+
+def _dq_q4_k(b):
+    n = b.shape[0]
+    ds, dm = q4_k_scales(b)
     q = _bits(b[:, 16:], 32, (0, 4), 0x0F).reshape(n, 8, 32).float()
-    return ((d * sc).reshape(n, 8, 1) * q - (dmin * mn).reshape(n, 8, 1)).reshape(n, QK_K)
+    return (ds.reshape(n, 8, 1) * q - dm.reshape(n, 8, 1)).reshape(n, QK_K)
 
 
 def _dq_q5_k(b):
@@ -185,14 +195,20 @@ def _dq_q5_k(b):
     return ((d * sc).reshape(n, 8, 1) * q - (dmin * mn).reshape(n, 8, 1)).reshape(n, QK_K)
 
 
+def q6_k_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K blocks (n, 210) -> (codes uint8 (n, 256) in 0..63, in element order; d * the int8
+    sub-block scales, float32 (n, 16)): the weight is scale * (code - 32), 16 values a scale
+    (ops/cpu/gguf.py maps it onto int4pack)."""
+    low = _bits(b[:, :128], 64, (0, 4), 0x0F)
+    high = _bits(b[:, 128:192], 32, (0, 2, 4, 6), 0x03)
+    return low | (high << 4), _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()
+
+
 def _dq_q6_k(b):
     n = b.shape[0]
-    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
-    dl = (d * scales.view(torch.int8).float()).reshape(n, 16, 1)
-    low = _bits(ql, 64, (0, 4), 0x0F)
-    high = _bits(qh, 32, (0, 2, 4, 6), 0x03)
-    q = ((low | (high << 4)).float() - 32).reshape(n, 16, 16)
-    return (dl * q).reshape(n, QK_K)
+    codes, dl = q6_k_codes(b)
+    q = (codes.float() - 32).reshape(n, 16, 16)
+    return (dl.reshape(n, 16, 1) * q).reshape(n, QK_K)
 
 
 _DEQUANT = {
