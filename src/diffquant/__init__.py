@@ -16,6 +16,8 @@ library is only needed when that backend is used.
 
 import importlib
 
+from .backends import BACKENDS
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -29,16 +31,13 @@ _EXPORTS = {
     "QuantizationConfigMixin": "quantizers.config", "QuantizationMethod": "quantizers.config",
     "PipelineQuantizationConfig": "quantizers.pipeline_config",
     "DiffusersAutoQuantizer": "quantizers.auto",
-    "TorchAoConfig": "quantizers.torchao",
-    "BitsAndBytesConfig": "quantizers.bitsandbytes",
-    "QuantoConfig": "quantizers.quanto",
-    "GGUFQuantizationConfig": "quantizers.gguf",
-    "NVIDIAModelOptConfig": "quantizers.modelopt",
     "DiffquantError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "QuantizationError": "errors", "BackendUnavailableError": "errors",
     "default_pipeline_path": "assets",
 }
 
+# each backend's config class (backends.py: a backend is registered once, there)
+_EXPORTS.update({config: f"quantizers.{module}" for module, config in BACKENDS.items()})
 __all__ = sorted(_EXPORTS)
 
 

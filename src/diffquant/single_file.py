@@ -255,7 +255,7 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
                      device_map=None, **kwargs):
     """``cls.from_single_file``: see this module's docstring."""
     from .hub import resolve_single_file, split_hub_kwargs
-    from .modeling import parse_device_map, parse_torch_dtype
+    from .modeling import parse_torch_dtype
 
     torch_dtype = parse_torch_dtype(torch_dtype, f"{cls.__name__}.from_single_file")
     if torch_dtype == "auto":  # a .gguf file's tensors each have their own (F32, F16, BF16)
@@ -279,24 +279,17 @@ def load_single_file(cls, path, *, config=None, subfolder: str | None = None,
         params = cls.init_kwargs_from_config(kwargs, source="from_single_file arguments")
         config_dict = _resolve_config(cls, config, subfolder, target_shapes, path, params, hub)
         quantizer = _make_quantizer(quantization_config, source)
-        if quantizer is not None:
-            quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
-            torch_dtype = quantizer.update_torch_dtype(torch_dtype)
-        device = parse_device_map(device_map)
         model = cls._build_on_meta(config_dict, path)
-        if quantizer is not None:
-            quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
-        keep = (lambda key: quantizer.check_if_quantized_param(model, key)) if quantizer else \
-            (lambda key: False)
-        model._assign_from(_PlannedCheckpoint(source, plan, keep), torch_dtype, device, quantizer)
+
+        def planned(model):  # planned once the quantized layers say which tensors stay blocks
+            keep = (lambda key: quantizer.check_if_quantized_param(model, key)) if quantizer \
+                else (lambda key: False)
+            return _PlannedCheckpoint(source, plan, keep)
+
+        torch_dtype = model._load_quantized(planned, quantizer, torch_dtype, device_map)
     finally:
         source.close()
-    if quantizer is not None:
-        quantizer.postprocess_model(model)
-        model.hf_quantizer = quantizer
-        model.register_to_config(quantization_config=quantizer.quantization_config,
-                                 _pre_quantization_dtype=torch_dtype)
-    elif torch_dtype is not None:
+    if quantizer is None and torch_dtype is not None:
         model.to(torch_dtype)
     model.register_to_config(_name_or_path=str(path))
     return model.eval()

@@ -181,6 +181,11 @@ class TorchAoConfig(QuantizationConfigMixin):
         return {"quant_type": make(**params), "modules_to_not_convert": ours.modules_to_not_convert}
 
     @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        """The short names (diffusers' long aliases, "int8_weight_only", are not listed)."""
+        return {n: {"quant_type": n} for n in SCHEMES if "_only" not in n and "_activation" not in n}
+
+    @classmethod
     def cpu_examples(cls) -> list["TorchAoConfig"]:
         return [cls("int8wo"), cls("int8dq"), cls("int4wo", group_size=64), cls("float8wo_e4m3")]
 
