@@ -1,6 +1,6 @@
-"""ops/csrc/amx_cpu.c: int8 dynamic quantization's product on AMX tiles gives
-int_quant.int8_dynamic_linear's bits (torchao's reference) for every shape it takes, is used by
-the int8dq layer wherever the CPU has AMX, and leaves other shapes to torch._int_mm."""
+"""ops/native/csrc/int8_amx.c: int8 dynamic quantization's product on AMX tiles gives
+formats/torchao.int8_dynamic_linear's bits (torchao's reference) for every shape it takes, is
+used by the int8dq layer wherever the CPU has AMX, and leaves other shapes to torch._int_mm."""
 
 from pathlib import Path
 

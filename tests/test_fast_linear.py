@@ -1,4 +1,4 @@
-"""ops/fast_linear.py and ops/fast_gguf.py against each format's reference math.
+"""ops/cpu/ (linear.py, int8.py, int4.py, gguf.py) against each format's reference math.
 
 The dequantize paths must give the reference's numbers bit for bit (same values, same matmul);
 the packed CPU kernels (few rows) accumulate in float32 with scales in the activation dtype, so

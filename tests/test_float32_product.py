@@ -1,7 +1,7 @@
 """The products CPUs without bf16 or int8 matmul kernels take (AVX2 only: AMD Zen 3, older
-Intel): weight-only formats multiply in float32 (fast_linear.float32_product) and int8 dynamic
+Intel): weight-only formats multiply in float32 (dispatch.float32_product) and int8 dynamic
 multiplies its integers with native's dot kernel or exact float32 matmuls
-(fast_int8._int_mm_slow). Each is forced here, so every machine runs them."""
+(dispatch._int_mm_slow). Each is forced here, so every machine runs them."""
 
 import pytest
 import torch

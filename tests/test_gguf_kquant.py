@@ -1,4 +1,5 @@
-"""Q4_K / Q6_K quantizers (diffquant.ops.formats.gguf_kquant): valid ggml blocks, quantize-on-load, export.
+"""Q4_K / Q6_K quantizers (diffquant.ops.formats.gguf_kquant): valid ggml blocks,
+quantize-on-load, export.
 
 gguf-py cannot write K-quants, so the blocks are judged by what reads them: gguf-py's numpy
 dequantization (bit for bit equal to diffquant's), the error against the float weights, and

@@ -1,4 +1,4 @@
-"""ops/native.py: every C kernel gives its reference's numbers (bit for bit, or within bf16
+"""ops/native/: every C kernel gives its reference's numbers (bit for bit, or within bf16
 rounding for the one-row products) and splits rows across threads correctly, in every build
 this machine can execute (each test runs once per target: tests/native_targets.py).
 tests/test_native_build.py tests the build itself."""
@@ -459,7 +459,7 @@ def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monke
 # -- torchao int4's group-wise quantization on load ----------------------------------------------
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_groupwise_quantization_in_c_is_the_torch_ops(group, monkeypatch):
-    """bf16 weights are quantized in csrc/wquant_cpu.c: the torch form's packed codes, scales
+    """bf16 weights are quantized in csrc/quantize.c: the torch form's packed codes, scales
     and zeros bit for bit, with zero and constant groups, tiny ranges (the scale's clamp to the
     smallest normal), huge ones, infinities and NaN (NaN places compared), over threads."""
     g = torch.Generator().manual_seed(group)

@@ -1,4 +1,4 @@
-"""ops/native.py's build: cached, chosen by DIFFQUANT_MARCH among the targets, refused by name
+"""ops/native/build.py's build: cached, chosen by DIFFQUANT_MARCH among the targets, refused by name
 where this CPU cannot execute it, compiled for every target by this machine's compiler, off
 with DIFFQUANT_NATIVE=0 or without a compiler (the torch ops then give the same numbers), on
 torch's OpenMP pool or threads of its own."""

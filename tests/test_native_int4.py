@@ -1,4 +1,4 @@
-"""ops/native_int4.py: the one-row product of 4-bit weights in groups (csrc/int4_cpu.c) is within
+"""ops/native/int4.py: the one-row product of 4-bit weights in groups (csrc/int4.c) is within
 bf16 rounding of the exact product and of torch's int4pack kernel, its vector and scalar loops
 give the same bits, its layout round-trips, and the few-row path of every 4-bit format uses
 it for one row where it has its vector loop (and int4pack otherwise)."""

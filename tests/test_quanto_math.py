@@ -1,5 +1,6 @@
-"""ops/quanto_math.py: quanto's weight quantization without optimum-quanto gives quanto's own
-codes, scales, shifts and packing, bit for bit, and quantize-on-load no longer imports it."""
+"""ops/formats/quanto.py (and cpu/quantize.py's C pass): quanto's weight quantization without
+optimum-quanto gives quanto's own codes, scales, shifts and packing, bit for bit, and
+quantize-on-load no longer imports it."""
 
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_a_missing_package_is_named_without_importing_it():
 @pytest.mark.usefixtures("native_target")  # every build this machine can execute
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "int2"])
 def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch):
-    """bf16 weights go through csrc/wquant_cpu.c: the torch ops' codes for rows holding an
+    """bf16 weights go through csrc/quantize.c: the torch ops' codes for rows holding an
     infinity or a NaN too (a NaN makes the row's scale NaN and its codes 0), split over
     threads (70 rows of groups)."""
     w = weight(70, 256, torch.bfloat16, seed=4)

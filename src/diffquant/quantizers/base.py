@@ -36,7 +36,7 @@ class QuantizedLinear(nn.Module):
     def load_piece(self, name: str, tensor: torch.Tensor, *, pre_quantized: bool, dtype, device):
         raise NotImplementedError
 
-    # -- the fast CPU path (ops/fast_linear.py): derived at first use, never in the state dict ----
+    # -- the fast CPU path (ops/cpu/, dispatch.py): derived at first use, never in the state dict
     _fast = None  # (stored tensors it derives from, their versions, the prepared weight)
 
     def fast_weight(self, build, *tensors: torch.Tensor):

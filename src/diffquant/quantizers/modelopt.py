@@ -4,7 +4,7 @@ Weight-only FP8, INT8, INT4, NF4 and NVFP4, stored exactly as modelopt's ``mtq.c
 leaves a linear layer: ``<layer>.weight`` (packed data) and ``<layer>.weight_quantizer._amax`` /
 ``._scale`` / ``._double_scale`` / ``._scale_zeros``. Quantizing uses modelopt's own
 TensorQuantizer (bit-identical to ``mtq.quantize`` + ``mtq.compress``); dequantizing is plain torch
-(``ops/modelopt_math.py``), so a saved checkpoint runs anywhere, without modelopt's kernels.
+(``ops/formats/modelopt.py``), so a saved checkpoint runs anywhere, without modelopt's kernels.
 
 Which layers are quantized, and how, is read from ``modelopt_config["quant_cfg"]`` the way
 modelopt reads it (patterns over ``<layer>.weight_quantizer``), so modelopt's default exclusions
@@ -287,7 +287,7 @@ def resolve_quantizer(quant_cfg, quantizer_name: str, module: nn.Module) -> dict
 # -- the layer ---------------------------------------------------------------------------------
 def modelopt_compress(weight: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, dict]:
     """(packed weight, weight_quantizer buffers) exactly as ``mtq.quantize`` + ``mtq.compress``
-    (``ops.modelopt_math.compress``), or an error saying how to install modelopt."""
+    (``ops/formats/modelopt.compress``), or an error saying how to install modelopt."""
     require("modelopt.torch.quantization", "modelopt")
     return mm.compress(weight, attrs)
 

@@ -9,8 +9,8 @@ buffers named as quanto serializes them, so diffusers' quanto checkpoints load h
 - always ``input_scale`` and ``output_scale`` (scalars of ones: weight-only quantization).
 
 Quantization is quanto's (its optimizers and ``quantize_weight``, repeated op for op in
-``ops.quanto_math`` so that loading needs no import of optimum-quanto), so the bytes match what
-diffusers writes. Forward for int8/float8 is quanto's ``qbytes_mm`` op (its CPU int8 kernel
+``ops/formats/quanto.py`` so that loading needs no import of optimum-quanto), so the bytes match
+what diffusers writes. Forward for int8/float8 is quanto's ``qbytes_mm`` op (its CPU int8 kernel
 crashes on memory that is not 16-byte aligned, so operands are realigned first); int4/int2
 dequantize in plain torch and matmul, which also works under ``torch.inference_mode()`` where
 quanto's own int4 CPU layer fails.
@@ -100,8 +100,9 @@ def group_size_for(weights_dtype: str, in_features: int) -> int | None:
 
 def quantize(w: torch.Tensor, weights_dtype: str, group_size: int | None) -> dict[str, torch.Tensor]:
     """``w`` [out, in] -> quanto's serialized pieces, as QLinear freezes (absmax scales for 8
-    bits, min/max scale and shift for 4/2 bits): ``ops.quanto_math``'s copy of its ops (the same
-    bits, without importing optimum-quanto: ~5 s), quanto itself for a single row."""
+    bits, min/max scale and shift for 4/2 bits): ``ops/formats/quanto.py``'s copy of its ops
+    (the same bits, without importing optimum-quanto: ~5 s; in one C pass for bf16 rows,
+    ``ops/cpu/quantize.py``), quanto itself for a single row."""
     bits = _BITS[weights_dtype]
     if not qm.supported(w, None if bits == 8 else group_size):
         return quantize_with_quanto(w, weights_dtype, group_size)

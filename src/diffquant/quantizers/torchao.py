@@ -2,9 +2,9 @@
 layers are in ``torchao_layers``.
 
 The layers hold plain tensors (``weight`` int8/uint8/float8, ``weight_scale``, ``weight_zero``)
-and reproduce torchao's numerics with ``diffquant.ops.formats.torchao``; torchao itself is needed only
-for ``AOBaseConfig`` objects and for reading checkpoints that diffusers wrote with torchao, which
-are converted here, at the file boundary:
+and reproduce torchao's numerics with ``diffquant.ops.formats.torchao``; torchao itself is needed
+only for ``AOBaseConfig`` objects and for reading checkpoints that diffusers wrote with torchao,
+which are converted here, at the file boundary:
 
 - safetensors with torchao's flattened layout (diffusers >= 0.38): ``<layer>._weight_qdata``,
   ``_weight_scale``, ``_weight_zero_point`` plus per-tensor JSON in the file's metadata;
@@ -183,7 +183,8 @@ class TorchAoConfig(QuantizationConfigMixin):
     @classmethod
     def cli_schemes(cls) -> dict[str, dict]:
         """The short names (diffusers' long aliases, "int8_weight_only", are not listed)."""
-        return {n: {"quant_type": n} for n in SCHEMES if "_only" not in n and "_activation" not in n}
+        return {n: {"quant_type": n} for n in SCHEMES
+                if "_only" not in n and "_activation" not in n}
 
     @classmethod
     def cpu_examples(cls) -> list["TorchAoConfig"]:

@@ -87,7 +87,7 @@ def quantize_rows_int8(x2: torch.Tensor, reuse: bool = False) -> tuple[torch.Ten
 
 def linear_int8_dynamic(x: torch.Tensor, w: Int8DynamicWeight,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] -> [..., N]: bit-identical to ``int_quant.int8_dynamic_linear``.
+    """x [..., K] -> [..., N]: bit-identical to ``formats.torchao.int8_dynamic_linear``.
 
     Example:
         >>> import torch
@@ -169,7 +169,7 @@ def _int8_mm_float32(xq: torch.Tensor, qt: torch.Tensor, acc: torch.Tensor) -> t
 
 def _linear_amx(x2: torch.Tensor, w: Int8DynamicWeight,
                 bias: torch.Tensor | None) -> torch.Tensor | None:
-    """bf16 [M, K] -> bf16 [M, N] on AMX tiles (native_amx: the stored weight read in place,
+    """bf16 [M, K] -> bf16 [M, N] on AMX tiles (native/int8_amx.py: the stored weight read in place,
     the tokens quantized straight into the tiles' layout). None when a token holds a
     NaN or an infinity (the caller's path handles those)."""
     m, k = x2.shape

@@ -67,7 +67,7 @@ def scales(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gemv(packed: torch.Tensor, sz: torch.Tensor, group: int, x2: torch.Tensor,
          portable: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x bf16 [1, K] @ W.T (+ bias [N]) -> bf16 [1, N] for W in ``pack_rows``' layout: float32
-    sums (see int4_cpu.c for their order), rounded once, then the bias added as
+    sums (see csrc/int4.c for their order), rounded once, then the bias added as
     ``y.add_(bias)`` would (in C where it is bf16); within bf16 rounding of int4pack's result.
     None where the kernel leaves x to the caller (a value of magnitude 2^64 or more, a NaN) or
     is short of memory. ``portable``: the scalar loop (the same bits)."""

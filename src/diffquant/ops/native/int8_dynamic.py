@@ -17,7 +17,7 @@ def int8_supported(x: torch.Tensor) -> bool:
 
 def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
     """x bf16 [M, K] (unit column stride) -> (q filled: int8 [M, K], scale float32 [M, 1]), the
-    per-token rule of ``int_quant.int8_quantize_per_token`` bit for bit; None when a row holds
+    per-token rule of ``formats.torchao.int8_quantize_per_token`` bit for bit; None when a row holds
     an infinity or a NaN (use the torch ops)."""
     m, k = x2.shape
     if x2.stride(1) != 1 or not q.is_contiguous() or q.shape != (m, k):
@@ -31,7 +31,7 @@ def quantize_rows_bf16(x2: torch.Tensor, q: torch.Tensor):
 def int8_output_bf16(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                      bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """int32 [M, N] sums -> bf16 [M, N]: token scale, then channel scale and bias, with
-    ``int_quant.int8_dynamic_linear``'s roundings. ``out``: bf16 [M, N] whose rows are
+    ``formats.torchao.int8_dynamic_linear``'s roundings. ``out``: bf16 [M, N] whose rows are
     contiguous (a block of columns of a wider output may be), returned."""
     m, n = acc.shape
     y = torch.empty(m, n, dtype=torch.bfloat16) if out is None else out

@@ -1,5 +1,5 @@
 /* bitsandbytes 4-bit (NF4/FP4) one-row product on a CPU, compiled on first use by
-   ops/native.py.
+   ops/native/build.py.
 
    Why: bitsandbytes' own CPU one-row kernel (gemv_4bit without the optional `kernels` package)
    took 6.5 ms for a 3072 x 3072 weight, 8x the bf16 product; its many-row path (dequantize,

@@ -1,5 +1,5 @@
 /* int8 dynamic quantization's product on Intel AMX (Sapphire Rapids and later), compiled on
-   first use by ops/native.py with the other kernels.
+   first use by ops/native/build.py with the other kernels.
 
    Why: torch._int_mm (oneDNN) took 0.6-0.8x the bf16 product on an AMX Xeon, and the oneDNN op
    that was faster (qlinear, 0.45x with its own weight layout) wants a packed copy of the weight
@@ -9,7 +9,7 @@
    the tiles read (VNNI: 4 consecutive k of a token in one 32-bit word). Nothing weight-sized is
    copied. Each thread computes C^T = W . X^T for its channels, 32 x 32 at a time in four
    accumulator tiles, and scales each finished block to bf16 right away, transposed in
-   registers, with int8_cpu.c's roundings: the same bits as int_quant.int8_dynamic_linear.
+   registers, with int8_dynamic.c's roundings: the same bits as formats/torchao.int8_dynamic_linear.
 
    Needs K % 64 == 0 and N % 16 == 0 (every Flux linear); the caller falls back otherwise. */
 #include <stdint.h>
@@ -38,7 +38,7 @@ int dq_amx_available(void) {
 }
 
 /* 16 lanes of bf16 values (one per lane, from a column pair's 32 bits, low or high half) times
-   inv -> int8 codes in int32 lanes: int8_cpu.c's quantize_run, lane by lane */
+   inv -> int8 codes in int32 lanes: int8_dynamic.c's quantize_run, lane by lane */
 static inline __m512i codes16(__m512 v, __m512 inv) {
     const __m512 magic = _mm512_set1_ps(12582912.0f);
     __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), _mm512_set1_ps(-128.0f)),
@@ -135,7 +135,7 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
-/* dq_int8_output_bf16's ops (int8_cpu.c) on 16 channels of one token (scale s), as bf16 bits
+/* dq_int8_output_bf16's ops (int8_dynamic.c) on 16 channels of one token (scale s), as bf16 bits
    in 16-bit lanes */
 static inline __m256i output16(__m512 a, float s, __m512 w, const __m512 *b) {
     __m512 t = _mm512_mul_ps(a, _mm512_set1_ps(s));

@@ -1,6 +1,6 @@
-/* Weight quantization on load of bf16 weights: optimum-quanto's (ops/quanto_math.py) and
-   torchao int4's group-wise (int_quant.int4_quantize_groupwise), one pass per row, compiled on
-   first use by ops/native.py.
+/* Weight quantization on load of bf16 weights: optimum-quanto's (ops/formats/quanto.py) and
+   torchao int4's group-wise (ops/formats/torchao.int4_quantize_groupwise), one pass per row,
+   compiled on first use by ops/native/build.py.
 
    Why C: these recipes are six to ten bf16 torch passes over the weight (abs, amax, divisions,
    round, clamp, casts), each rounding to bf16; on a 2-core AVX2 machine quanto's were 5 of the
