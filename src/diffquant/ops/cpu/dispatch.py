@@ -126,23 +126,22 @@ TORCH = None  # a slot's work done by the reference's torch ops (none of them a 
 
 @dataclass(frozen=True)
 class Route:
-    """How one stored format runs on a CPU (see the module docstring); ``library``: the
-    layer keeps its library's or reference forward instead (what it runs)."""
+    """How one stored format runs on a CPU (see the module docstring)."""
 
-    stored: str
-    schemes: tuple[str, ...]
-    one_row: Kernel | None = None
-    few_rows: Kernel | None = None
+    stored: str                        # what the layer holds
+    schemes: tuple[str, ...]           # the CLI schemes that store it
+    one_row: Kernel | None = None      # M == 1
+    few_rows: Kernel | None = None     # M <= few
     few: int = 0
-    decode: Kernel | None = TORCH
-    bias: str = "fused"
+    decode: Kernel | None = TORCH      # more rows: into the buffer, then one matmul
+    bias: str = "fused"                # "fused", "after" or "scaled" (the module docstring)
     products: tuple[Kernel, ...] = ()  # int8 dynamic's product for more rows: the first that runs
-    library: str = ""
-    without_c: str = ""  # what the layer runs instead where the C kernels are not built
+    library: str = ""                  # the layer keeps its library's or reference forward: its ops
+    without_c: str = ""                # what the layer runs where the C kernels are not built
 
 
-# -- ROUTES: stored format -> its kernels ---------------------------------------------------------
-# int8 dynamic's integer product for more rows: the first of these this machine runs
+# int8 dynamic's integer product for more rows: the first of these this machine runs (without
+# the C kernels its quantization and output scaling are torch ops with the same bits)
 INT8_DYNAMIC_PRODUCTS = (
     Kernel("C quantize_vnni + C amx_linear", ("AMX",), "K % 64 == 0, N % 16 == 0"),
     Kernel("C quantize + _int_mm(int8) + C int8_output", ("VNNI",)),
@@ -151,6 +150,7 @@ INT8_DYNAMIC_PRODUCTS = (
 )
 
 
+# -- ROUTES: stored format -> its kernels ---------------------------------------------------------
 ROUTES = {
     "torchao int8wo": Route(
         "int8 [N, K], float32 scale per row", ("torchao:int8wo",),
@@ -206,6 +206,8 @@ ROUTES = {
         "int8 [N, K], SCB (absmax) per row", ("bitsandbytes:int8",),
         library="int8_vectorwise_quant(float16) + int8_mixed_scaled_mm(bfloat16)"),
 }
+
+
 def route_of(scheme: str) -> Route:
     """The route of a CLI scheme ("gguf:q8_0")."""
     for route in ROUTES.values():

@@ -75,21 +75,22 @@ def int4_codes(blocks: torch.Tensor, qtype) -> list[tuple[torch.Tensor, ...]]:
     if qtype not in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q8_0):
         raise QuantizationError(f"GGUF {qtype.name}: no direct int4pack mapping (Q6_K: see "
                                 "q6_k_int4_codes; others: the dequantize path)")
+    size = gd.BLOCK_LAYOUT[qtype][1]
     if qtype == GGMLType.Q8_0:
-        b = blocks.view(n, -1, 34)
+        b = blocks.view(n, -1, size)
         q = b[..., 2:].view(torch.int8).reshape(n, -1)                    # [N, K]
         d = gd.half_floats(b[..., :2]).view(n, -1)                        # [N, G]
         high = (q >> 4) + 8                                               # q >> 4 in [-8, 7]
         low = q & 0x0F                                                    # low nibble, 0..15
         return [(high, 16 * d, torch.zeros_like(d)), (low, d, 8 * d)]
     if qtype == GGMLType.Q4_K:
-        b = blocks.view(n, -1, 144)
-        ds, dm = gd.q4_k_scales(b.reshape(-1, 144))                       # [N * S, 8] each
+        b = blocks.view(n, -1, size)
+        ds, dm = gd.q4_k_scales(b.reshape(-1, size))                      # [N * S, 8] each
         qs = b[..., 16:].reshape(n, -1, 4, 32)
         codes = _pair_codes(qs & 0x0F, qs >> 4, n)
         ds, dm = ds.reshape(n, -1), dm.reshape(n, -1)
         return [(codes, ds, 8 * ds - dm)]
-    size, off = (18, 2) if qtype == GGMLType.Q4_0 else (20, 4)
+    off = 2 if qtype == GGMLType.Q4_0 else 4                              # f16 d (, f16 m)
     b = blocks.view(n, -1, size)
     d = gd.half_floats(b[..., :2]).view(n, -1)
     codes = _pair_codes(b[..., off:] & 0x0F, b[..., off:] >> 4, n)
@@ -109,7 +110,8 @@ def q6_k_int4_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     rounds to bf16 like its scales: bf16 rounding level, as the other packed paths.
     """
     n, k = gd.logical_shape(tuple(blocks.shape), GGMLType.Q6_K)
-    q, scale = gd.q6_k_codes(blocks.contiguous().view(-1, 210))           # q in 0..63
+    size = gd.BLOCK_LAYOUT[GGMLType.Q6_K][1]
+    q, scale = gd.q6_k_codes(blocks.contiguous().view(-1, size))          # q in 0..63
     qv = q.view(n, k // 16, 16)
     codes = torch.stack([qv & 0x0F, (qv >> 4) + 6], dim=2).reshape(n, 2 * k)
     scale = scale.reshape(n, k // 16)

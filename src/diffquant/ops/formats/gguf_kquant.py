@@ -179,16 +179,25 @@ def kquant_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """(n, 256) float32 super-blocks -> (n, type_size) uint8, ``_CHUNK`` super-blocks at a time."""
     fn = {"Q4_K": _q4_k_blocks, "Q6_K": _q6_k_blocks}[qtype]
     return torch.cat([fn(c) for c in blocks.split(_CHUNK)]) if blocks.shape[0] else \
-        torch.empty(0, {"Q4_K": 144, "Q6_K": 210}[qtype], dtype=torch.uint8, device=blocks.device)
+        torch.empty(0, _type_size(qtype), dtype=torch.uint8, device=blocks.device)
 
 
-def _quantize(w: torch.Tensor, qtype: str, size: int) -> torch.Tensor:
+def _type_size(qtype: str) -> int:
+    """Bytes per super-block of ``qtype``, from gguf.py's one table (imported here, at call
+    time: gguf.py imports this module)."""
+    from .gguf import BLOCK_LAYOUT, GGMLType
+
+    return BLOCK_LAYOUT[GGMLType[qtype]][1]
+
+
+def _quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
     if w.dim() == 0 or w.shape[-1] % QK_K:
         raise QuantizationError(f"GGUF {qtype}: weight of shape {list(w.shape)} cannot be quantized: "
                                 f"the row length (last dim) must be a multiple of {QK_K}; keep such "
                                 "weights in a float type or pick a 32-block type such as Q8_0")
     blocks = w.detach().float().reshape(-1, QK_K)                              # (n_blocks, 256)
-    return kquant_blocks(blocks, qtype).reshape(*w.shape[:-1], w.shape[-1] // QK_K * size)
+    return kquant_blocks(blocks, qtype).reshape(*w.shape[:-1],
+                                                 w.shape[-1] // QK_K * _type_size(qtype))
 
 
 def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
@@ -198,7 +207,7 @@ def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
         >>> quantize_q4_k(torch.randn(2, 256)).shape
         torch.Size([2, 144])
     """
-    return _quantize(w, "Q4_K", 144)
+    return _quantize(w, "Q4_K")
 
 
 def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
@@ -208,7 +217,7 @@ def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
         >>> quantize_q6_k(torch.randn(2, 256)).shape
         torch.Size([2, 210])
     """
-    return _quantize(w, "Q6_K", 210)
+    return _quantize(w, "Q6_K")
 
 
 __all__ = ["quantize_q4_k", "quantize_q6_k", "kquant_blocks"]
