@@ -1,7 +1,8 @@
 """``python -m bench.kernels`` on an older revision and on this tree, back to back, one format
-at a time (old, new, new, old: a busy shared machine slows both alike), and a table of the fast
-path's time relative to bf16 in each: the check that a change of the code around the kernels
-left their speed alone.
+at a time (old then new, new then old for the next format: a busy shared machine slows both
+alike), and a table of the fast path's time relative to bf16 in each (bf16 is timed in turn with
+it, round after round, so each ratio is taken under the same load): the check that a change of
+the code around the kernels left their speed alone.
 
     python scripts/ab_kernels.py d37f5c7 --rows 1 256 --reps 5
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--formats", nargs="+", default=None)
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "src")]
     from bench.kernels import FORMATS
 
     with tempfile.TemporaryDirectory(prefix="ab-kernels-") as tmp:
@@ -52,17 +52,18 @@ def main() -> None:
         archive = subprocess.run(["git", "archive", args.old], cwd=ROOT, capture_output=True,
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        print(f"fast / bf16, median of {args.reps}; old = {args.old}, new = this tree; "
-              "two processes each, alternated\n")
-        print("| format | rows | old fast / bf16 | new fast / bf16 | new / old |")
-        print("|---|---:|---:|---:|---:|")
-        for fmt in args.formats or FORMATS:
-            a1, b1, b2, a2 = (run(t, fmt, args.rows, args.reps) for t in (old, ROOT, ROOT, old))
-            for m in sorted(a1):
-                ratio_old = statistics.mean(r[m][1] / r[m][0] for r in (a1, a2))
-                ratio_new = statistics.mean(r[m][1] / r[m][0] for r in (b1, b2))
-                print(f"| {fmt} | {m} | {ratio_old:.2f} | {ratio_new:.2f} | "
-                      f"{ratio_new / ratio_old:.2f} |", flush=True)
+        print(f"fast / bf16 (and fast ms), median of {args.reps}; old = {args.old}, new = this "
+              "tree; one process each, alternated\n")
+        print("| format | rows | old fast / bf16 | new fast / bf16 | new / old | old ms | new ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for i, fmt in enumerate(args.formats or FORMATS):
+            trees = (old, ROOT) if i % 2 == 0 else (ROOT, old)
+            found = dict(zip(trees, (run(t, fmt, args.rows, args.reps) for t in trees)))
+            a, b = found[old], found[ROOT]
+            for m in sorted(a):
+                ra, rb = a[m][1] / a[m][0], b[m][1] / b[m][0]
+                print(f"| {fmt} | {m} | {ra:.2f} | {rb:.2f} | {rb / ra:.2f} | {a[m][1]:.2f} | "
+                      f"{b[m][1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
