@@ -122,23 +122,10 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     groups = scale.shape[1]
     group = k // groups
     sdt = scale.dtype
-    scale3, zero3 = scale.unsqueeze(-1), zero.to(sdt).unsqueeze(-1)      # [N, G, 1]
+    zero_s = zero.to(sdt).contiguous()
 
     def fill(r0, r1, t):                                                  # t [R, K] in scale dtype
-        rows = r1 - r0
-        most = chunk_rows(n, k, sdt, t.device)
-        # int16 words: low byte <- low nibble (column 2j), high byte <- high nibble (2j + 1)
-        codes = scratch_buffer((most, k // 2), torch.int16, t.device, "int4")[:rows]
-        high = scratch_buffer((most, k // 2), torch.int16, t.device, "int4 high")[:rows]
-        codes.copy_(packed[r0:r1])
-        torch.bitwise_left_shift(codes, 4, out=high).bitwise_and_(0x0F00)
-        codes.bitwise_and_(0x0F).bitwise_or_(high)
-        t.copy_(codes.view(torch.int8).sub_(8).view(rows, k))             # u - 8, exact
-        # the reference's bf16 math: (u - 8) * scale, rounded, + zero, rounded
-        tg = t.view(rows, groups, group)
-        tg.mul_(scale3[r0:r1]).add_(zero3[r0:r1])
-
-    zero_s = zero.to(sdt).contiguous()
+        t.copy_(iq.int4_dequantize(packed[r0:r1], scale[r0:r1], zero_s[r0:r1], sdt))
 
     def dequant_into(out):                                                # out [N, K]
         if registry.bf16_weight_supported(out, packed, scale, zero_s):    # one pass in C
