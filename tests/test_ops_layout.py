@@ -75,7 +75,7 @@ def test_the_library_table_is_the_declared_one():
         pytest.skip("no C compiler here")
     table = build.library().dq_kernels
     assert sorted(table) == sorted(registry.KERNELS)
-    assert table["int8_rows"][1:] == (("q", "k", "scale", "scale_step", "out", "ld"),
+    assert table["int8_rows"][1:3] == (("q", "k", "scale", "scale_step", "out", "ld"),
                                       (True, False, True, False, True, False))
 
 

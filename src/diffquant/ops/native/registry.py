@@ -70,8 +70,8 @@ def bind(lib):
 
 
 def check(lib) -> dict:
-    """{name: (index, argument names, pointer flags)} of ``lib``'s table, which must declare
-    exactly KERNELS; build.InterfaceError naming every difference otherwise."""
+    """{name: (index, argument names, pointer flags, ctypes array type)} of ``lib``'s table,
+    which must declare exactly KERNELS; build.InterfaceError naming every difference otherwise."""
     table = {}
     for i in range(lib.dq_kernel_count()):
         name, args = lib.dq_kernel_name(i).decode(), lib.dq_kernel_args(i).decode()
@@ -88,7 +88,8 @@ def check(lib) -> dict:
     out = {}
     for name, (index, args) in table.items():
         pairs = [a.split(":") for a in args.split()]
-        out[name] = (index, tuple(p[0] for p in pairs), tuple(p[1] == "p" for p in pairs))
+        out[name] = (index, tuple(p[0] for p in pairs), tuple(p[1] == "p" for p in pairs),
+                     ctypes.c_int64 * len(pairs))
     return out
 
 
@@ -114,27 +115,27 @@ def run(name: str, n: int, /, *, lib=None, min_rows: int = MIN_ROWS_PER_THREAD,
     NULL; ints). ``lib``: another build (tests compare builds). False if the kernel asked for
     the torch fallback (return code 1)."""
     lib = lib or build.library()
-    try:
-        index, names, pointer = lib.dq_kernels[name]
-    except KeyError:
-        raise ValueError(f"no C kernel {name!r}; the kernels are {sorted(KERNELS)}") from None
+    kernel = lib.dq_kernels.get(name)
+    if kernel is None:
+        raise ValueError(f"no C kernel {name!r}; the kernels are {sorted(KERNELS)}")
+    index, names, pointer, array = kernel
     if len(args) != len(names):
         raise TypeError(f"C kernel {name} takes {', '.join(names)}; got {', '.join(args)}")
     values = []
-    for arg, is_pointer in zip(names, pointer):
+    for arg, is_pointer in zip(names, pointer):  # a one-row product's 1%: kept to plain checks
         v = args[arg] if arg in args else _missing(name, arg, names)
         if is_pointer:
             if v is not None and not isinstance(v, torch.Tensor):
                 raise TypeError(f"C kernel {name}: {arg} must be a tensor or None, got {type(v)}")
             values.append(0 if v is None else v.data_ptr())
-        elif isinstance(v, (int, bool)):
-            values.append(int(v))
+        elif type(v) is int or type(v) is bool:
+            values.append(v)
         else:
             raise TypeError(f"C kernel {name}: {arg} must be an int, got {type(v).__name__}")
     if _trace is not None:
         _trace.append(name)
     threads = max(1, min(torch.get_num_threads(), n // min_rows))
-    rc = lib.dq_run(index, (ctypes.c_int64 * len(values))(*values), n, threads)
+    rc = lib.dq_run(index, array(*values), n, threads)
     if rc not in (0, 1):
         raise RuntimeError(f"the C kernel {name} refused its arguments (a bug)")
     return rc == 0
