@@ -1,5 +1,5 @@
-"""diffquant.cpu_paths (``python -m diffquant.ops``): the kernels it reports are the ones the
-layers run, for each build of the kernels this machine executes."""
+"""diffquant.cpu_paths (``python -m diffquant.ops --probe``): the kernels it reports are the ones
+the layers run, for each build of the kernels this machine executes."""
 
 import pytest
 
