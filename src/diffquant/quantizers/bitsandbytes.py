@@ -140,12 +140,9 @@ class BitsAndBytesConfig(QuantizationConfigMixin):
     @classmethod
     def cli_schemes(cls) -> dict[str, dict]:
         """bitsandbytes has no single scheme field: its CLI names stand for these kwargs."""
-        four = {"load_in_4bit": True}
-        return {"nf4": {**four, "bnb_4bit_quant_type": "nf4"},
-                "fp4": {**four, "bnb_4bit_quant_type": "fp4"},
-                "nf4-dq": {**four, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-                "fp4-dq": {**four, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
-                "int8": {"load_in_8bit": True}}
+        return {**{t + dq: {"load_in_4bit": True, "bnb_4bit_quant_type": t,
+                            **({"bnb_4bit_use_double_quant": True} if dq else {})}
+                   for dq in ("", "-dq") for t in ("nf4", "fp4")}, "int8": {"load_in_8bit": True}}
 
     @classmethod
     def cpu_examples(cls) -> list["BitsAndBytesConfig"]:

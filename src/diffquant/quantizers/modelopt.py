@@ -18,6 +18,8 @@ Example:
     ...                                 torch_dtype=torch.bfloat16)
 """
 
+# Over 400 lines: one backend, one file (its config, which reads and writes ModelOpt's own
+# quant_cfg, its layer and its quantizer), as every backend is; the CLI schemes added the last few.
 from __future__ import annotations
 
 import copy
@@ -41,20 +43,6 @@ from .config import QuantizationConfigMixin, QuantizationMethod
 logger = logging.getLogger(__name__)
 
 QUANT_TYPE_BITS = {"FP8": [4, 3], "INT8": 8, "INT4": 4, "NF4": 4, "NVFP4": [2, 1]}
-# The block formats need block sizes that NVIDIAModelOptConfig (as diffusers') leaves to the
-# caller; a CLI scheme cannot carry them, so these are the usual ones. INT8 per output channel,
-# as ModelOpt's INT8 default (the config alone gives one scale per tensor); INT4 in blocks of
-# 128 as its INT4_BLOCKWISE_WEIGHT_ONLY_CFG; NF4 in blocks of 64 with its scales quantized in
-# blocks of 256, bitsandbytes' sizes; NVFP4 in its blocks of 16 (the scale block does not
-# change its weights: their second scale is per tensor).
-CLI_BLOCKS = {
-    "INT8": {"channel_quantize": 0},
-    "INT4": {"channel_quantize": -1, "block_quantize": 128},
-    "NF4": {"channel_quantize": -1, "block_quantize": 64, "scale_channel_quantize": -1,
-            "scale_block_quantize": 256},
-    "NVFP4": {"channel_quantize": -1, "block_quantize": 16, "scale_channel_quantize": -1,
-              "scale_block_quantize": 16},
-}
 QUANT_TYPE_SCALE_BITS = {"NF4": 8, "NVFP4": [4, 3]}
 
 
@@ -221,8 +209,8 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
 
     @classmethod
     def cli_schemes(cls) -> dict[str, dict]:
-        """Each type, with the usual block sizes of CLI_BLOCKS."""
-        return {n.lower(): {"quant_type": n, **CLI_BLOCKS.get(n, {})} for n in QUANT_TYPE_BITS}
+        """Each type, with ModelOpt's usual block sizes (a CLI scheme cannot carry any)."""
+        return {n.lower(): {"quant_type": n, **mm.USUAL_BLOCKS.get(n, {})} for n in QUANT_TYPE_BITS}
 
     @classmethod
     def cpu_examples(cls) -> list["NVIDIAModelOptConfig"]:

@@ -40,6 +40,20 @@ CPU_SCHEMES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")
 SCHEME_PIECES = {"FP8": ("_scale",), "INT8": ("_scale",), "INT4": ("_scale",),
                  "NF4": ("_scale", "_double_scale", "_scale_zeros"),
                  "NVFP4": ("_scale", "_double_scale")}
+# The block sizes ModelOpt's usual configs give each block format, which NVIDIAModelOptConfig (as
+# diffusers') leaves to the caller: INT8 per output channel, as ModelOpt's INT8 default (the
+# config alone gives one scale per tensor); INT4 in blocks of 128 as its
+# INT4_BLOCKWISE_WEIGHT_ONLY_CFG; NF4 in blocks of 64 with its scales quantized in blocks of 256,
+# bitsandbytes' sizes; NVFP4 in its blocks of 16 (the scale block does not change its weights:
+# their second scale is per tensor).
+USUAL_BLOCKS = {
+    "INT8": {"channel_quantize": 0},
+    "INT4": {"channel_quantize": -1, "block_quantize": 128},
+    "NF4": {"channel_quantize": -1, "block_quantize": 64, "scale_channel_quantize": -1,
+            "scale_block_quantize": 256},
+    "NVFP4": {"channel_quantize": -1, "block_quantize": 16, "scale_channel_quantize": -1,
+              "scale_block_quantize": 16},
+}
 # modelopt's NF4 code book (bfloat16, as in modelopt.torch.quantization.qtensor.nf4_tensor).
 NF4_TABLE = torch.tensor([-1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0000,
                           0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0000],
