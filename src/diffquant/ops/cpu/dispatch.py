@@ -190,7 +190,7 @@ ROUTES = {
         one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C decode", C)),
     "gguf other": Route(
         "GGUF F32 / F16 / BF16, Q5_0 / Q5_1, Q2_K / Q3_K / Q5_K",
-        ("gguf:f32", "gguf:f16", "gguf:bf16", "gguf:q5_0", "gguf:q5_1")),
+        ("gguf:f32", "gguf:f16", "gguf:bf16", "gguf:q5_0", "gguf:q5_1", "gguf:q5_k")),
     "modelopt INT8": Route("int8 [N, K], scale per row or tensor", ("modelopt:int8",),
                            decode=Kernel("C int8_rows", C)),
     "modelopt FP8": Route("float8 [N, K], scale per row or tensor", ("modelopt:fp8",)),
