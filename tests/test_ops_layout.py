@@ -91,6 +91,35 @@ def test_a_library_whose_table_differs_is_refused_by_name():
         registry.check(_Lib(table))
 
 
+def test_the_c_gguf_block_sizes_are_the_formats_table():
+    if not build.available():
+        pytest.skip("no C compiler here")
+    from diffquant.ops.formats.gguf import BLOCK_LAYOUT, GGMLType
+    table = registry.gguf_blocks(build.library())
+    assert table == {int(t): BLOCK_LAYOUT[t] for t in
+                     (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)}
+
+
+class _GGUFLib:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def dq_gguf_block(self, i, *out):
+        if i >= len(self.rows):
+            return -1
+        for ref, value in zip(out, self.rows[i]):
+            ref._obj.value = value
+        return 0
+
+
+def test_a_library_whose_gguf_blocks_differ_is_refused_by_type():
+    rows = [(2, 32, 18), (8, 32, 36)]  # Q8_0 given two bytes too many
+    with pytest.raises(build.InterfaceError, match=r"Q8_0: the library has \(32, 36\), "
+                                                   r"formats/gguf.py \(32, 34\)"):
+        registry.check_gguf_blocks(_GGUFLib(rows))
+    registry.check_gguf_blocks(_GGUFLib(rows[:1]))
+
+
 def test_a_call_is_checked_against_the_declared_arguments():
     if not build.available():
         pytest.skip("no C compiler here")

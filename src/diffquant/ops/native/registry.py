@@ -22,6 +22,7 @@ import ctypes
 
 import torch
 
+from ..formats.gguf import BLOCK_LAYOUT, GGMLType
 from . import build
 
 # name -> its arguments after the row range, in registry.c's order ("p" a pointer, "i" an int)
@@ -65,8 +66,31 @@ def bind(lib):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [ctypes.c_int], ctypes.c_char_p
     for name in ("dq_kernel_count", "dq_amx_available", "dq_int4_gemv_vector"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], ctypes.c_int
+    lib.dq_gguf_block.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 3
+    lib.dq_gguf_block.restype = ctypes.c_int
     lib.dq_kernels = check(lib)
+    check_gguf_blocks(lib)
     return lib
+
+
+def gguf_blocks(lib) -> dict:
+    """{GGML type id: (values, bytes) per block} as the C decodes have them (csrc/gguf.h)."""
+    table, i = {}, 0
+    fields = [ctypes.c_int() for _ in range(3)]
+    while lib.dq_gguf_block(i, *(ctypes.byref(f) for f in fields)) == 0:
+        table[fields[0].value] = (fields[1].value, fields[2].value)
+        i += 1
+    return table
+
+
+def check_gguf_blocks(lib) -> None:
+    """The C block sizes must be formats.gguf.BLOCK_LAYOUT's, the one source of GGUF's
+    facts; build.InterfaceError naming each type that differs otherwise."""
+    wrong = [f"{GGMLType(t).name}: the library has {c}, formats/gguf.py {BLOCK_LAYOUT[t]}"
+             for t, c in gguf_blocks(lib).items() if tuple(BLOCK_LAYOUT.get(t, ())) != c]
+    if wrong:
+        raise build.InterfaceError("GGUF block sizes in csrc/gguf.h and ops/formats/gguf.py "
+                                   "disagree: " + "; ".join(wrong))
 
 
 def check(lib) -> dict:

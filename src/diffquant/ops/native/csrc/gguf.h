@@ -11,7 +11,15 @@
 #include "bf16.h"
 #include "kernels.h"
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };  /* the GGML ids decoded here */
+/* The GGML types decoded here: id, values per block, bytes per block. ops/formats/gguf.py's
+   BLOCK_LAYOUT is the source; ops/native/registry.py reads this table (dq_gguf_block) when the
+   library loads and refuses a library whose sizes differ from it. */
+#define GGUF_TYPES(X) X(Q4_0, 2, 32, 18) X(Q4_1, 3, 32, 20) X(Q8_0, 8, 32, 34) \
+                      X(Q4_K, 12, 256, 144) X(Q6_K, 14, 256, 210)
+#define GGUF_ID(T, ID, ELEMS, BYTES) T = ID,
+#define GGUF_SIZES(T, ID, ELEMS, BYTES) T##_ELEMS = ELEMS, T##_BYTES = BYTES,
+enum { GGUF_TYPES(GGUF_ID) };
+enum { GGUF_TYPES(GGUF_SIZES) };
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));

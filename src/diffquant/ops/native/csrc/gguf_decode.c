@@ -55,7 +55,7 @@ static inline __m512 u8_to_float(__m128i v) { return _mm512_cvtepi32_ps(_mm512_c
 
 static int decode_small_avx512(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0,
                                int64_t r1, void *out, int64_t ld_out, int out_bf16) {
-    const int size = qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20;
+    const int size = qtype == Q8_0 ? Q8_0_BYTES : qtype == Q4_0 ? Q4_0_BYTES : Q4_1_BYTES;
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m512 eight = _mm512_set1_ps(8.0f);
     for (int64_t r = r0; r < r1; r++) {
@@ -100,7 +100,7 @@ static inline void put8(void *out, int64_t at, __m256 v, int out_bf16) {
 
 static int decode_small_avx2(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0,
                              int64_t r1, void *out, int64_t ld_out, int out_bf16) {
-    const int size = qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20;
+    const int size = qtype == Q8_0 ? Q8_0_BYTES : qtype == Q4_0 ? Q4_0_BYTES : Q4_1_BYTES;
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m256 eight = _mm256_set1_ps(8.0f);
     for (int64_t r = r0; r < r1; r++) {
@@ -141,11 +141,20 @@ int dq_decode(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, in
         return decode_small_avx2(qtype, blocks, n_blocks, r0, r1, out, ld_out, out_bf16);
 #endif
     switch (qtype) {
-    case Q4_0: DECODE_ROWS(block_q4_0, 18, 32)
-    case Q4_1: DECODE_ROWS(block_q4_1, 20, 32)
-    case Q8_0: DECODE_ROWS(block_q8_0, 34, 32)
-    case Q4_K: DECODE_ROWS(block_q4_k, 144, 256)
-    case Q6_K: DECODE_ROWS(block_q6_k, 210, 256)
+    case Q4_0: DECODE_ROWS(block_q4_0, Q4_0_BYTES, Q4_0_ELEMS)
+    case Q4_1: DECODE_ROWS(block_q4_1, Q4_1_BYTES, Q4_1_ELEMS)
+    case Q8_0: DECODE_ROWS(block_q8_0, Q8_0_BYTES, Q8_0_ELEMS)
+    case Q4_K: DECODE_ROWS(block_q4_k, Q4_K_BYTES, Q4_K_ELEMS)
+    case Q6_K: DECODE_ROWS(block_q6_k, Q6_K_BYTES, Q6_K_ELEMS)
     }
     return -1;
+}
+
+/* entry i of GGUF_TYPES as (id, values per block, bytes per block); 0, or -1 past the end */
+int dq_gguf_block(int i, int *id, int *elems, int *bytes) {
+#define GGUF_ROW(T, ID, ELEMS, BYTES) {ID, ELEMS, BYTES},
+    static const int table[][3] = {GGUF_TYPES(GGUF_ROW)};
+    if (i < 0 || i >= (int)(sizeof table / sizeof table[0])) return -1;
+    *id = table[i][0], *elems = table[i][1], *bytes = table[i][2];
+    return 0;
 }
