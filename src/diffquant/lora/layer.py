@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.fast_linear import float32_product
+
 
 @dataclass
 class LoraState:
@@ -51,19 +53,6 @@ class LoraFactors(_NotInStateDict):
         self.alpha = alpha
         self.scale = 1.0 if alpha is None else alpha / down.shape[0]
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """``out + scale * (x @ down.T) @ up.T``; out [..., out_features], x [..., in]."""
-        down, up = self.down, self.up
-        if down.dtype != x.dtype:
-            down, up = down.to(x.dtype), up.to(x.dtype)
-        if down.shape[1] != x.shape[-1]:
-            x = x[..., :down.shape[1]]
-        h = F.linear(x, down) * scale                                  # [..., rank]
-        if out.dtype != h.dtype:
-            return out + F.linear(h, up).to(out.dtype)
-        flat = out.reshape(-1, out.shape[-1])                          # [N, out]
-        return torch.addmm(flat, h.reshape(-1, h.shape[-1]), up.t()).view(out.shape)
-
     def delta(self, in_features: int) -> torch.Tensor:
         """The weight update ``scale * up @ down`` [out, in_features], float32."""
         d = self.scale * (self.up.float() @ self.down.float())         # [out, k]
@@ -94,12 +83,39 @@ class LoraTarget(_NotInStateDict):
         state = self.state
         if not state.enabled:
             return None
-        x = args[0]
-        for name in state.active:
-            if name in self.adapters and name not in self.fused:
-                factors = self.adapters[name]
-                out = factors.add_to(out, x, factors.scale * state.weights[name] * state.call_scale)
-        return out
+        run = [(self.adapters[n], self.adapters[n].scale * state.weights[n] * state.call_scale)
+               for n in state.active if n in self.adapters and n not in self.fused]
+        run = [(factors, scale) for factors, scale in run if scale != 0]
+        return add_products(out, args[0], run) if run else None
+
+
+def add_products(out: torch.Tensor, x: torch.Tensor, run) -> torch.Tensor:
+    """``out + sum_i s_i * (x @ down_i.T) @ up_i.T`` for ``run`` = [(LoraFactors, s_i)];
+    out [..., out_features], x [..., in_features]; ``out`` itself is never written.
+
+    Where torch has no bf16 (fp16) matmul kernel for this CPU, the products are computed in
+    float32 (fast_linear's rule for the quantized layers' products too; torch's generic bf16
+    loop took 30x the float32 route for a rank-64 product here), summed in one float32 tensor
+    and added to ``out`` with one rounding; otherwise they accumulate onto ``out`` in its dtype.
+    """
+    dtype = torch.float32 if float32_product(x) else x.dtype
+    x = x.to(dtype)
+    flat = out.reshape(-1, out.shape[-1])                                  # [N, out]
+    acc = None
+    for factors, scale in run:
+        down, up = factors.down.to(dtype), factors.up.to(dtype)           # [r, k], [out, r]
+        xs = x if down.shape[1] == x.shape[-1] else x[..., :down.shape[1]]
+        h = F.linear(xs, down)                                             # [..., r]
+        h = h.reshape(-1, h.shape[-1]).mul_(scale)                         # [N, r]
+        if acc is not None:
+            acc.addmm_(h, up.t())
+        elif dtype == out.dtype:
+            acc = torch.addmm(flat, h, up.t())                             # out + first product
+        else:
+            acc = h @ up.t()                                               # [N, out] float32
+    if acc.dtype != out.dtype:  # float32 sum of the products: added and rounded in one pass
+        acc = torch.add(flat, acc, out=torch.empty_like(flat))
+    return acc.view(out.shape)
 
 
 class LoraLayers(_NotInStateDict):

@@ -123,7 +123,9 @@ class LoraModelMixin:
         ref = next(iter(layer.parameters(recurse=False)), None)
         if ref is None or not ref.is_floating_point():
             ref = next((t for t in layer.buffers() if t.is_floating_point()), None)
-        dtype = getattr(layer, "compute_dtype", None) or (ref.dtype if ref is not None else None) \
+        # the dtype of the activations the layer sees: its float weight or bias (the model's
+        # torch_dtype), else the dtype it computes in
+        dtype = (ref.dtype if ref is not None else None) or getattr(layer, "compute_dtype", None) \
             or self.dtype
         device = ref.device if ref is not None else self.device
         return layer, dtype, device

@@ -98,17 +98,20 @@ class FluxLoraLoaderMixin:
             comp, _, module = key.partition(".")
             parts.setdefault(comp, {})[module] = w
         name = adapter_name or f"default_{len(transformer.list_adapters())}"
-        clip = parts.pop(self.text_encoder_name, None)
-        if clip and not te.resolve(self._clip(), clip):
+        clip = parts.pop(self.text_encoder_name, None) or {}
+        usable = te.resolve(self._clip(), clip) if te.peft_installed() else {}
+        if clip and not usable:
             ignored += sorted({w.source for w in clip.values()})
-        clip = te.resolve(self._clip(), clip or {})
+        clip = usable
         for comp, extra in parts.items():
             if comp != self.transformer_name:
                 ignored += sorted({w.source for w in extra.values()})
         if ignored:
-            logger.warning("%s: %d LoRA keys ignored (DoRA scales, T5 or text-encoder layers this "
-                           "pipeline's %s cannot take, diff tensors): %s", where, len(ignored),
-                           self.text_encoder_name, ", ".join(ignored[:10]))
+            logger.warning("%s: %d LoRA keys ignored (DoRA scales, T5, diff tensors, or text-"
+                           "encoder layers that this pipeline's %s (%s) cannot take%s): %s", where,
+                           len(ignored), self.text_encoder_name, type(self._clip()).__name__,
+                           "" if te.peft_installed() else "; CLIP LoRAs need PEFT: pip install "
+                           "'diffquant[lora]'", ", ".join(ignored[:10]))
         if not parts.get(self.transformer_name) and not clip:
             raise ConfigError(f"{where}: no LoRA layer of this pipeline's transformer or text "
                               "encoder in the file")

@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
+import sys
 from collections import Counter
 
 import torch
@@ -174,9 +176,15 @@ def unload(model: nn.Module) -> None:
 
 
 def _is_tuner(module) -> bool:
+    if "peft" not in sys.modules:  # no PEFT layer exists before PEFT is imported
+        return False
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return isinstance(module, BaseTunerLayer)
+
+
+def peft_installed() -> bool:
+    return importlib.util.find_spec("peft") is not None
 
 
 def state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import nn
@@ -32,8 +31,6 @@ from ..lora.model import LoraModelMixin, apply_lora_scale
 from ..modeling import ModelMixin
 from .transformer_flux import (FluxSingleTransformerBlock, FluxTransformerBlock, MLPEmbedder,
                                Transformer2DModelOutput, joint_rope, modulate, timestep_embedding)
-
-logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
