@@ -21,7 +21,8 @@ def bf16_product(monkeypatch):
 
 
 # the per-build fixture of the kernel tests, and the summary of the builds they ran under
-from tests.native_targets import (native_target, pytest_runtest_logreport,  # noqa: E402,F401
+from tests.native_targets import (native_target,  # noqa: E402,F401
+                                  pytest_collection_modifyitems, pytest_runtest_logreport,
                                   pytest_terminal_summary)
 
 

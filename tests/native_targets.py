@@ -70,8 +70,15 @@ _outcomes: dict = {}  # target -> {"passed": n, "failed": n, "skipped": n}
 _skips: dict = {}     # target -> a skip reason
 
 
+_per_build: set = set()  # the ids of the tests that run per build
+
+
+def pytest_collection_modifyitems(items):
+    _per_build.update(item.nodeid for item in items if "native_target" in item.fixturenames)
+
+
 def pytest_runtest_logreport(report):
-    target = _target_of(report.nodeid)
+    target = _target_of(report.nodeid) if report.nodeid in _per_build else None
     if target is None or (report.when != "call" and report.outcome == "passed"):
         return
     counts = _outcomes.setdefault(target, {"passed": 0, "failed": 0, "skipped": 0})

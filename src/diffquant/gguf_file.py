@@ -31,7 +31,10 @@ from .ops.gguf_dequant import GGMLType, byte_shape, dequantize
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-MAX_DIMS = 4                      # GGML_MAX_DIMS
+GGML_MAX_DIMS = 4   # what ggml reads, and so what diffquant writes
+# what it reads: gguf-py writes and reads more (a Wan file's 5-D patch embedding, as diffusers
+# loads it), and nothing is unsafe about it; more than this is a corrupt count
+READ_MAX_DIMS = 8
 MAX_METADATA_VALUES = 1 << 24     # array elements over a file's metadata (an LLM vocabulary: ~1e5)
 # GGUF metadata value types -> struct format (8 = string, 9 = array are handled apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -165,9 +168,10 @@ class GGUFFile(FileReader):
         name = cur.string(f"the name of tensor #{i}")
         what = f"the info of tensor {name!r}"
         n_dims = cur.unpack("<I", what)
-        if n_dims > MAX_DIMS:
-            raise CheckpointError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions; ggml "
-                                  f"allows at most {MAX_DIMS}; the file is corrupt")
+        if n_dims > READ_MAX_DIMS:
+            raise CheckpointError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions; "
+                                  f"expected at most {READ_MAX_DIMS} (ggml itself reads "
+                                  f"{GGML_MAX_DIMS}); the file is corrupt")
         dims = [cur.unpack("<q", what) for _ in range(n_dims)]
         if any(d < 0 for d in dims) or _prod(dims) >= 2**63:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dimensions {dims}; each must be "
@@ -223,7 +227,6 @@ def _prod(shape) -> int:
 
 
 GGML_MAX_NAME = 64  # ggml's reader refuses tensor names of 64 bytes or more
-GGML_MAX_DIMS = 4
 
 
 def write_gguf(path: str | os.PathLike, tensors, arch: str = "flux", metadata: dict | None = None,

@@ -1,9 +1,11 @@
-"""The ``diffquant`` command line: generate | quantize | inspect | compare | convert.
+"""The ``diffquant`` command line: generate | quantize | inspect | compare | convert | batch |
+sensitivity.
 
 Every command takes ``--quantize backend:scheme[@components]`` (see diffquant.spec) where it
 loads a pipeline. Errors print one line, ``diffquant: error: <cause>; <what to do>``, and exit
 with 2 for bad input and 1 for a runtime failure (``--debug`` shows the traceback).
-The parser and the error handling live here, the commands in ``commands.py``.
+The parser and the error handling live here, the commands in ``commands.py`` (batch and
+sensitivity, and the ``--ray`` options, in ``batch.py``).
 
 Example:
     $ diffquant generate --prompt "a red circle" --quantize torchao:int8wo --out out/a.png
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
+from . import batch as batch_cli
 from . import commands, convert, lora
 from .commands import EXIT_RUNTIME, EXIT_USAGE, ChildError, UsageError
 
@@ -53,9 +56,11 @@ EPILOGS = {
   diffquant compare --prompt "a red circle" --quantize torchao:int8wo --quantize bnb:nf4
   diffquant compare --prompt "a blue square" --quantize gguf:q4_0 --out out/grid.png
   diffquant compare --prompt "a cat" --quantize bnb:nf4 --lora style.safetensors   # each with the LoRA
-  diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0+quanto:int8@text_encoder_2""",
+  diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0+quanto:int8@text_encoder_2
+  diffquant compare --prompt "a cat" --quantize gguf:q4_0 --quantize gguf:q8_0 --ray  # Ray tasks""",
     "convert": convert.EPILOG,
 }
+EPILOGS.update(batch_cli.EPILOGS)
 MODEL_HELP = ("pipeline directory, hub id, or 'default' (the pipeline shipped with diffquant; "
               "write ./default for a directory of that name)")
 SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: transformer), "
@@ -147,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quantize", action="append", metavar="SPEC", required=True,
                       help=SPEC_HELP + "; each flag is one variant (join SPECs with '+')")
     cmp_.add_argument("--out", default="out/compare.png", help="grid PNG (default out/compare.png)")
+    batch_cli.add_ray_options(cmp_, "task")  # each variant a Ray task
+    batch_cli.register(command, _common)
 
     con = command("convert", convert.cmd_convert, "convert between folders and .gguf / "
                   ".safetensors files", convert.DESCRIPTION)
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given; run 'diffquant --help' for the commands "
-                             "(generate, quantize, inspect, compare, convert)")
+                             "(generate, quantize, inspect, compare, convert, batch, "
+                             "sensitivity)")
         commands.quiet_libraries(args.quiet, args.debug)
         return args.func(args)
     except KeyboardInterrupt:

@@ -371,15 +371,23 @@ def cmd_compare(args) -> int:
     labels = ["unquantized"] + args.quantize
     results, videos = [], []
     with tempfile.TemporaryDirectory(prefix="diffquant-compare-") as tmp:
+        files = [(str(Path(tmp) / f"{i}.png"), str(Path(tmp) / f"{i}.json"))
+                 for i in range(len(variants))]
+        children = [_child_command(args, model, specs, *f) for specs, f in zip(variants, files)]
+        codes = None
+        if getattr(args, "ray", None) is not None:  # every variant at once, as Ray tasks
+            from .batch import run_children_on_ray
+
+            codes = run_children_on_ray(children, files, args)
         for i, (specs, label) in enumerate(zip(variants, labels)):
             print(f"[{i + 1}/{len(variants)}] {label}", flush=True)
-            image, stats = Path(tmp) / f"{i}.png", Path(tmp) / f"{i}.json"
-            proc = subprocess.run(_child_command(args, model, specs, image, stats))
+            image, stats = map(Path, files[i])
+            code = codes[i] if codes is not None else subprocess.run(children[i]).returncode
             data = json.loads(stats.read_text()) if stats.is_file() else {}
-            if proc.returncode != 0 or "error" in data:
-                died = (f"its process died with signal {-proc.returncode} (out of memory?); run it "
-                        "alone with 'diffquant generate'") if proc.returncode < 0 else \
-                    f"its process exited with {proc.returncode}; rerun with --debug"
+            if code != 0 or "error" in data:
+                died = (f"its process died with signal {-code} (out of memory?); run it "
+                        "alone with 'diffquant generate'") if code < 0 else \
+                    f"its process exited with {code}; rerun with --debug"
                 raise ChildError(f"variant {label!r}: {data.get('error', died)}",
                                  data.get("code", EXIT_RUNTIME))
             videos.append(load_frames(image))  # one frame for an image
