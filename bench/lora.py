@@ -3,7 +3,7 @@
     python -m bench.lora            # width 3072, 1 double + 1 single block, 1024 image + 256 text
                                     # tokens, rank 64 on every linear of the blocks (~10 minutes)
     python -m bench.lora --quick    # width 1024, 256 image + 64 text tokens (a minute or two)
-    python -m bench.lora --schemes bf16 gguf:q8_0
+    python -m bench.lora --schemes bf16 gguf:q8_0   # (float32: the unquantized model in float32)
 
 Each scheme runs in its own child process (2 torch threads, glibc told to reuse freed memory as
 bench.fast does): the transformer is quantized while loading the cached bf16 checkpoint
@@ -33,6 +33,18 @@ SIZES = {
 }
 SCHEMES = ["bf16", "torchao:int8wo", "torchao:int8dq", "gguf:q8_0", "gguf:q4_k", "quanto:int8",
            "bitsandbytes:nf4", "modelopt:int8"]
+UNQUANTIZED = {"bf16": "bfloat16", "float32": "float32"}  # scheme -> torch_dtype, not quantized
+
+
+def default_schemes() -> list[str]:
+    """SCHEMES; on a CPU where torch has no bf16 matmul kernel (AVX2 only), the unquantized row
+    is float32: torch's generic bf16 loop takes minutes for one forward at this size there."""
+    import torch
+
+    from diffquant.ops.fast_linear import float32_product
+
+    slow = float32_product(torch.empty(1, dtype=torch.bfloat16))
+    return ["float32" if s == "bf16" and slow else s for s in SCHEMES]
 COUNTS = (0, 1, 2, 4)
 RANK = 64
 
@@ -61,13 +73,15 @@ def run_child(job: dict) -> dict:
 
     torch.set_num_threads(THREADS)
     size = SIZES[job["size"]]
-    config = None if job["scheme"] == "bf16" else diffquant_config(parse_spec(job["scheme"]))
+    plain = UNQUANTIZED.get(job["scheme"])
+    config = None if plain else diffquant_config(parse_spec(job["scheme"]))
+    dtype = getattr(torch, plain or "bfloat16")
     model = FluxTransformer2DModel.from_pretrained(job["checkpoint"], quantization_config=config,
-                                                   torch_dtype=torch.bfloat16)
+                                                   torch_dtype=dtype)
     names = [f"a{i}" for i in range(max(COUNTS))]
     for i, name in enumerate(names):
         model.load_lora_adapter(_adapter(model, i, job["rank"]), adapter_name=name)
-    inputs = {k: v.bfloat16() if v.is_floating_point() and k.endswith(("states", "projections"))
+    inputs = {k: v.to(dtype) if v.is_floating_point() and k.endswith(("states", "projections"))
               else v for k, v in make_inputs(size, size.image_tokens[0]).items()}
     best = {n: float("inf") for n in COUNTS}
     cpu = dict(best)
@@ -128,7 +142,7 @@ def table(results: dict) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lora", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--schemes", nargs="+", default=SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=None, help="default: " + " ".join(SCHEMES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rank", type=int, default=RANK)
     parser.add_argument("--timeout", type=float, default=1200)
@@ -141,7 +155,7 @@ def main(argv=None) -> int:
     size = SIZES[size_name]
     checkpoint = str(ensure_checkpoint(size, log=lambda m: print(m, file=sys.stderr)))
     results = {}
-    for scheme in args.schemes:
+    for scheme in args.schemes or default_schemes():
         print(f"[bench.lora] {scheme} ...", file=sys.stderr, flush=True)
         results[scheme] = _child({"size": size_name, "scheme": scheme, "checkpoint": checkpoint,
                                   "rounds": args.rounds, "rank": args.rank}, args.timeout)
@@ -151,7 +165,7 @@ def main(argv=None) -> int:
 
     print(f"Flux-width transformer: width {size.width}, {size.double} double + {size.single} "
           f"single blocks; {size.image_tokens[0]} image + {size.text_tokens} text tokens, batch 1, "
-          f"bf16; rank-{args.rank} adapters on every linear of the blocks; {THREADS} threads; "
+          f"bf16 (quantized: their compute dtype); rank-{args.rank} adapters on every linear of the blocks; {THREADS} threads; "
           f"best of {args.rounds} rounds; {platform.machine()}, torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.1f} (shared machine)\n")
     print("\n".join(table(results)))

@@ -93,3 +93,9 @@ def test_lora_on_every_scheme(reference, text, caplog):
     assert all(torch.equal(v, stored[k]) for k, v in q.state_dict().items()), text
     q.disable_lora()
     assert torch.equal(_run(q, inputs), q_base), text
+    q.enable_lora()  # dequantize() makes new nn.Linears: the adapters follow them
+    q.dequantize()
+    dq_lora = _run(q, inputs)
+    q.disable_lora()
+    effect = dq_lora - _run(q, inputs)
+    assert _norm(effect - (q_lora - q_base)) <= 0.5 * _norm(with_lora - base), text

@@ -120,15 +120,12 @@ class LoraModelMixin:
                               f"of {cls} ([{layer.out_features}, {layer.in_features}]): down "
                               f"{list(w.down.shape)}, up {list(w.up.shape)}, expected down "
                               f"[rank, {layer.in_features}] and up [{layer.out_features}, rank]")
-        ref = next(iter(layer.parameters(recurse=False)), None)
-        if ref is None or not ref.is_floating_point():
-            ref = next((t for t in layer.buffers() if t.is_floating_point()), None)
         # the dtype of the activations the layer sees: its float weight or bias (the model's
         # torch_dtype), else the dtype it computes in
-        dtype = (ref.dtype if ref is not None else None) or getattr(layer, "compute_dtype", None) \
-            or self.dtype
-        device = ref.device if ref is not None else self.device
-        return layer, dtype, device
+        ref = next((p for p in layer.parameters(recurse=False) if p.is_floating_point()), None)
+        dtype = ref.dtype if ref is not None else getattr(layer, "compute_dtype", None) or self.dtype
+        any_tensor = next(iter(list(layer.parameters()) + list(layer.buffers())), None)
+        return layer, dtype, any_tensor.device if any_tensor is not None else self.device
 
     def _lora_layers(self) -> LoraLayers:
         if self.lora_layers is None:
