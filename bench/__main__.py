@@ -137,7 +137,7 @@ def _formula(config, shapes) -> str:
 
 
 def load_only_rows() -> list:
-    from diffquant.ops.gguf_dequant import BLOCK_LAYOUT, ggml_type
+    from diffquant.ops.formats.gguf import BLOCK_LAYOUT, ggml_type
 
     rows = []
     for name in LOAD_ONLY_GGUF:

@@ -322,7 +322,7 @@ def _header(size, image: int, text: int) -> str:
 
     import torch
 
-    from diffquant.ops.fast_int8 import cpu_products
+    from diffquant.ops.cpu.dispatch import cpu_products
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"Flux-width transformer {size.name}: width {size.width}, {size.double} double + "

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the fast quantized linear kernels (``diffquant.ops.fast_linear``).
+"""Micro-benchmark of the fast quantized linear kernels (``diffquant.ops.cpu.linear``).
 
 For each format and number of rows: milliseconds of a bf16 and a float32 ``F.linear``, of the
 format's reference forward (dequantize-then-matmul, as the backend layers do today), of the
@@ -35,12 +35,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffquant.ops import fast_gguf as fg  # noqa: E402
-from diffquant.ops import fast_int4 as f4  # noqa: E402
-from diffquant.ops import fast_int8 as fi  # noqa: E402
-from diffquant.ops import fast_linear as fl  # noqa: E402
-from diffquant.ops import gguf_dequant as gd  # noqa: E402
-from diffquant.ops import int_quant as iq  # noqa: E402
+from diffquant.ops.cpu import gguf as fg  # noqa: E402
+from diffquant.ops.cpu import int4 as f4  # noqa: E402
+from diffquant.ops.cpu import dispatch  # noqa: E402
+from diffquant.ops.cpu import int8 as ci8  # noqa: E402
+from diffquant.ops.cpu import int8_dynamic as fi  # noqa: E402
+from diffquant.ops.cpu import linear as fl  # noqa: E402
+from diffquant.ops.formats import gguf as gd  # noqa: E402
+from diffquant.ops.cpu import quantize as cq  # noqa: E402
+from diffquant.ops.formats import torchao as iq  # noqa: E402
 
 from .kernel_refs import agreement, int4_group, library_layer  # noqa: E402
 
@@ -70,16 +73,16 @@ def build(fmt: str, w: torch.Tensor, bias: torch.Tensor):
 def _build(fmt, w, bias):
     wb = w.to(BF16)
     if fmt in ("int8dq", "int8wo"):
-        q, s = iq.int8_quantize_per_channel(wb)
+        q, s = cq.int8_quantize_per_channel(wb)
         if fmt == "int8dq":
             p = fi.prepare_int8_dynamic(q, s)
             return (lambda x: iq.int8_dynamic_linear(x, q, s, bias),
                     lambda x: fi.linear_int8_dynamic(x, p, bias), None, None)
-        p = fl.prepare_int8_weight(q, s)
+        p = ci8.prepare_int8_weight(q, s)
         return (lambda x: iq.int8_weight_only_linear(x, q, s, bias),
                 lambda x: fl.linear_weight_only(x, p, bias), p.small_rows, None)
     if fmt == "int4wo":
-        packed, scale, zero = iq.int4_quantize_groupwise(wb, int4_group(w.shape[1]))
+        packed, scale, zero = cq.int4_quantize_groupwise(wb, int4_group(w.shape[1]))
         p = f4.prepare_int4_weight(packed, scale, zero)
         def ref(x):  # Int4WeightOnlyLinear.forward
             return torch.matmul(x, iq.int4_dequantize(packed, scale, zero, BF16).t()) + bias
@@ -283,7 +286,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.reps}; "
-          f"{fi.cpu_products()}\n")
+          f"{dispatch.cpu_products()}\n")
     for fmt in args.formats:
         print(table(fmt, *args.shape, args.rows, args.reps) + "\n", flush=True)
     if args.stream:

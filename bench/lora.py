@@ -41,7 +41,7 @@ def default_schemes() -> list[str]:
     is float32: torch's generic bf16 loop takes minutes for one forward at this size there."""
     import torch
 
-    from diffquant.ops.fast_linear import float32_product
+    from diffquant.ops.cpu.dispatch import float32_product
 
     slow = float32_product(torch.empty(1, dtype=torch.bfloat16))
     return ["float32" if s == "bf16" and slow else s for s in SCHEMES]

@@ -88,7 +88,7 @@ def ideal_bits(config, in_features: int) -> tuple[float | None, str]:
     method = str(getattr(config, "quant_method", ""))
     row = f"16/{in_features}"
     if method == "gguf":
-        from diffquant.ops.gguf_dequant import BLOCK_LAYOUT, ggml_type
+        from diffquant.ops.formats.gguf import BLOCK_LAYOUT, ggml_type
 
         block, size = BLOCK_LAYOUT[ggml_type(config.quant_type)]
         if in_features % block:  # such rows stay in the checkpoint's float type

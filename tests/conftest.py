@@ -10,13 +10,13 @@ import pytest
 @pytest.fixture(autouse=True)
 def bf16_product(monkeypatch):
     """Every test multiplies bf16 in bf16, as the formats' references do, on every CPU: the
-    float32 product that CPUs without a bf16 matmul kernel take (fast_linear.float32_product)
+    float32 product that CPUs without a bf16 matmul kernel take (dispatch.float32_product)
     sums in another order, and has its own tests (tests/test_float32_product.py), which set
-    ``fast_linear._float32_faster`` themselves."""
+    ``dispatch._float32_faster`` themselves."""
     import torch
 
-    from diffquant.ops import fast_linear
-    monkeypatch.setattr(fast_linear, "_float32_faster",
+    from diffquant.ops.cpu import dispatch
+    monkeypatch.setattr(dispatch, "_float32_faster",
                         {torch.bfloat16: False, torch.float16: False})
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffquant.ops import native
+from diffquant.ops.native import build as native
 
 EMULATED = "x86-64-v4-simde"
 TARGETS = [*native.TARGETS, EMULATED]

@@ -1,15 +1,16 @@
-"""ops/csrc/amx_cpu.c: int8 dynamic quantization's product on AMX tiles gives
-int_quant.int8_dynamic_linear's bits (torchao's reference) for every shape it takes, is used by
-the int8dq layer wherever the CPU has AMX, and leaves other shapes to torch._int_mm."""
+"""ops/native/csrc/int8_amx.c: int8 dynamic quantization's product on AMX tiles gives
+formats/torchao.int8_dynamic_linear's bits (torchao's reference) for every shape it takes, is
+used by the int8dq layer wherever the CPU has AMX, and leaves other shapes to torch._int_mm."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_amx
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int8_amx as native_amx
 
 
 def _cpu_has_amx() -> bool:

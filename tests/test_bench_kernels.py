@@ -11,7 +11,7 @@ import torch
 
 from bench import kernels
 from bench.kernel_refs import agreement, library_layer
-from diffquant.ops import fast_linear as fl
+from diffquant.ops.cpu import linear as fl
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16

@@ -1,10 +1,12 @@
-"""diffquant.cpu_paths (``python -m diffquant.ops``): the kernels it reports are the ones the
-layers run, for each build of the kernels this machine executes."""
+"""diffquant.cpu_paths (``python -m diffquant.ops --probe``): the kernels it reports are the ones
+the layers run, for each build of the kernels this machine executes."""
 
 import pytest
 
 from diffquant import cpu_paths
-from diffquant.ops import fast_int8, native_amx, native_int4
+from diffquant.ops.cpu import dispatch
+from diffquant.ops.native import int4 as native_int4
+from diffquant.ops.native import int8_amx as native_amx
 
 pytestmark = pytest.mark.usefixtures("native_target")
 
@@ -21,7 +23,7 @@ def test_the_probe_names_each_paths_kernels():
     many = found["torchao:int8dq"][256]
     if native_amx.amx_available():
         assert many == "C quantize_vnni + C amx_linear"
-    elif fast_int8._int_mm_slow():
+    elif dispatch._int_mm_slow():
         assert many == "C quantize + C int8_dot + C int8_output"
     else:
         assert many == "C quantize + C int8_output + _int_mm(int8)"

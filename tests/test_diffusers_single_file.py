@@ -14,7 +14,7 @@ import torch
 import diffusers
 from diffquant import AutoModel, GGUFQuantizationConfig, diffusers_class
 from diffquant.errors import ConfigError
-from diffquant.ops.gguf_dequant import FLOAT_TYPES, GGMLType, quantize
+from diffquant.ops.formats.gguf import FLOAT_TYPES, GGMLType, quantize
 from diffquant.quantizers.gguf import GGUFLinear
 from tests.tiny_families import FAMILIES, build, run
 

@@ -1,4 +1,4 @@
-"""ops/fast_linear.py and ops/fast_gguf.py against each format's reference math.
+"""ops/cpu/ (linear.py, int8.py, int4.py, gguf.py) against each format's reference math.
 
 The dequantize paths must give the reference's numbers bit for bit (same values, same matmul);
 the packed CPU kernels (few rows) accumulate in float32 with scales in the activation dtype, so
@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffquant.ops.cpu import int8 as ci8
 from diffquant.errors import QuantizationError
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import fast_int4 as f4
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import int_quant as iq
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.formats import torchao as iq
 
 BF16 = torch.bfloat16
 ROWS = (1, 5, 17, 40, 80)  # packed kernels up to the weight's small_rows (16..64), then dequantize
@@ -100,7 +101,7 @@ def test_int8_weight_only(m, n, k):
     q, s = iq.int8_quantize_per_channel(w)
     bias = _x(1, n, seed=2).flatten()
     x = _x(m, k)
-    prepared = fl.prepare_int8_weight(q, s)
+    prepared = ci8.prepare_int8_weight(q, s)
     for b in (None, bias):
         ref = iq.int8_weight_only_linear(x, q, s, b)
         y = fl.linear_weight_only(x, prepared, b)
@@ -116,7 +117,7 @@ def test_int8_weight_only_float32_scales_round_as_torchao():
     q, s = iq.int8_quantize_per_channel(_x(48, 64, seed=1).float() * 1.37)
     assert not torch.equal(s.to(BF16).float(), s)
     x = _x(100, 64)
-    assert torch.equal(fl.linear_weight_only(x, fl.prepare_int8_weight(q, s)),
+    assert torch.equal(fl.linear_weight_only(x, ci8.prepare_int8_weight(q, s)),
                        iq.int8_weight_only_linear(x, q, s))
 
 
@@ -126,7 +127,7 @@ def test_int8_bitsandbytes_scale_convention():
     scb = w.abs().amax(-1)
     q = torch.round(w * (127 / scb[:, None])).to(torch.int8)
     x = _x(20, 64)
-    y = fl.linear_weight_only(x, fl.prepare_int8_weight(q, scb / 127))
+    y = fl.linear_weight_only(x, ci8.prepare_int8_weight(q, scb / 127))
     ref = x.float() @ (q.float() * (scb[:, None] / 127)).t()
     assert_bf16_close(y, ref, x, w)
 
@@ -221,7 +222,7 @@ def test_gguf_prepare_rejects_bad_blocks():
 
 # -- the shared buffer ---------------------------------------------------------------------------
 def test_buffer_reuse_does_not_leak_between_calls_or_layers():
-    a = fl.prepare_int8_weight(*iq.int8_quantize_per_channel(_x(32, 64, seed=1)))
+    a = ci8.prepare_int8_weight(*iq.int8_quantize_per_channel(_x(32, 64, seed=1)))
     b = fg.prepare_gguf_weight(gguf_blocks(32, 64, "Q4_0", seed=3), "Q4_0")
     x1, x2 = _x(40, 64, seed=4), _x(40, 64, seed=5)
     first = fl.linear_weight_only(x1, a)
@@ -272,7 +273,7 @@ def test_threads_get_their_own_buffers():
 
 def test_gradients_flow_to_the_input_without_the_shared_buffer():
     q, s = iq.int8_quantize_per_channel(_x(16, 32, torch.float32, seed=1))
-    prepared = fl.prepare_int8_weight(q, s)
+    prepared = ci8.prepare_int8_weight(q, s)
     x = _x(20, 32, torch.float32).requires_grad_()
     fl.linear_weight_only(x, prepared).sum().backward()
     fl.linear_weight_only(_x(20, 32, torch.float32, seed=9), prepared)  # would overwrite a shared one
@@ -281,7 +282,7 @@ def test_gradients_flow_to_the_input_without_the_shared_buffer():
 
 
 def test_wrong_input_width_is_refused():
-    prepared = fl.prepare_int8_weight(*iq.int8_quantize_per_channel(_x(16, 32, seed=1)))
+    prepared = ci8.prepare_int8_weight(*iq.int8_quantize_per_channel(_x(16, 32, seed=1)))
     with pytest.raises(QuantizationError, match=r"input has 31 features, the weight expects 32"):
         fl.linear_weight_only(_x(2, 31), prepared)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffquant.ops import fast_linear as fl
+from diffquant.ops.cpu import linear as fl
 from diffquant.quantizers.base import QuantizedLinear
 from diffquant.quantizers.gguf import GGUFLinear
 from diffquant.quantizers.modelopt import ModelOptLinear, resolve_quantizer
@@ -180,8 +180,8 @@ def test_quantize_on_load_reads_into_a_reused_buffer_but_keeps_no_view_of_it(tmp
 def test_quanto_int4_few_rows_equal_quantos_own_layer(rows):
     # quanto's own int4 layer (bf16 scales, groups of 128) runs torch's int4pack kernel on a
     # CPU; diffquant's few-row path feeds that kernel the same codes, scales and zeros. (One row
-    # on a CPU without AVX-512 goes to native_int4 instead: the same weights, float32 sums in
-    # another order, so in general within bf16 rounding of int4pack's (tests/test_native_int4.py);
+    # on a CPU without AVX-512 goes to native/int4.py's C product instead: the same weights,
+    # float32 sums in another order, so in general within bf16 rounding of int4pack's (tests/test_native_int4.py);
     # for this layer and input its bf16 results are int4pack's.)
     from optimum.quanto import freeze, qint4, quantize
 

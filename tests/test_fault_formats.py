@@ -15,7 +15,7 @@ import diffquant as dq
 from diffquant.checkpoint import Checkpoint, SafetensorsFile
 from diffquant.errors import CheckpointError, ConfigError
 from diffquant.gguf_file import GGUFFile, write_gguf
-from diffquant.ops.gguf_dequant import GGMLType, quantize
+from diffquant.ops.formats.gguf import GGMLType, quantize
 from diffquant.quantizers import DiffusersAutoQuantizer
 from tests.toy import ToyModel
 

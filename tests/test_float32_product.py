@@ -1,18 +1,21 @@
 """The products CPUs without bf16 or int8 matmul kernels take (AVX2 only: AMD Zen 3, older
-Intel): weight-only formats multiply in float32 (fast_linear.float32_product) and int8 dynamic
+Intel): weight-only formats multiply in float32 (dispatch.float32_product) and int8 dynamic
 multiplies its integers with native's dot kernel or exact float32 matmuls
-(fast_int8._int_mm_slow). Each is forced here, so every machine runs them."""
+(dispatch._int_mm_slow). Each is forced here, so every machine runs them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import fast_int4 as f4
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int8
+from diffquant.ops.cpu import dispatch
+from diffquant.ops.cpu import int8 as ci8
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int8_dynamic as native_int8
 from tests import test_fast_paths as fp
 from tests.test_fast_linear import assert_bf16_close, gguf_blocks
 
@@ -27,17 +30,17 @@ def _x(m, k, seed=0):
 
 @pytest.fixture
 def float32_product(monkeypatch):
-    monkeypatch.setattr(fl, "_float32_faster", {BF16: True, torch.float16: True})
+    monkeypatch.setattr(dispatch, "_float32_faster", {BF16: True, torch.float16: True})
 
 
 def test_the_rule_follows_torchs_bf16_kernel(monkeypatch):
-    monkeypatch.setattr(fl, "_float32_faster", {})
+    monkeypatch.setattr(dispatch, "_float32_faster", {})
     x = torch.zeros(2, 8, dtype=BF16)
-    assert fl.float32_product(x) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert not fl.float32_product(x.float())                       # float32 is already float32
-    monkeypatch.setattr(fl, "_float32_faster", {BF16: True})
-    assert fl.float32_product(x)
-    assert not fl.float32_product(x.clone().requires_grad_())      # autograd keeps its own path
+    assert dispatch.float32_product(x) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not dispatch.float32_product(x.float())                       # float32 is already float32
+    monkeypatch.setattr(dispatch, "_float32_faster", {BF16: True})
+    assert dispatch.float32_product(x)
+    assert not dispatch.float32_product(x.clone().requires_grad_())      # autograd keeps its own path
 
 
 def _weights():
@@ -60,12 +63,12 @@ def test_weight_only_float32_product(case, bias, float32_product):
     exact = F.linear(x.float(), ref_w.float(), None if b is None else b.float()).to(BF16)
     assert torch.equal(y, exact)
     assert_bf16_close(y, F.linear(x, ref_w, b), x, ref_w)            # the bf16 reference's level
-    assert fl.float32_product(x)
+    assert dispatch.float32_product(x)
 
 
 def test_int8_float32_product_keeps_the_scale_order(float32_product):
     q, s = iq.int8_quantize_per_channel(torch.randn(48, 256))
-    w = fl.prepare_int8_weight(q, s)
+    w = ci8.prepare_int8_weight(q, s)
     x, b = _x(40, 256), _x(1, 48, seed=1).flatten()
     y = fl.linear_weight_only(x, w, b)
     # torchao's order: the integer product rounded to bf16, times the bf16 scale, plus the bias
@@ -76,7 +79,7 @@ def test_int8_float32_product_keeps_the_scale_order(float32_product):
 
 def test_float32_product_reuses_its_buffers(float32_product):
     q, s = iq.int8_quantize_per_channel(torch.randn(32, 64))
-    w = fl.prepare_int8_weight(q, s)
+    w = ci8.prepare_int8_weight(q, s)
     x = _x(20, 64)
     first = fl.linear_weight_only(x, w)
     again = fl.linear_weight_only(x, w)
@@ -86,7 +89,7 @@ def test_float32_product_reuses_its_buffers(float32_product):
 # -- int8 dynamic where torch._int_mm has no VNNI kernel ----------------------------------------
 @pytest.fixture
 def slow_int_mm(monkeypatch):
-    monkeypatch.setattr(fi, "_int_mm_slow", lambda: True)
+    monkeypatch.setattr(dispatch, "_int_mm_slow", lambda: True)
 
 
 @pytest.mark.parametrize("use_native", [True, False])  # False: exact float32 matmuls
@@ -208,16 +211,16 @@ def test_bitsandbytes_4bit_under_the_float32_product(tmp_path, float32_product):
 
 
 def test_cpu_products_names_the_paths_taken(monkeypatch):
-    from diffquant.ops import native_amx
+    from diffquant.ops.native import int8_amx as native_amx
     monkeypatch.setattr(native_amx, "amx_available", lambda: False)
-    monkeypatch.setattr(fi, "_int_mm_slow", lambda: False)
-    assert fi.cpu_products() == "many-row products: weight-only in bf16, int8 dynamic on torch._int_mm"
-    monkeypatch.setattr(fl, "_float32_faster", {BF16: True})
-    monkeypatch.setattr(fi, "_int_mm_slow", lambda: True)
+    monkeypatch.setattr(dispatch, "_int_mm_slow", lambda: False)
+    assert dispatch.cpu_products() == "many-row products: weight-only in bf16, int8 dynamic on torch._int_mm"
+    monkeypatch.setattr(dispatch, "_float32_faster", {BF16: True})
+    monkeypatch.setattr(dispatch, "_int_mm_slow", lambda: True)
     monkeypatch.setattr(native, "available", lambda: True)
-    assert fi.cpu_products() == ("many-row products: weight-only in float32 (torch has no bf16 "
+    assert dispatch.cpu_products() == ("many-row products: weight-only in float32 (torch has no bf16 "
                                  "matmul kernel here), int8 dynamic on the AVX2 int8 dot kernel")
     monkeypatch.setattr(native, "available", lambda: False)
-    assert fi.cpu_products().endswith("int8 dynamic on exact float32 matmuls")
+    assert dispatch.cpu_products().endswith("int8 dynamic on exact float32 matmuls")
     monkeypatch.setattr(native_amx, "amx_available", lambda: True)
-    assert fi.cpu_products().endswith("int8 dynamic on AMX tiles")
+    assert dispatch.cpu_products().endswith("int8 dynamic on AMX tiles")

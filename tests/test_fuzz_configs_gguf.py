@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import diffquant.quantizers as q
 from diffquant.errors import ConfigError, DiffquantError, QuantizationError
 from diffquant.gguf_file import GGUFFile, write_gguf
-from diffquant.ops.gguf_dequant import GGMLType, quantize
+from diffquant.ops.formats.gguf import GGMLType, quantize
 from tests.test_fuzz_checkpoint import mutate
 
 CONFIG_CLASSES = sorted(set(q.AUTO_QUANTIZATION_CONFIG_MAPPING.values()), key=lambda c: c.__name__)

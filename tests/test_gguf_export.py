@@ -20,7 +20,7 @@ from diffquant import FluxTransformer2DModel
 from diffquant.errors import ConfigError, QuantizationError
 from diffquant.gguf_export import export_gguf, relayout_gguf
 from diffquant.gguf_recipes import plan_types, resolve_recipe, use_more_bits
-from diffquant.ops.gguf_dequant import quantize
+from diffquant.ops.formats.gguf import quantize
 from diffquant.quantizers.gguf import GGUFQuantizationConfig
 from tests.gguf_spec import check_gguf_file
 from tests.test_gguf_kquant import wide_flux  # noqa: F401  (a fixture, shared)

@@ -1,4 +1,5 @@
-"""Q4_K / Q6_K quantizers (diffquant.ops.gguf_kquant): valid ggml blocks, quantize-on-load, export.
+"""Q4_K / Q6_K quantizers (diffquant.ops.formats.gguf_kquant): valid ggml blocks,
+quantize-on-load, export.
 
 gguf-py cannot write K-quants, so the blocks are judged by what reads them: gguf-py's numpy
 dequantization (bit for bit equal to diffquant's), the error against the float weights, and
@@ -15,9 +16,9 @@ import torch
 
 from diffquant import FluxTransformer2DModel, GGUFQuantizationConfig
 from diffquant.errors import QuantizationError
-from diffquant.ops import gguf_kquant
-from diffquant.ops.gguf_dequant import dequantize, quantize
-from diffquant.ops.gguf_kquant import quantize_q4_k, quantize_q5_k, quantize_q6_k
+from diffquant.ops.formats import gguf_kquant
+from diffquant.ops.formats.gguf import dequantize, quantize
+from diffquant.ops.formats.gguf_kquant import quantize_q4_k, quantize_q5_k, quantize_q6_k
 from diffquant.quantizers.gguf import GGUFLinear
 from diffquant.single_file import export_gguf
 from tests.toy import ToyModel, flux_inputs, gguf_reference, save_toy, toy_input

@@ -1,4 +1,4 @@
-"""GGUF block math (diffquant.ops.gguf_dequant) against gguf-py's numpy reference, bit for bit.
+"""GGUF block math (diffquant.ops.formats.gguf) against gguf-py's numpy reference, bit for bit.
 
 Random bytes exercise every bit of every field; one hand-built block per family pins the layout
 to values worked out by hand from ggml's format.
@@ -14,7 +14,7 @@ from gguf.quants import dequantize as np_dequantize
 from gguf.quants import quantize as np_quantize
 
 from diffquant.errors import QuantizationError
-from diffquant.ops.gguf_dequant import (BLOCK_LAYOUT, QUANTIZABLE_TYPES, GGMLType, byte_shape,
+from diffquant.ops.formats.gguf import (BLOCK_LAYOUT, QUANTIZABLE_TYPES, GGMLType, byte_shape,
                                         dequantize, logical_shape, quantize)
 
 ALL_TYPES = list(GGMLType)

@@ -18,7 +18,7 @@ import torch
 from diffquant import FluxTransformer2DModel
 from diffquant.errors import CheckpointError, ConfigError, QuantizationError
 from diffquant.quantizers.gguf import GGUFLinear, GGUFQuantizationConfig
-from diffquant.ops.gguf_dequant import quantize
+from diffquant.ops.formats.gguf import quantize
 from diffquant.single_file import export_gguf
 from tests.toy import flux_inputs
 

@@ -243,15 +243,15 @@ def test_chroma_and_kontext_take_loras():
 
 @pytest.mark.parametrize("wide", [False, True], ids=["bf16-kernel", "float32-route"])
 def test_branch_sums_once_in_its_dtype(monkeypatch, wide):
-    """bf16 activations: where the CPU has no bf16 matmul kernel (fast_linear's rule) the
+    """bf16 activations: where the CPU has no bf16 matmul kernel (ops/cpu/dispatch.py's rule) the
     adapters' products are summed in float32 and added to the output with one rounding, else
     they accumulate onto it in bf16; either way close to the exact sum."""
     import torch.nn.functional as F
 
     from diffquant.lora.layer import LoraFactors, add_products
-    from diffquant.ops import fast_linear
+    from diffquant.ops.cpu import dispatch
 
-    monkeypatch.setattr(fast_linear, "_float32_faster", {torch.bfloat16: wide})
+    monkeypatch.setattr(dispatch, "_float32_faster", {torch.bfloat16: wide})
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(2, 5, 32, generator=g).bfloat16(), torch.randn(2, 5, 48, generator=g).bfloat16()
     a = LoraFactors(torch.randn(4, 32, generator=g).bfloat16(), torch.randn(48, 4, generator=g).bfloat16(), 8.0)

@@ -26,7 +26,7 @@ from diffquant import NVIDIAModelOptConfig
 from diffquant.configuration import ConfigMixin, register_to_config
 from diffquant.errors import ConfigError, QuantizationError
 from diffquant.modeling import ModelMixin
-from diffquant.ops import modelopt_math as mm
+from diffquant.ops.formats import modelopt as mm
 from diffquant.quantizers.modelopt import ModelOptLinear
 
 warnings.filterwarnings("ignore", module="modelopt")

@@ -1,4 +1,4 @@
-"""ops/native.py: every C kernel gives its reference's numbers (bit for bit, or within bf16
+"""ops/native/: every C kernel gives its reference's numbers (bit for bit, or within bf16
 rounding for the one-row products) and splits rows across threads correctly, in every build
 this machine can execute (each test runs once per target: tests/native_targets.py).
 tests/test_native_build.py tests the build itself."""
@@ -6,12 +6,17 @@ tests/test_native_build.py tests the build itself."""
 import pytest
 import torch
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int8 as fi
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int8
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int8_dynamic as fi
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.cpu import quantize as cq
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import bnb4 as native_bnb4
+from diffquant.ops.native import build as native
+from diffquant.ops.native import gguf as native_gguf
+from diffquant.ops.native import int8_dynamic as native_int8
+from diffquant.ops.native import int8_weight as native_int8w
 from diffquant.quantizers.bitsandbytes import BnB4BitLinear
 from tests.test_fast_linear import gguf_blocks
 from tests.test_fast_paths import LAYER_CASES
@@ -47,7 +52,7 @@ def test_decode_is_bit_identical_to_the_reference(qtype, dtype):
     k = 512 if qtype in ("Q4_K", "Q6_K") else 96
     blocks = gguf_blocks(200, k, qtype)  # 200 rows: split over threads at unequal bounds
     out = torch.full((200, k), float("nan"), dtype=dtype)
-    assert native.decode_into(blocks, gd.ggml_type(qtype), out) is out
+    assert native_gguf.decode_into(blocks, gd.ggml_type(qtype), out) is out
     assert torch.equal(out, gd.dequantize(blocks, qtype, dtype))
 
 
@@ -57,14 +62,14 @@ def test_decode_of_special_scales_matches_the_reference(qtype, dtype):
     k = 256 if qtype in ("Q4_K", "Q6_K") else 64
     blocks = with_scales(gguf_blocks(14, k, qtype), qtype, SPECIAL_HALVES)
     out = torch.empty(14, k, dtype=dtype)
-    assert_same(native.decode_into(blocks, gd.ggml_type(qtype), out),
+    assert_same(native_gguf.decode_into(blocks, gd.ggml_type(qtype), out),
                 gd.dequantize(blocks, qtype, dtype))
 
 
 def test_decode_writes_rows_of_a_wider_buffer_and_nothing_else():
     blocks = gguf_blocks(130, 64, "Q8_0")
     wide = torch.zeros(130, 80, dtype=torch.bfloat16)
-    native.decode_into(blocks, gd.GGMLType.Q8_0, wide[:, :64])
+    native_gguf.decode_into(blocks, gd.GGMLType.Q8_0, wide[:, :64])
     assert torch.equal(wide[:, :64], gd.dequantize(blocks, "Q8_0", torch.bfloat16))
     assert not wide[:, 64:].any()
 
@@ -72,9 +77,9 @@ def test_decode_writes_rows_of_a_wider_buffer_and_nothing_else():
 def test_decode_refuses_what_it_cannot_write():
     blocks = gguf_blocks(4, 64, "Q8_0")
     with pytest.raises(ValueError, match="float32 or bf16"):
-        native.decode_into(blocks, gd.GGMLType.Q8_0, torch.empty(4, 64, dtype=torch.float16))
+        native_gguf.decode_into(blocks, gd.GGMLType.Q8_0, torch.empty(4, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="contiguous uint8 blocks"):
-        native.decode_into(blocks[:, ::2], gd.GGMLType.Q8_0, torch.empty(4, 32))
+        native_gguf.decode_into(blocks[:, ::2], gd.GGMLType.Q8_0, torch.empty(4, 32))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -95,9 +100,9 @@ def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype, blocks):
     k = blocks * (32 if qtype == "Q8_0" else 256)
     blocks = gguf_blocks(130, k, qtype)
     x = torch.randn(rows, k).to(torch.bfloat16)
-    y = native.gemv(blocks, gd.ggml_type(qtype), x)
+    y = native_gguf.gemv(blocks, gd.ggml_type(qtype), x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 130)
-    assert torch.equal(native.gemv(blocks, gd.ggml_type(qtype), x, portable=True), y)
+    assert torch.equal(native_gguf.gemv(blocks, gd.ggml_type(qtype), x, portable=True), y)
     w = gd.dequantize(blocks, qtype, torch.bfloat16).float()
     ref = x.float() @ w.t()                                  # the bf16 reference's product
     bound = x.float().abs() @ w.abs().t() * 2.0**-7 + 1e-6
@@ -111,20 +116,20 @@ def test_gemv_widens_a_bf16_row_in_c_as_torch_would(qtype, k):
     as widening it with torch first and rounding the float32 sums with torch."""
     blocks = gguf_blocks(70, k, qtype)
     x = torch.randn(1, k).to(torch.bfloat16)
-    y = native.gemv(blocks, gd.ggml_type(qtype), x)
-    as_float = native.gemv(blocks, gd.ggml_type(qtype), x.float())   # the float32 entry
+    y = native_gguf.gemv(blocks, gd.ggml_type(qtype), x)
+    as_float = native_gguf.gemv(blocks, gd.ggml_type(qtype), x.float())   # the float32 entry
     assert y.dtype == torch.bfloat16 and as_float.dtype == torch.float32
     assert torch.equal(y, as_float.to(torch.bfloat16))
     wide = torch.randn(1, 2 * k).to(torch.bfloat16)[:, ::2]          # not contiguous: torch widens
-    assert torch.equal(native.gemv(blocks, gd.ggml_type(qtype), wide),
-                       native.gemv(blocks, gd.ggml_type(qtype), wide.float()).to(torch.bfloat16))
+    assert torch.equal(native_gguf.gemv(blocks, gd.ggml_type(qtype), wide),
+                       native_gguf.gemv(blocks, gd.ggml_type(qtype), wide.float()).to(torch.bfloat16))
 
 
 def test_gemv_refuses_other_types_and_row_counts():
     with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
-        native.gemv(gguf_blocks(4, 64, "Q4_0"), gd.GGMLType.Q4_0, torch.randn(1, 64))
+        native_gguf.gemv(gguf_blocks(4, 64, "Q4_0"), gd.GGMLType.Q4_0, torch.randn(1, 64))
     with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
-        native.gemv(gguf_blocks(4, 64, "Q8_0"), gd.GGMLType.Q8_0, torch.randn(2, 64))
+        native_gguf.gemv(gguf_blocks(4, 64, "Q8_0"), gd.GGMLType.Q8_0, torch.randn(2, 64))
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
@@ -151,9 +156,9 @@ def test_int8_gemv_is_int8packs_product_and_the_builds_agree(k):
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     s = (torch.rand(n, generator=g) * 1e-2).to(torch.bfloat16)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
-    y = native.int8_gemv(q, s, x)
+    y = native_int8w.int8_gemv(q, s, x)
     assert y.dtype == torch.bfloat16 and y.shape == (1, n)
-    assert torch.equal(native.int8_gemv(q, s, x, portable=True), y)
+    assert torch.equal(native_int8w.int8_gemv(q, s, x, portable=True), y)
     # _weight_int8pack_mm's numbers: a float32 sum times the scale, rounded once to bf16; the
     # two sums differ in order only, so they agree to a bf16 rounding of the exact product
     ref = torch._weight_int8pack_mm(x, q, s).double()
@@ -174,11 +179,11 @@ def test_int8_gemv_folds_the_output_scale_and_bias_as_torchs_two_ops(with_bias):
     post = (torch.rand(n, generator=g) * 1e-2).to(torch.bfloat16)
     post[:4] = torch.tensor([0.0, -3e38, float("inf"), float("nan")])      # overflow, inf, NaN
     bias = torch.randn(n, generator=g).to(torch.bfloat16) if with_bias else None
-    folded = native.int8_gemv(q, None, x, post=post, bias=bias)
-    two_passes = native.scale_rows_(native.int8_gemv(q, torch.ones(n, dtype=torch.bfloat16), x),
+    folded = native_int8w.int8_gemv(q, None, x, post=post, bias=bias)
+    two_passes = native_int8w.scale_rows_(native_int8w.int8_gemv(q, torch.ones(n, dtype=torch.bfloat16), x),
                                     post, bias)
     assert_same(folded, two_passes)
-    assert_same(native.int8_gemv(q, None, x, portable=True, post=post, bias=bias), folded)
+    assert_same(native_int8w.int8_gemv(q, None, x, portable=True, post=post, bias=bias), folded)
 
 
 def test_int8_gemv_refuses_what_it_cannot_read():
@@ -188,10 +193,10 @@ def test_int8_gemv_refuses_what_it_cannot_read():
                       (torch.zeros(1, 64, dtype=torch.bfloat16), q.t(), s),  # strided q
                       (torch.zeros(1, 64, dtype=torch.bfloat16), q, s.float())]:
         with pytest.raises(ValueError, match=r"expected x bf16 \[1, \d+\], contiguous int8"):
-            native.int8_gemv(qq, ss, x)
+            native_int8w.int8_gemv(qq, ss, x)
     with pytest.raises(ValueError, match="bf16 scale / post / bias of 4 values"):
-        native.int8_gemv(q, None, torch.zeros(1, 64, dtype=torch.bfloat16), bias=s[:3])
-    assert not native.int8_gemv_supported(torch.zeros(4, 96, dtype=torch.int8),
+        native_int8w.int8_gemv(q, None, torch.zeros(1, 64, dtype=torch.bfloat16), bias=s[:3])
+    assert not native_int8w.int8_gemv_supported(torch.zeros(4, 96, dtype=torch.int8),
                                           torch.zeros(1, 96, dtype=torch.bfloat16))
 
 
@@ -199,8 +204,8 @@ def test_int8_gemv_refuses_what_it_cannot_read():
 def test_int8_layers_take_the_c_product_at_one_row_only(case, monkeypatch):
     layer = LAYER_CASES[case]()
     calls = []
-    real = native.int8_gemv
-    monkeypatch.setattr(native, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = native_int8w.int8_gemv
+    monkeypatch.setattr(native_int8w, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         one = layer(torch.randn(1, layer.in_features).to(torch.bfloat16))
         assert calls == [1] and one.shape == (1, layer.out_features)
@@ -275,7 +280,7 @@ def test_big_bf16_weights_quantize_to_int8_in_one_c_pass_with_torchaos_numbers(m
     calls = []
     real = native_int8.quantize_rows_bf16
     monkeypatch.setattr(native_int8, "quantize_rows_bf16", lambda *a: calls.append(1) or real(*a))
-    q, s = iq.int8_quantize_per_channel(w)
+    q, s = cq.int8_quantize_per_channel(w)
     assert calls == [1]
     amax = w.abs().amax(dim=-1, keepdim=True)                      # torchao's one-line rule
     s0 = torch.clamp(amax / 127.5, min=torch.finfo(torch.float32).eps).to(torch.float32)
@@ -294,8 +299,8 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
     layer.bias = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16), requires_grad=False)
     x = torch.randn(1, k).to(torch.bfloat16)
     calls = []
-    real = native.lut4_gemv
-    monkeypatch.setattr(native, "lut4_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = native_bnb4.lut4_gemv
+    monkeypatch.setattr(native_bnb4, "lut4_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         y = layer(x)
         wq = layer.dequantized_weight().float()
@@ -305,7 +310,7 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
     bound = x.float().abs() @ wq.abs().t() * 2.0**-7 + layer.bias.float().abs() * 2.0**-8 + 1e-6
     assert ((y.float() - ref).abs() <= bound).all()
     assert ((many[0].float() - ref[0]).abs() <= bound[0]).all()
-    portable = native.lut4_gemv(layer.weight, *layer._lut4_tables(), 64, (n, k), x,
+    portable = native_bnb4.lut4_gemv(layer.weight, *layer._lut4_tables(), 64, (n, k), x,
                                 portable=True)
     assert torch.equal(portable, real(layer.weight, *layer._lut4_tables(), 64, (n, k), x))
 
@@ -318,8 +323,8 @@ def test_bnb_4bit_one_row_widens_a_bf16_row_in_c_as_torch_would(k):
     lut = torch.linspace(-1, 1, 16)
     absmax = torch.rand(n * k // 64, generator=g)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
-    y = native.lut4_gemv(packed, lut, absmax, 64, (n, k), x)
-    as_float = native.lut4_gemv(packed, lut, absmax, 64, (n, k), x.float())
+    y = native_bnb4.lut4_gemv(packed, lut, absmax, 64, (n, k), x)
+    as_float = native_bnb4.lut4_gemv(packed, lut, absmax, 64, (n, k), x.float())
     assert y.dtype == torch.bfloat16 and as_float.dtype == torch.float32
     assert torch.equal(y, as_float.to(torch.bfloat16))
 
@@ -341,8 +346,8 @@ def test_bnb_4bit_one_row_vector_and_portable_loops_agree_and_are_close(blocksiz
     n = 70
     packed, lut, absmax, codes = lut4_weight(n, k, blocksize)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
-    y = native.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x)
-    assert torch.equal(native.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x, portable=True), y)
+    y = native_bnb4.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x)
+    assert torch.equal(native_bnb4.lut4_gemv(packed, lut, absmax, blocksize, (n, k), x, portable=True), y)
     w = (lut[codes].double() * absmax.double().repeat_interleave(blocksize)[:n * k]).view(n, k)
     exact = x.double() @ w.t()
     assert ((y.double() - exact).abs() <= x.double().abs() @ w.abs().t() * 2.0**-8 + 1e-30).all()
@@ -356,7 +361,7 @@ def test_bnb_4bit_decode_is_torchs_product_rounded_to_bf16(blocksize, k):
     n = 70
     packed, lut, absmax, codes = lut4_weight(n, k, blocksize)
     absmax[:6] = torch.tensor([3e38, float("inf"), float("nan"), 0.0, 1e-40, -2.0])
-    out = native.lut4_decode_into(packed, lut, absmax, blocksize,
+    out = native_bnb4.lut4_decode_into(packed, lut, absmax, blocksize,
                                   torch.empty(n, k, dtype=torch.bfloat16))
     ref = (lut[codes] * absmax.repeat_interleave(blocksize)).view(n, k).to(torch.bfloat16)
     assert_same(out, ref)  # NaN where torch's is (its own bits for NaN vary by code path)
@@ -387,7 +392,7 @@ def test_scale_rows_is_torchs_mul_then_add(with_bias):
     bias = torch.randn(96, generator=g).to(torch.bfloat16) if with_bias else None
     ref = y.clone().mul_(scale)
     ref = ref if bias is None else ref.add_(bias)
-    out = native.scale_rows_(y, scale, bias)
+    out = native_int8w.scale_rows_(y, scale, bias)
     assert out is y
     assert_same(y, ref)
 
@@ -395,16 +400,16 @@ def test_scale_rows_is_torchs_mul_then_add(with_bias):
 # -- one-row products with the bias in the same C call ------------------------------------------
 def _one_row_cases():
     """name -> (n, k, f(x2, bias, portable)) for each one-row kernel that takes a bias"""
-    from diffquant.ops import native_int4
+    from diffquant.ops.native import int4 as native_int4
     from tests.test_native_int4 import affine4
     q8, q6 = gguf_blocks(70, 256, "Q8_0"), gguf_blocks(70, 512, "Q6_K")
     packed, sz = native_int4.pack_rows(*affine4(70, 256, 64))
     nf4, lut, absmax, _ = lut4_weight(70, 256, 64)
     return {
-        "Q8_0": (70, 256, lambda x, b, p: native.gemv(q8, gd.GGMLType.Q8_0, x, p, bias=b)),
-        "Q6_K": (70, 512, lambda x, b, p: native.gemv(q6, gd.GGMLType.Q6_K, x, p, bias=b)),
+        "Q8_0": (70, 256, lambda x, b, p: native_gguf.gemv(q8, gd.GGMLType.Q8_0, x, p, bias=b)),
+        "Q6_K": (70, 512, lambda x, b, p: native_gguf.gemv(q6, gd.GGMLType.Q6_K, x, p, bias=b)),
         "int4": (70, 256, lambda x, b, p: native_int4.gemv(packed, sz, 64, x, p, bias=b)),
-        "nf4": (70, 256, lambda x, b, p: native.lut4_gemv(nf4, lut, absmax, 64, (70, 256), x, p,
+        "nf4": (70, 256, lambda x, b, p: native_bnb4.lut4_gemv(nf4, lut, absmax, 64, (70, 256), x, p,
                                                          bias=b)),
     }
 
@@ -431,12 +436,12 @@ def test_one_row_products_add_the_bias_as_torchs_add(case):
 def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monkeypatch):
     """The packed kernels of GGUF and int4 bring a one_row that takes the bias: one native call
     per one-row product, no torch add after it, whether built now or on first use."""
-    from diffquant.ops import native_int4
+    from diffquant.ops.native import int4 as native_int4
     k = 256 if fmt == "Q6_K" else 64
     blocks = gguf_blocks(48, k, fmt)
     w = fg.prepare_gguf_weight(blocks, fmt, lazy=lazy)
     seen = []
-    for mod, name in ((native, "gemv"), (native_int4, "gemv")):
+    for mod, name in ((native_gguf, "gemv"), (native_int4, "gemv")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, real=real, **kw: seen.append(kw.get("bias"))
                             or real(*a, **kw))
@@ -454,7 +459,7 @@ def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monke
 # -- torchao int4's group-wise quantization on load ----------------------------------------------
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_groupwise_quantization_in_c_is_the_torch_ops(group, monkeypatch):
-    """bf16 weights are quantized in csrc/wquant_cpu.c: the torch form's packed codes, scales
+    """bf16 weights are quantized in csrc/quantize.c: the torch form's packed codes, scales
     and zeros bit for bit, with zero and constant groups, tiny ranges (the scale's clamp to the
     smallest normal), huge ones, infinities and NaN (NaN places compared), over threads."""
     g = torch.Generator().manual_seed(group)
@@ -465,10 +470,10 @@ def test_int4_groupwise_quantization_in_c_is_the_torch_ops(group, monkeypatch):
     w[3, 5], w[4, 9], w[5, 0], w[6, :3] = float("inf"), float("-inf"), float("nan"), 3e38
     w[7, :4] = torch.tensor([-0.0, 1e-40, -1e-40, 0.0])              # signed zeros, subnormals
     w = w.to(torch.bfloat16)
-    assert iq._int4_in_c(w, group)
-    in_c = iq.int4_quantize_groupwise(w, group)
-    monkeypatch.setattr(iq, "_int4_in_c", lambda *a: False)
-    ops = iq.int4_quantize_groupwise(w, group)
+    assert cq._int4_in_c(w, group)
+    in_c = cq.int4_quantize_groupwise(w, group)
+    monkeypatch.setattr(cq, "_int4_in_c", lambda *a: False)
+    ops = cq.int4_quantize_groupwise(w, group)
     for a, b in zip(in_c, ops):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

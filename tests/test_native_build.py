@@ -1,4 +1,4 @@
-"""ops/native.py's build: cached, chosen by DIFFQUANT_MARCH among the targets, refused by name
+"""ops/native/build.py's build: cached, chosen by DIFFQUANT_MARCH among the targets, refused by name
 where this CPU cannot execute it, compiled for every target by this machine's compiler, off
 with DIFFQUANT_NATIVE=0 or without a compiler (the torch ops then give the same numbers), on
 torch's OpenMP pool or threads of its own."""
@@ -8,9 +8,11 @@ import logging
 import pytest
 import torch
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import native
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.native import build as native
+from diffquant.ops.native import gguf as native_gguf
+from diffquant.ops.native import registry
 from tests.native_targets import TARGETS
 from tests.test_fast_linear import gguf_blocks
 from tests.test_native import assert_same
@@ -87,7 +89,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with caplog.at_level(logging.WARNING, logger="diffquant.ops.native"):
+    with caplog.at_level(logging.WARNING, logger="diffquant.ops.native.build"):
         assert not native.available() and not native.available()
     assert [r.message for r in caplog.records if "could not build" in r.message] != []
     assert len(caplog.records) == 1
@@ -109,13 +111,13 @@ def test_the_kernels_run_on_torchs_openmp_pool():
 
 
 def test_a_build_with_posix_threads_gives_the_same_bits():
-    own = native.bind(native.ctypes.CDLL(str(native._build(CC, native.FLAGS))))
+    own = registry.bind(native.ctypes.CDLL(str(native._build(CC, native.FLAGS))))
     blocks = gguf_blocks(201, 96, "Q4_1")  # 201 rows: ranges of unequal length
-    out = native.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96))
-    assert_same(native.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96), own), out)
+    out = native_gguf.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96))
+    assert_same(native_gguf.decode_into(blocks, gd.GGMLType.Q4_1, torch.empty(201, 96), own), out)
     x = torch.randn(200, 64).to(torch.bfloat16)  # 200 rows: two threads
     x[199, 5] = float("nan")  # the last range asks for the fallback: so does the whole call
     for lib in (own, native.library()):
-        assert not native._run(native.QUANTIZE, 200, x.data_ptr(), 64, 64,
-                               torch.empty(200, 64, dtype=torch.int8).data_ptr(),
-                               torch.empty(200).data_ptr(), lib=lib)
+        assert not registry.run("quantize", 200, x=x, ldx=64, k=64,
+                                q=torch.empty(200, 64, dtype=torch.int8),
+                                scale=torch.empty(200), lib=lib)

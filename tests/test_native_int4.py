@@ -1,4 +1,4 @@
-"""ops/native_int4.py: the one-row product of 4-bit weights in groups (csrc/int4_cpu.c) is within
+"""ops/native/int4.py: the one-row product of 4-bit weights in groups (csrc/int4.c) is within
 bf16 rounding of the exact product and of torch's int4pack kernel, its vector and scalar loops
 give the same bits, its layout round-trips, and the few-row path of every 4-bit format uses
 it for one row where it has its vector loop (and int4pack otherwise)."""
@@ -6,11 +6,12 @@ it for one row where it has its vector loop (and int4pack otherwise)."""
 import pytest
 import torch
 
-from diffquant.ops import fast_gguf as fg
-from diffquant.ops import fast_int4 as f4
-from diffquant.ops import fast_linear as fl
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int4
+from diffquant.ops.cpu import gguf as fg
+from diffquant.ops.cpu import int4 as f4
+from diffquant.ops.cpu import linear as fl
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import build as native
+from diffquant.ops.native import int4 as native_int4
 from tests.test_fast_linear import gguf_blocks
 
 BF16 = torch.bfloat16

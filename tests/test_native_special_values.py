@@ -8,9 +8,14 @@ agree bit for bit too."""
 import pytest
 import torch
 
-from diffquant.ops import gguf_dequant as gd
-from diffquant.ops import int_quant as iq
-from diffquant.ops import native, native_int4, native_int8
+from diffquant.ops.formats import gguf as gd
+from diffquant.ops.formats import torchao as iq
+from diffquant.ops.native import bnb4 as native_bnb4
+from diffquant.ops.native import build as native
+from diffquant.ops.native import gguf as native_gguf
+from diffquant.ops.native import int4 as native_int4
+from diffquant.ops.native import int8_dynamic as native_int8
+from diffquant.ops.native import int8_weight as native_int8w
 from tests.test_fast_linear import gguf_blocks
 from tests.test_native import SPECIAL_HALVES, assert_same, lut4_weight, with_scales
 
@@ -35,10 +40,10 @@ def test_int8_rows_keep_special_scales(k):
     q = torch.randint(-128, 128, (44, k), dtype=torch.int8, generator=torch.Generator().manual_seed(k))
     q[:, :3] = torch.tensor([0, 1, -1], dtype=torch.int8)          # exact zeros, subnormal +-s
     scale = cycled(44, BF16)
-    out = native.int8_rows_into(q, scale, torch.empty(44, k, dtype=BF16))
+    out = native_int8w.int8_rows_into(q, scale, torch.empty(44, k, dtype=BF16))
     assert_same(out, q.to(BF16) * scale.view(-1, 1))                 # quanto's / modelopt's op
     for one in SPECIAL.to(BF16):                                     # one scale for the tensor
-        assert_same(native.int8_rows_into(q, one.reshape(1), torch.empty(44, k, dtype=BF16)),
+        assert_same(native_int8w.int8_rows_into(q, one.reshape(1), torch.empty(44, k, dtype=BF16)),
                     q.to(BF16) * one)
 
 
@@ -49,7 +54,7 @@ def test_int4_tinygemm_decode_keeps_special_scales_and_zeros(group):
                            generator=torch.Generator().manual_seed(group))
     scale = cycled(n * (k // group), BF16).view(n, -1)
     zero = cycled(n * (k // group), BF16, shift=3).view(n, -1)
-    out = native.int4_tinygemm_into(packed, scale, zero, torch.empty(n, k, dtype=BF16))
+    out = native_int4.int4_tinygemm_into(packed, scale, zero, torch.empty(n, k, dtype=BF16))
     u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(n, k).to(torch.int16)
     s, z = scale.repeat_interleave(group, 1), zero.repeat_interleave(group, 1)
     assert_same(out, (u - 8).to(BF16) * s + z)                       # two bf16 ops, each rounded
@@ -64,7 +69,7 @@ def test_quanto_decode_keeps_special_scales_and_shifts(bits, g):
     packed = torch.randint(0, 256, (p, g), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(bits * g))
     scale, shift = cycled(r, BF16).view(r, 1), cycled(r, BF16, shift=5).view(r, 1)
-    out = native.quanto_bits_into(packed, bits, scale, shift, torch.empty(r, g, dtype=BF16))
+    out = native_int4.quanto_bits_into(packed, bits, scale, shift, torch.empty(r, g, dtype=BF16))
     i = torch.arange(r)
     codes = (packed[i % p].int() >> ((i // p) * bits).view(r, 1)) & ((1 << bits) - 1)
     assert_same(out, codes.to(BF16) * scale - shift)                 # quanto's op order
@@ -76,7 +81,7 @@ def test_bnb_4bit_decode_keeps_special_absmax(blocksize, k):
     packed, lut, absmax, codes = lut4_weight(n, k, blocksize)
     lut[:2] = torch.tensor([0.25, -0.0])                             # products below absmax, -0
     absmax = cycled(absmax.numel())
-    out = native.lut4_decode_into(packed, lut, absmax, blocksize,
+    out = native_bnb4.lut4_decode_into(packed, lut, absmax, blocksize,
                                   torch.empty(n, k, dtype=BF16))
     assert_same(out, (lut[codes] * absmax.repeat_interleave(blocksize)[:n * k]).view(n, k).to(BF16))
 
@@ -89,7 +94,7 @@ def test_gguf_decode_keeps_special_half_scales(qtype, dtype):
     halves = torch.cat([SPECIAL_HALVES, torch.tensor([-0.0, float("-inf"), 6e-8])])
     k = 256 if qtype in ("Q4_K", "Q6_K") else 64
     blocks = with_scales(gguf_blocks(20, k, qtype), qtype, halves)
-    out = native.decode_into(blocks, gd.ggml_type(qtype), torch.empty(20, k, dtype=dtype))
+    out = native_gguf.decode_into(blocks, gd.ggml_type(qtype), torch.empty(20, k, dtype=dtype))
     assert_same(out, gd.dequantize(blocks, qtype, dtype))
 
 
@@ -102,7 +107,7 @@ def test_scale_rows_keeps_special_scales_and_products(with_bias):
     bias = cycled(48, BF16, shift=4) if with_bias else None
     ref = y.clone().mul_(scale)
     ref = ref if bias is None else ref.add_(bias)
-    assert_same(native.scale_rows_(y, scale, bias), ref)
+    assert_same(native_int8w.scale_rows_(y, scale, bias), ref)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -145,12 +150,12 @@ def _one_row_products():
     packed, sz = native_int4.pack_rows(codes, cycled(44 * 4).view(44, 4),
                                        cycled(44 * 4, shift=3).view(44, 4))
     return {
-        "Q8_0": (256, lambda x, p: native.gemv(q8, gd.GGMLType.Q8_0, x, p)),
-        "Q6_K": (512, lambda x, p: native.gemv(q6, gd.GGMLType.Q6_K, x, p)),
-        "int8": (256, lambda x, p: native.int8_gemv(q, cycled(44, BF16), x, p,
+        "Q8_0": (256, lambda x, p: native_gguf.gemv(q8, gd.GGMLType.Q8_0, x, p)),
+        "Q6_K": (512, lambda x, p: native_gguf.gemv(q6, gd.GGMLType.Q6_K, x, p)),
+        "int8": (256, lambda x, p: native_int8w.int8_gemv(q, cycled(44, BF16), x, p,
                                                     post=cycled(44, BF16, shift=1),
                                                     bias=cycled(44, BF16, shift=2))),
-        "nf4": (256, lambda x, p: native.lut4_gemv(nf4, lut, absmax, 64, (44, 256), x, p)),
+        "nf4": (256, lambda x, p: native_bnb4.lut4_gemv(nf4, lut, absmax, 64, (44, 256), x, p)),
         "int4": (256, lambda x, p: native_int4.gemv(packed, sz, 64, x, p)),
     }
 

@@ -12,8 +12,9 @@ from torch import nn
 import diffusers
 
 from diffquant import CheckpointError, ConfigError, QuantoConfig
+from diffquant.ops.formats.quanto import unpack as unpack_bits
 from diffquant.quantizers import DiffusersAutoQuantizer
-from diffquant.quantizers.quanto import QuantoLinear, aligned, group_size_for, unpack_bits
+from diffquant.quantizers.quanto import QuantoLinear, aligned, group_size_for
 from tests.toy import DiffusersToyModel, ToyModel, assert_missing_piece_is_named, save_toy, toy_input
 
 quanto = pytest.importorskip("optimum.quanto")

@@ -1,5 +1,6 @@
-"""ops/quanto_math.py: quanto's weight quantization without optimum-quanto gives quanto's own
-codes, scales, shifts and packing, bit for bit, and quantize-on-load no longer imports it."""
+"""ops/formats/quanto.py (and cpu/quantize.py's C pass): quanto's weight quantization without
+optimum-quanto gives quanto's own codes, scales, shifts and packing, bit for bit, and
+quantize-on-load no longer imports it."""
 
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from diffquant.errors import BackendUnavailableError
-from diffquant.ops import quanto_math as qm
+from diffquant.ops.cpu import quantize as cq
+from diffquant.ops.formats import quanto as qm
 from diffquant.quantizers import base
 from diffquant.quantizers import quanto as qz
 
@@ -61,7 +63,7 @@ def test_pack_is_quantos_packing():
     codes = torch.randint(0, 16, (7, 5), dtype=torch.uint8)
     packed = qm.pack(codes, 4)
     assert packed.shape == (4, 5)
-    assert torch.equal(qz.unpack_bits(packed, 4, 7), codes)
+    assert torch.equal(qm.unpack(packed, 4, 7), codes)
 
 
 def test_quantize_on_load_does_not_import_optimum_quanto(tmp_path):
@@ -95,7 +97,7 @@ def test_a_missing_package_is_named_without_importing_it():
 @pytest.mark.usefixtures("native_target")  # every build this machine can execute
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "int2"])
 def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch):
-    """bf16 weights go through csrc/wquant_cpu.c: the torch ops' codes for rows holding an
+    """bf16 weights go through csrc/quantize.c: the torch ops' codes for rows holding an
     infinity or a NaN too (a NaN makes the row's scale NaN and its codes 0), subnormals, signed
     zeros and zero rows, split over threads (70 rows of groups)."""
     w = weight(70, 256, torch.bfloat16, seed=4)
@@ -104,9 +106,9 @@ def test_the_c_pass_is_the_torch_ops_with_inf_and_nan(weights_dtype, monkeypatch
     w[8, :4] = torch.tensor([1e-40, -1e-40, -0.0, 0.0])
     w[9] = 0.0                                   # a zero row
     group = qz.group_size_for(weights_dtype, 256)
-    assert qm._in_c(w)
+    assert cq._in_c(w)
     in_c = qz.quantize(w, weights_dtype, group)
-    monkeypatch.setattr(qm, "_in_c", lambda t: False)
+    monkeypatch.setattr(cq, "_in_c", lambda t: False)
     ops = qz.quantize(w, weights_dtype, group)
     theirs = qz.quantize_with_quanto(w, weights_dtype, group)
     for name in in_c:

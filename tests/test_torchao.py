@@ -13,7 +13,7 @@ import torchao.quantization as tq
 from torchao.quantization import quant_primitives as qp
 from diffquant import FluxTransformer2DModel, TorchAoConfig
 from diffquant.errors import CheckpointError, ConfigError, QuantizationError
-from diffquant.ops import int_quant as iq
+from diffquant.ops.formats import torchao as iq
 from diffquant.quantizers.base import QuantizedLinear
 from diffquant.quantizers.torchao import LAYERS
 from tests.toy import DiffusersToyModel, ToyModel, save_toy, toy_input

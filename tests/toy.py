@@ -96,7 +96,7 @@ def gguf_reference(ref: nn.Module, x: torch.Tensor, qtype, compute_dtype) -> tor
     rows that do not fill whole blocks stay in the compute dtype, as the backend keeps them."""
     import torch.nn.functional as F
 
-    from diffquant.ops.gguf_dequant import BLOCK_LAYOUT, dequantize, ggml_type, quantize
+    from diffquant.ops.formats.gguf import BLOCK_LAYOUT, dequantize, ggml_type, quantize
 
     block = BLOCK_LAYOUT[ggml_type(qtype)][0]
 

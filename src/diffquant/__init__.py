@@ -19,6 +19,8 @@ with diffquant's loading, quantization and saving (``diffusers_bridge.py``); tho
 
 import importlib
 
+from .backends import BACKENDS
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -35,11 +37,6 @@ _EXPORTS = {
     "QuantizationConfigMixin": "quantizers.config", "QuantizationMethod": "quantizers.config",
     "PipelineQuantizationConfig": "quantizers.pipeline_config",
     "DiffusersAutoQuantizer": "quantizers.auto",
-    "TorchAoConfig": "quantizers.torchao",
-    "BitsAndBytesConfig": "quantizers.bitsandbytes",
-    "QuantoConfig": "quantizers.quanto",
-    "GGUFQuantizationConfig": "quantizers.gguf",
-    "NVIDIAModelOptConfig": "quantizers.modelopt",
     "DiffquantError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "QuantizationError": "errors", "BackendUnavailableError": "errors",
     "default_pipeline_path": "assets",
@@ -48,6 +45,8 @@ _EXPORTS = {
     "export_gguf": "gguf_export", "export_t5_gguf": "t5_gguf", "load_t5_encoder_gguf": "t5_gguf",
 }
 
+# each backend's config class (backends.py: a backend is registered once, there)
+_EXPORTS.update({config: f"quantizers.{module}" for module, config in BACKENDS.items()})
 __all__ = sorted(_EXPORTS)
 
 

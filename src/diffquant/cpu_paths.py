@@ -1,12 +1,12 @@
-"""Which kernels a quantized layer runs on this machine, per scheme and row count, found by
-running it: every scheme the CLI lists quantizes one Flux-shaped linear layer, which then
-takes one row (a modulation or embedder layer), a few rows and many rows (image tokens), and
-the C kernels (by name, from ``ops/native.py``'s table) and the torch ops that did the work are
-recorded. The answer depends on the CPU (AVX-512, AMX, VNNI, a bf16 matmul kernel in torch)
-and on the build of the kernels (``DIFFQUANT_MARCH``), so the probe is the ground truth:
-docs/performance.md's table per CPU family is this command's output on each.
+"""The probe: which kernels a quantized layer runs on this machine, per scheme and row count,
+found by running it. Every scheme the CLI lists quantizes one Flux-shaped linear layer, which
+then takes one row (a modulation or embedder layer), a few rows and many rows (image tokens),
+and the C kernels (by name, as ``ops/native/registry.py`` calls them) and the torch ops that did
+the work are recorded. ``ops/cpu/dispatch.py`` says the same from its table
+(``dispatch.predict``); tests/test_dispatch.py checks the two agree on every build of the C
+kernels this machine executes.
 
-    python -m diffquant.ops            # or: diffquant inspect --kernels
+    python -m diffquant.ops --probe
 
 Example:
     >>> rows = probe("torchao:int8wo", rows=(1,))
@@ -16,17 +16,15 @@ Example:
 
 from __future__ import annotations
 
-import platform
-
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .ops import native
+from .ops.cpu import dispatch
+from .ops.native import registry
 from .quantizers import DiffusersAutoQuantizer
 from .spec import available_backends, backend_schemes, diffquant_config, parse_spec
 
-ROWS = (1, 4, 256)  # a modulation layer's one row, a few, a block of image tokens
 # the torch ops that do a product's work (the rest is bookkeeping)
 _WORK = {"mm", "addmm", "bmm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu",
          "_scaled_mm", "linear", "matmul"}  # and every op of bitsandbytes' and quanto's own
@@ -71,25 +69,15 @@ def _layer(spec: str, n: int, k: int) -> nn.Module:
 
 def _paths(model: nn.Module, rows: int, k: int) -> str:
     """What one forward of ``rows`` bf16 rows ran: C kernels first, then torch's work ops."""
-    kernels, ops = [], []
-    real = native._run
-
-    def run(kernel, *args, **kwargs):
-        kernels.append(native.KERNELS[kernel])
-        return real(kernel, *args, **kwargs)
-
+    ops = []
     x = torch.randn(rows, k).to(torch.bfloat16)
-    native._run = run
-    try:
-        with torch.no_grad(), _Recorder(ops):
-            model(x)
-    finally:
-        native._run = real
+    with torch.no_grad(), _Recorder(ops), registry.trace() as kernels:
+        model(x)
     done = [f"C {name}" for name in dict.fromkeys(kernels)] + list(dict.fromkeys(ops))
     return " + ".join(done) or "torch elementwise ops"
 
 
-def probe(spec: str, rows=ROWS, n: int = 256, k: int = 512) -> dict[int, str]:
+def probe(spec: str, rows=dispatch.ROWS, n: int = 256, k: int = 512) -> dict[int, str]:
     """{rows: the kernels one forward ran} for ``spec`` ("backend:scheme") on this machine.
     Each row count runs twice and reports the second (the first builds prepared forms)."""
     model = _layer(spec, n, k)
@@ -100,40 +88,17 @@ def probe(spec: str, rows=ROWS, n: int = 256, k: int = 512) -> dict[int, str]:
     return out
 
 
-def cpu_summary() -> str:
-    """This CPU's relevant instruction sets and torch's bf16 matmul support, one line."""
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
-           if f in flags]
-    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return (f"{platform.processor() or platform.machine()}: {' '.join(isa) or 'no AVX2'}; "
-            f"torch bf16 matmul kernel: {'yes' if bf16 is not None and bf16() else 'no'}; "
-            f"C kernels: {native.march() if native.available() else 'off'} build, "
-            f"{native.threading_kind()}")
-
-
-def table(schemes=None, rows=ROWS) -> str:
+def table(schemes=None, rows=dispatch.ROWS) -> str:
     """A Markdown table: each CLI scheme, the kernels it runs at each row count."""
     if schemes is None:
         schemes = [f"{b}:{s}" for b in available_backends() for s in backend_schemes(b)]
-    head = ["scheme", *[f"{m} row{'s' if m > 1 else ''}" for m in rows]]
-    lines = [cpu_summary(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    found = []
     for spec in schemes:
         try:
-            found = probe(spec, rows)
-            cells = [found[m] for m in rows]
+            paths = probe(spec, rows)
+            cells = [paths[m] for m in rows]
         except Exception as e:  # a scheme this machine cannot run: say why in its row
             cells = [f"n/a ({type(e).__name__}: {str(e)[:60]})"] + [""] * (len(rows) - 1)
-        lines.append("| " + " | ".join([f"`{spec}`", *cells]) + " |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    print(table())
-
-
-if __name__ == "__main__":
-    main()
+        found.append([f"`{spec}`", *cells])
+    head = ["scheme", *[f"{m} row{'s' if m > 1 else ''}" for m in rows]]
+    return "\n".join([dispatch.machine(), "", *dispatch.markdown(head, found)])

@@ -31,7 +31,7 @@ import torch
 from .configuration import read_json
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_dir
-from .ops.gguf_dequant import FLOAT_TYPES, GGMLType, logical_shape
+from .ops.formats.gguf import FLOAT_TYPES, GGMLType, logical_shape
 from .single_file import Piece, _Source, load_planned, open_single_file
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from .errors import ConfigError, QuantizationError
 from .gguf_file import write_gguf
 from .gguf_recipes import plan_types, resolve_recipe
-from .ops.gguf_dequant import FLOAT_TYPES, GGMLType, dequantize, quantize
+from .ops.formats.gguf import FLOAT_TYPES, GGMLType, dequantize, quantize
 from .single_file import _FLUX_RENAMES, _FLUX_SPLITS
 
 GGUF_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION: the block layouts of ggml's current types
@@ -159,7 +159,7 @@ def community_sources(sources: dict[str, Source]) -> tuple[dict[str, Source], di
 def _shape(source: Source) -> tuple:
     if source.qtype is None:
         return tuple(source.value.shape)
-    from .ops.gguf_dequant import logical_shape
+    from .ops.formats.gguf import logical_shape
 
     return logical_shape(tuple(source.value.shape), source.qtype)
 

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import FileReader
 from .errors import CheckpointError, QuantizationError
-from .ops.gguf_dequant import GGMLType, byte_shape, dequantize
+from .ops.formats.gguf import GGMLType, byte_shape, dequantize
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from .errors import QuantizationError
-from .ops.gguf_dequant import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, ggml_type,
+from .ops.formats.gguf import (BLOCK_LAYOUT, FLOAT_TYPES, QUANTIZABLE_TYPES, GGMLType, ggml_type,
                                quantizable_type)
 
 T = GGMLType

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from pathlib import Path
@@ -28,19 +27,11 @@ from .errors import CheckpointError, ConfigError, DiffquantError, QuantizationEr
 from .hub import push_folder, resolve_dir, split_hub_kwargs
 from .limits import bytes_per_parameter, check_tensor_shapes
 from .snapshot import pinned_load
+from .module_names import matches_any
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_BASE = "diffusion_pytorch_model"
-
-
-def matches_any(name: str, patterns) -> bool:
-    """True if module ``name`` equals, is inside, or glob-matches one of ``patterns``."""
-    for p in patterns or ():
-        if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) \
-                or (("." + p + ".") in ("." + name + ".")):
-            return True
-    return False
 
 
 def parse_device_map(device_map) -> torch.device | None:
@@ -157,23 +148,13 @@ class ModelMixin(nn.Module):
         model = cls._build_on_meta(config, config_path, bytes_per_parameter(torch_dtype, quantizer),
                                    parse_device_map(device_map))
         with Checkpoint.open(weights) as ckpt:
-            if torch_dtype == "auto":
+            # "auto", or a pre-quantized checkpoint without a dtype: reload in the dtype it was
+            # saved in, so save -> load is bit-identical (diffusers picks a backend default
+            # such as fp16 for the latter)
+            if torch_dtype == "auto" or (torch_dtype is None and quantizer is not None
+                                         and quantizer.pre_quantized):
                 torch_dtype = _stored_dtype(model, ckpt)
-            if quantizer is not None:
-                if quantizer.pre_quantized and torch_dtype is None:
-                    # Reload in the dtype it was saved in, so save -> load is bit-identical
-                    # (diffusers picks a backend default such as fp16 here).
-                    torch_dtype = _stored_dtype(model, ckpt)
-                quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
-                torch_dtype = quantizer.update_torch_dtype(torch_dtype)
-                device_map = quantizer.update_device_map(device_map)
-                quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
-            model._assign_from(ckpt, torch_dtype, parse_device_map(device_map), quantizer)
-        if quantizer is not None:
-            quantizer.postprocess_model(model)
-            model.hf_quantizer = quantizer
-            model.register_to_config(quantization_config=quantizer.quantization_config,
-                                     _pre_quantization_dtype=torch_dtype)
+            model._load_quantized(lambda _: ckpt, quantizer, torch_dtype, device_map)
         model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return model.eval()
 
@@ -221,6 +202,27 @@ class ModelMixin(nn.Module):
             raise ConfigError(f"{config_path}: cannot build {cls.__name__} from this config "
                               f"({type(err).__name__}: {err}); check the values' types") from err
         return model
+
+    def _load_quantized(self, checkpoint_for, quantizer, torch_dtype, device_map):
+        """The quantizer lifecycle, written once for every loader (from_pretrained,
+        from_single_file) on this model, built on meta: the quantizer (None: not quantized)
+        checks the environment, settles the dtype and swaps in its layers; the tensors of
+        ``checkpoint_for(self)`` (a checkpoint opened once those layers are in place: a single
+        file's plan asks them which tensors stay quantized) are streamed in; then
+        ``postprocess_model``, and the quantization is recorded on the model. Returns the dtype
+        it loaded in."""
+        if quantizer is not None:
+            quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
+            torch_dtype = quantizer.update_torch_dtype(torch_dtype)
+            quantizer.preprocess_model(self, keep_in_fp32_modules=self._keep_in_fp32_modules)
+        self._assign_from(checkpoint_for(self), torch_dtype, parse_device_map(device_map),
+                          quantizer)
+        if quantizer is not None:
+            quantizer.postprocess_model(self)
+            self.hf_quantizer = quantizer
+            self.register_to_config(quantization_config=quantizer.quantization_config,
+                                    _pre_quantization_dtype=torch_dtype)
+        return torch_dtype
 
     def _assign_from(self, ckpt: Checkpoint, dtype, device, quantizer) -> None:
         """Stream each checkpoint tensor into the model; error on missing keys and bad shapes."""

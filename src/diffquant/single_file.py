@@ -31,7 +31,7 @@ from .checkpoint import SafetensorsFile
 from .errors import CheckpointError, ConfigError
 from .gguf_file import GGUFFile
 from .hub import resolve_dir
-from .ops.gguf_dequant import FLOAT_TYPES, dequantize
+from .ops.formats.gguf import FLOAT_TYPES, dequantize
 
 logger = logging.getLogger(__name__)
 
@@ -297,25 +297,17 @@ def load_planned(cls, source, plan: dict[str, Piece], config_dict: dict, quantiz
                  torch_dtype, device_map):
     """Build ``cls`` from ``config_dict`` on meta, quantize it as configured and stream
     ``plan``'s tensors of ``source`` (a ``_Source`` or anything with its ``path``, ``entries``
-    and ``read``) into it: the quantizer lifecycle of ``from_pretrained`` over a single file."""
-    from .modeling import parse_device_map
-
+    and ``read``) into it: the quantizer lifecycle (``ModelMixin._load_quantized``) over a
+    single file."""
     quantizer = _make_quantizer(quantization_config, source)
-    if quantizer is not None:
-        quantizer.validate_environment(torch_dtype=torch_dtype, device_map=device_map)
-        torch_dtype = quantizer.update_torch_dtype(torch_dtype)
-    device = parse_device_map(device_map)
     model = cls._build_on_meta(config_dict, source.path)
-    if quantizer is not None:
-        quantizer.preprocess_model(model, keep_in_fp32_modules=cls._keep_in_fp32_modules)
-    keep = (lambda key: quantizer.check_if_quantized_param(model, key)) if quantizer else \
-        (lambda key: False)
-    model._assign_from(_PlannedCheckpoint(source, plan, keep), torch_dtype, device, quantizer)
-    if quantizer is not None:
-        quantizer.postprocess_model(model)
-        model.hf_quantizer = quantizer
-        model.register_to_config(quantization_config=quantizer.quantization_config,
-                                 _pre_quantization_dtype=torch_dtype)
+
+    def planned(model):  # planned once the quantized layers say which tensors stay blocks
+        keep = (lambda key: quantizer.check_if_quantized_param(model, key)) if quantizer \
+            else (lambda key: False)
+        return _PlannedCheckpoint(source, plan, keep)
+
+    model._load_quantized(planned, quantizer, torch_dtype, device_map)
     model.register_to_config(_name_or_path=str(source.path))
     return model.eval()
 

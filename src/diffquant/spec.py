@@ -8,46 +8,18 @@ A SPEC names a backend, one of its schemes and the pipeline components it applie
     QuantSpec(text='bnb:nf4@transformer,text_encoder_2', backend='bitsandbytes', scheme='nf4', components=('transformer', 'text_encoder_2'))
 
 Components that are transformers models (the text encoders) get the transformers config class
-of the same backend, because transformers loads them.
+of the same backend, because transformers loads them. Each backend's config class lists its
+schemes (``cli_schemes``: name -> constructor kwargs); nothing here names a backend's schemes.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
 DEFAULT_COMPONENTS = ("transformer",)
 ALIASES = {"bnb": "bitsandbytes"}
-
-# bitsandbytes has no single scheme field, so its CLI names map to constructor kwargs here.
-_BNB_SCHEMES = {
-    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
-    "int8": {"load_in_8bit": True},
-}
-_BNB_ALIASES = {"8bit": "int8", "llm.int8": "int8", "4bit": "nf4"}
-# ModelOpt's block formats need block sizes that NVIDIAModelOptConfig (as diffusers') leaves to
-# the caller; a SPEC cannot carry them, so these are the usual ones. INT8 per output channel, as
-# ModelOpt's INT8 default (the config alone gives one scale per tensor); INT4 in blocks of 128 as
-# its INT4_BLOCKWISE_WEIGHT_ONLY_CFG; NF4 in blocks of 64 with its scales quantized in blocks of
-# 256, bitsandbytes' sizes; NVFP4 in its blocks of 16 (the scale block does not change its
-# weights: their second scale is per tensor).
-_MODELOPT_BLOCKS = {
-    "int8": {"channel_quantize": 0},
-    "int4": {"channel_quantize": -1, "block_quantize": 128},
-    "nf4": {"channel_quantize": -1, "block_quantize": 64, "scale_channel_quantize": -1,
-            "scale_block_quantize": 256},
-    "nvfp4": {"channel_quantize": -1, "block_quantize": 16, "scale_channel_quantize": -1,
-              "scale_block_quantize": 16},
-}
-# The other backends take the scheme as one field; each backend file declares the values it
-# runs under this module-level name (names, a dict keyed by name, or enum members).
-_DECLARED = {"torchao": "SCHEMES", "gguf": "QUANTIZABLE_TYPES", "modelopt": "QUANT_TYPE_BITS",
-             "quanto": "WEIGHTS_DTYPES"}
 
 
 @dataclass(frozen=True)
@@ -77,13 +49,8 @@ def config_class(backend: str):
 
 
 def backend_schemes(backend: str) -> list[str]:
-    """The CLI scheme names of ``backend``, as its backend file declares them."""
-    if backend == "bitsandbytes":
-        return list(_BNB_SCHEMES)
-    declared = getattr(sys.modules.get(config_class(backend).__module__), _DECLARED.get(backend, ""), ())
-    names = [str(s if isinstance(s, str) else getattr(s, "name", s)).lower() for s in declared]
-    # torchao also accepts diffusers' long aliases ("int8_weight_only"); list the short names.
-    return [n for n in dict.fromkeys(names) if "_only" not in n and "_activation" not in n]
+    """The CLI scheme names of ``backend``, as its config class lists them."""
+    return list(config_class(backend).cli_schemes())
 
 
 def grammar_help() -> str:
@@ -109,8 +76,7 @@ def parse_spec(text: str) -> QuantSpec:
         raise _bad(text, "missing BACKEND or SCHEME")
     if backend not in available_backends():
         raise _bad(text, f"unknown backend {backend!r}")
-    if backend == "bitsandbytes":
-        scheme = _BNB_ALIASES.get(scheme, scheme)
+    scheme = config_class(backend).cli_aliases.get(scheme, scheme)
     schemes = backend_schemes(backend)
     if scheme not in schemes:
         raise _bad(text, f"unknown {backend} scheme {scheme!r}")
@@ -122,15 +88,7 @@ def parse_spec(text: str) -> QuantSpec:
 
 def _kwargs(spec: QuantSpec) -> dict:
     """Constructor kwargs of diffquant's config class for ``spec``."""
-    if spec.backend == "bitsandbytes":
-        return dict(_BNB_SCHEMES[spec.scheme])
-    if spec.backend == "quanto":
-        return {"weights_dtype": spec.scheme}
-    if spec.backend == "modelopt":  # its type names are upper case: INT8
-        return {"quant_type": spec.scheme.upper(), **_MODELOPT_BLOCKS.get(spec.scheme, {})}
-    if spec.backend == "gguf":  # Q4_0
-        return {"quant_type": spec.scheme.upper()}
-    return {"quant_type": spec.scheme}
+    return dict(config_class(spec.backend).cli_schemes()[spec.scheme])
 
 
 def diffquant_config(spec: QuantSpec):
@@ -144,23 +102,19 @@ def diffquant_config(spec: QuantSpec):
             from err
 
 
-# transformers' GgufConfig only reads .gguf files; it cannot quantize a model while loading it.
-_NOT_IN_TRANSFORMERS = {"gguf", "modelopt"}
-
-
 def transformers_config(spec: QuantSpec, component: str):
     """transformers' config object for ``spec`` on a transformers model (a text encoder), built
     from the same kwargs in transformers' names (the backend's ``transformers_kwargs``)."""
+    from .quantizers.auto import registry_key
     from .quantizers.pipeline_config import transformers_config_mapping
 
-    key = spec.backend
-    if spec.backend == "bitsandbytes":
-        key = "bitsandbytes_8bit" if spec.scheme == "int8" else "bitsandbytes_4bit"
-    cls = None if spec.backend in _NOT_IN_TRANSFORMERS else transformers_config_mapping().get(key)
+    ours = config_class(spec.backend)
+    cls = transformers_config_mapping().get(registry_key(diffquant_config(spec))) \
+        if ours.in_transformers else None
     why = "transformers has no backend that quantizes it this way"
     if cls is not None:
         try:
-            return cls(**config_class(spec.backend).transformers_kwargs(_kwargs(spec)))
+            return cls(**ours.transformers_kwargs(_kwargs(spec)))
         except (TypeError, ValueError, KeyError, ImportError) as err:
             why = f"transformers' {cls.__name__} refused it ({err})"
     raise ConfigError(f"--quantize {spec.text!r}: component {component!r} is a transformers model and "

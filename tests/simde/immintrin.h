@@ -1,5 +1,5 @@
 /* The tests' stand-in for <immintrin.h>: SIMDe's portable versions of the x86 intrinsics, so the
-   AVX-512 paths of ops/csrc build and run on a CPU without AVX-512 (tests/native_targets.py
+   AVX-512 paths of ops/native/csrc build and run on a CPU without AVX-512 (tests/native_targets.py
    builds them with -D__AVX512F__ ... -I tests/simde). Arithmetic is IEEE lane by lane, as the
    hardware's; what SIMDe lacks (or does not fuse) is written here. Never used by the library. */
 #ifndef DIFFQUANT_SIMDE_SHIM_H

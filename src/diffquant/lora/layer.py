@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.fast_linear import float32_product
+from ..ops.cpu.dispatch import float32_product
 
 
 @dataclass
@@ -94,7 +94,7 @@ def add_products(out: torch.Tensor, x: torch.Tensor, run) -> torch.Tensor:
     out [..., out_features], x [..., in_features]; ``out`` itself is never written.
 
     Where torch has no bf16 (fp16) matmul kernel for this CPU, the products are computed in
-    float32 (fast_linear's rule for the quantized layers' products too; torch's generic bf16
+    float32 (ops/cpu/dispatch.py's rule for the quantized layers' products too; torch's generic bf16
     loop took 30x the float32 route for a rank-64 product here), summed in one float32 tensor
     and added to ``out`` with one rounding; otherwise they accumulate onto ``out`` in its dtype.
     """

@@ -10,9 +10,11 @@ from .auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, Dif
 from .base import DiffusersQuantizer, QuantizedLinear
 from .config import QuantizationConfigMixin, QuantizationMethod
 
+from ..backends import BACKENDS
+
 # Each backend registers itself on import. A module that does not exist yet is skipped, so the
 # registry always lists exactly the backends present in this install.
-BACKEND_MODULES = ("torchao", "bitsandbytes", "quanto", "gguf", "modelopt")
+BACKEND_MODULES = tuple(BACKENDS)
 for _name in BACKEND_MODULES:
     try:
         importlib.import_module(f".{_name}", __name__)

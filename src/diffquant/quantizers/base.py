@@ -1,8 +1,9 @@
 """DiffusersQuantizer: the lifecycle contract every backend implements, kept small.
 
-from_pretrained calls, in order: validate_environment, update_torch_dtype, update_device_map,
-preprocess_model (swap nn.Linear for the backend's layer, on meta), then for each checkpoint
-tensor check_if_quantized_param / create_quantized_param, then postprocess_model.
+Every loader (``ModelMixin.from_pretrained``, ``from_single_file``) runs it through
+``ModelMixin._load_quantized``: validate_environment, update_torch_dtype, preprocess_model (swap
+nn.Linear for the backend's layer, on meta), then for each checkpoint tensor
+check_if_quantized_param / create_quantized_param, then postprocess_model.
 
 Most backends only write a layer class (a ``QuantizedLinear`` with plain tensor buffers, so
 its state dict is its on-disk format) and ``make_layer``; the defaults do the rest.
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, QuantizationError
-from ..modeling import matches_any
+from ..module_names import matches_any
 
 
 class QuantizedLinear(nn.Module):
@@ -35,7 +36,7 @@ class QuantizedLinear(nn.Module):
     def load_piece(self, name: str, tensor: torch.Tensor, *, pre_quantized: bool, dtype, device):
         raise NotImplementedError
 
-    # -- the fast CPU path (ops/fast_linear.py): derived at first use, never in the state dict ----
+    # -- the fast CPU path (ops/cpu/, dispatch.py): derived at first use, never in the state dict
     _fast = None  # (stored tensors it derives from, their versions, the prepared weight)
 
     def fast_weight(self, build, *tensors: torch.Tensor):
@@ -129,7 +130,6 @@ def owner_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 class DiffusersQuantizer:
     """Base quantizer. ``pre_quantized`` says whether the checkpoint already holds quantized data."""
 
-    requires_calibration = False
     default_torch_dtype: torch.dtype | None = None  # diffusers' choice when none is given
     layer_types: tuple = (nn.Linear,)  # module types a backend converts
 
@@ -152,9 +152,6 @@ class DiffusersQuantizer:
                 self.quantization_config.quant_method.value, torch_dtype)
         self.torch_dtype = torch_dtype
         return torch_dtype
-
-    def update_device_map(self, device_map):
-        return device_map
 
     # -- model surgery ---------------------------------------------------------------------
     def preprocess_model(self, model: nn.Module, keep_in_fp32_modules=(), **kwargs) -> None:
@@ -221,14 +218,6 @@ class DiffusersQuantizer:
     @property
     def is_serializable(self) -> bool:
         return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
 
 
 def require(package: str, extra: str):

@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops import fast_formats as ff
-from ..ops import native
+from ..ops.cpu import int4 as f4
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
 from .bitsandbytes_state import check_statistics, quant_state_blob
@@ -135,6 +134,15 @@ class BitsAndBytesConfig(QuantizationConfigMixin):
             raise ConfigError("BitsAndBytesConfig: neither load_in_4bit nor load_in_8bit is True; "
                               "set one of them to choose 4-bit (NF4/FP4) or 8-bit (LLM.int8())")
         return "bitsandbytes_8bit" if self.load_in_8bit else "bitsandbytes_4bit"
+
+    cli_aliases = {"8bit": "int8", "llm.int8": "int8", "4bit": "nf4"}
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        """bitsandbytes has no single scheme field: its CLI names stand for these kwargs."""
+        return {**{t + dq: {"load_in_4bit": True, "bnb_4bit_quant_type": t,
+                            **({"bnb_4bit_use_double_quant": True} if dq else {})}
+                   for dq in ("", "-dq") for t in ("nf4", "fp4")}, "int8": {"load_in_8bit": True}}
 
     @classmethod
     def cpu_examples(cls) -> list["BitsAndBytesConfig"]:
@@ -264,14 +272,14 @@ class BnB4BitLinear(_PiecesLinear):
         inp_dtype = x.dtype
         cdt = self.bnb_compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cdt)
-        if cdt == torch.bfloat16 and self.use_fast_path(x) and native.available():
+        if cdt == torch.bfloat16 and self.use_fast_path(x) and f4.lut4_runs_here():
             return self._forward_c(x.to(cdt), bias).to(inp_dtype)
         out = _bnb().matmul_4bit(x.to(cdt), self.weight, quant_state=self.quant_state(), bias=bias)
         return out.to(inp_dtype)
 
     def _forward_c(self, x: torch.Tensor, bias) -> torch.Tensor:
         lut, absmax = self.fast_weight(self._lut4_tables, self.weight, self.weight_absmax)
-        return ff.linear_lut4(x, self.weight, lut, absmax, self._meta["blocksize"],
+        return f4.linear_lut4(x, self.weight, lut, absmax, self._meta["blocksize"],
                               (self.out_features, self.in_features), bias)
 
     def _lut4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,6 +139,17 @@ class QuantizationConfigMixin:
         """
         return dict(quant_kwargs)
 
+    # aliases of CLI scheme names ("4bit" -> "nf4"); whether transformers quantizes its own
+    # models (the text encoders) with this backend while loading them
+    cli_aliases: dict = {}
+    in_transformers = True
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        """The CLI's scheme names of this backend ("backend:scheme", spec.py) and the
+        constructor kwargs each stands for."""
+        return {}
+
     @classmethod
     def cpu_examples(cls) -> list["QuantizationConfigMixin"]:
         """Example configs of this backend that run on a CPU; the contract tests use every one."""

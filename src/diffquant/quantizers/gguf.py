@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops.fast_gguf import prepare_gguf_weight
-from ..ops.fast_linear import linear_weight_only
-from ..ops.gguf_dequant import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
+from ..ops.cpu.gguf import prepare_gguf_weight
+from ..ops.cpu.linear import linear
+from ..ops.formats.gguf import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
                                 ggml_type, logical_shape, quantizable_type, quantize)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of
@@ -97,6 +97,12 @@ class GGUFQuantizationConfig(QuantizationConfigMixin):
         if self.quant_type is None:
             return 0  # pre-quantized: each tensor of the file has its own type
         return {"Q8": 8, "Q6": 6, "Q5": 5, "Q4": 4, "F1": 16, "BF": 16, "F3": 32}[self.quant_type[:2]]
+
+    in_transformers = False  # transformers' GGUF config reads .gguf files; it does not quantize
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        return {t.name.lower(): {"quant_type": t.name} for t in QUANTIZABLE_TYPES}
 
     @classmethod
     def cpu_examples(cls) -> list["GGUFQuantizationConfig"]:
@@ -162,7 +168,7 @@ class GGUFLinear(QuantizedLinear):
         if self.use_fast_path(x):  # dequantize into a reused buffer; int4 kernel for few rows
             w = self.fast_weight(lambda: prepare_gguf_weight(self.weight, self.qtype, lazy=True),
                                  self.weight, self.weight_qtype)
-            return linear_weight_only(x.to(dtype), w, bias).to(x.dtype)
+            return linear(x.to(dtype), w, bias).to(x.dtype)
         weight = self.dequantized_weight()                                # [out, in]
         return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
@@ -177,7 +183,7 @@ class GGUFEmbedding(nn.Module):
 
     Example:
         >>> import torch
-        >>> from diffquant.ops.gguf_dequant import quantize
+        >>> from diffquant.ops.formats.gguf import quantize
         >>> emb = GGUFEmbedding(4, 64, compute_dtype=torch.float32)
         >>> emb.load_blocks(quantize(torch.randn(4, 64), "Q8_0"), "Q8_0")
         >>> emb(torch.tensor([[0, 3]])).shape
@@ -266,10 +272,6 @@ class GGUFQuantizer(DiffusersQuantizer):
 
     @property
     def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_compileable(self) -> bool:
         return True
 
 

@@ -4,7 +4,7 @@ Weight-only FP8, INT8, INT4, NF4 and NVFP4, stored exactly as modelopt's ``mtq.c
 leaves a linear layer: ``<layer>.weight`` (packed data) and ``<layer>.weight_quantizer._amax`` /
 ``._scale`` / ``._double_scale`` / ``._scale_zeros``. Quantizing uses modelopt's own
 TensorQuantizer (bit-identical to ``mtq.quantize`` + ``mtq.compress``); dequantizing is plain torch
-(``ops/modelopt_math.py``), so a saved checkpoint runs anywhere, without modelopt's kernels.
+(``ops/formats/modelopt.py``), so a saved checkpoint runs anywhere, without modelopt's kernels.
 
 Which layers are quantized, and how, is read from ``modelopt_config["quant_cfg"]`` the way
 modelopt reads it (patterns over ``<layer>.weight_quantizer``), so modelopt's default exclusions
@@ -18,6 +18,8 @@ Example:
     ...                                 torch_dtype=torch.bfloat16)
 """
 
+# Over 400 lines: one backend, one file (its config, which reads and writes ModelOpt's own
+# quant_cfg, its layer and its quantizer), as every backend is; the CLI schemes added the last few.
 from __future__ import annotations
 
 import copy
@@ -29,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
-from ..ops import fast_formats as ff
-from ..ops import fast_linear as fl
-from ..ops import modelopt_math as mm
-from ..ops.modelopt_math import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
+from ..ops.cpu import int8 as ci8
+from ..ops.cpu import linear as fl
+from ..ops.cpu.dispatch import ROUTES
+from ..ops.formats import modelopt as mm
+from ..ops.formats.modelopt import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
 from .config import QuantizationConfigMixin, QuantizationMethod, check_field
@@ -210,6 +213,13 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
             data["algorithm"] = calib.get("method", "max")
         return super().from_dict(data, return_unused_kwargs=return_unused_kwargs)
 
+    in_transformers = False  # transformers loads modelopt checkpoints; it does not quantize
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        """Each type, with ModelOpt's usual block sizes (a CLI scheme cannot carry any)."""
+        return {n.lower(): {"quant_type": n, **mm.USUAL_BLOCKS.get(n, {})} for n in QUANT_TYPE_BITS}
+
     @classmethod
     def cpu_examples(cls) -> list["NVIDIAModelOptConfig"]:
         """One config per scheme that quantizes, runs, saves and reloads on a CPU."""
@@ -273,7 +283,7 @@ def resolve_quantizer(quant_cfg, quantizer_name: str, module: nn.Module) -> dict
 # -- the layer ---------------------------------------------------------------------------------
 def modelopt_compress(weight: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, dict]:
     """(packed weight, weight_quantizer buffers) exactly as ``mtq.quantize`` + ``mtq.compress``
-    (``ops.modelopt_math.compress``), or an error saying how to install modelopt."""
+    (``ops/formats/modelopt.compress``), or an error saying how to install modelopt."""
     require("modelopt.torch.quantization", "modelopt")
     return mm.compress(weight, attrs)
 
@@ -343,15 +353,15 @@ class ModelOptLinear(QuantizedLinear):
                 or scale.numel() not in (1, self.out_features) or self.weight.dim() != 2:
             return None
         dtype = self.compute_dtype or torch.float32
-        return self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, scale.to(dtype), small_rows=0),
-                                self.weight, scale)
+        return self.fast_weight(lambda: ci8.prepare_row_scaled(
+            self.weight, scale.to(dtype), ROUTES[f"modelopt {self.scheme}"]), self.weight, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out); the weight is dequantized per call (modelopt's CPU fallback)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         w = self._fast_prepared() if self.use_fast_path(x) else None
         if w is not None:
-            return fl.linear_weight_only(x, w, bias)
+            return fl.linear(x, w, bias)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:

@@ -9,8 +9,8 @@ buffers named as quanto serializes them, so diffusers' quanto checkpoints load h
 - always ``input_scale`` and ``output_scale`` (scalars of ones: weight-only quantization).
 
 Quantization is quanto's (its optimizers and ``quantize_weight``, repeated op for op in
-``ops.quanto_math`` so that loading needs no import of optimum-quanto), so the bytes match what
-diffusers writes. Forward for int8/float8 is quanto's ``qbytes_mm`` op (its CPU int8 kernel
+``ops/formats/quanto.py`` so that loading needs no import of optimum-quanto), so the bytes match
+what diffusers writes. Forward for int8/float8 is quanto's ``qbytes_mm`` op (its CPU int8 kernel
 crashes on memory that is not 16-byte aligned, so operands are realigned first); int4/int2
 dequantize in plain torch and matmul, which also works under ``torch.inference_mode()`` where
 quanto's own int4 CPU layer fails.
@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from ..ops import fast_formats as ff
-from ..ops import fast_linear as fl
-from ..ops import quanto_math as qm
+from ..ops.cpu import int4 as f4
+from ..ops.cpu import int8 as ci8
+from ..ops.cpu import linear as fl
+from ..ops.cpu import quantize as cq
+from ..ops.cpu.dispatch import ROUTES
+from ..ops.formats import quanto as qm
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require, require_installed
 from .config import QuantizationConfigMixin, QuantizationMethod
@@ -75,6 +78,10 @@ class QuantoConfig(QuantizationConfigMixin):
         return out
 
     @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        return {w: {"weights_dtype": w} for w in WEIGHTS_DTYPES}
+
+    @classmethod
     def cpu_examples(cls) -> list["QuantoConfig"]:
         return [cls(w) for w in WEIGHTS_DTYPES]
 
@@ -93,15 +100,16 @@ def group_size_for(weights_dtype: str, in_features: int) -> int | None:
 
 def quantize(w: torch.Tensor, weights_dtype: str, group_size: int | None) -> dict[str, torch.Tensor]:
     """``w`` [out, in] -> quanto's serialized pieces, as QLinear freezes (absmax scales for 8
-    bits, min/max scale and shift for 4/2 bits): ``ops.quanto_math``'s copy of its ops (the same
-    bits, without importing optimum-quanto: ~5 s), quanto itself for a single row."""
+    bits, min/max scale and shift for 4/2 bits): ``ops/formats/quanto.py``'s copy of its ops
+    (the same bits, without importing optimum-quanto: ~5 s; in one C pass for bf16 rows,
+    ``ops/cpu/quantize.py``), quanto itself for a single row."""
     bits = _BITS[weights_dtype]
     if not qm.supported(w, None if bits == 8 else group_size):
         return quantize_with_quanto(w, weights_dtype, group_size)
     if bits == 8:
-        data, scale = qm.quantize_symmetric(w, _CODE_DTYPES[weights_dtype])
+        data, scale = cq.quantize_symmetric(w, _CODE_DTYPES[weights_dtype])
         return {"weight._data": data, "weight._scale": scale}
-    packed, scale, shift = qm.quantize_affine(w, bits, group_size)
+    packed, scale, shift = cq.quantize_affine(w, bits, group_size)
     return {"weight._data._data": packed, "weight._scale": scale, "weight._shift": shift}
 
 
@@ -124,19 +132,6 @@ def quantize_with_quanto(w: torch.Tensor, weights_dtype: str,
         return {"weight._data": qt._data, "weight._scale": qt._scale}
     return {"weight._data._data": qt._data._data, "weight._scale": qt._scale,
             "weight._shift": qt._shift}
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """quanto's packing, undone: value k of byte i is row i + k*len(packed), bits k*bits up."""
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * k)) & mask for k in range(8 // bits)]
-    return torch.cat(parts)[:rows]  # [rows, cols] uint8 codes
-
-
-def dequantize_bits(packed, scale, shift, bits: int, shape) -> torch.Tensor:
-    """[groups, 1] scale/shift over the unpacked [groups, group_size] codes -> weight ``shape``."""
-    codes = unpack_bits(packed, bits, scale.shape[0])
-    return (scale * codes - shift).reshape(shape)  # same op order as quanto: bit-identical
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -212,13 +207,14 @@ class QuantoLinear(PiecesLinear):
         shape = (self.out_features, self.in_features)
         if self.bits == 8:
             return self.weight_scale * self.weight_data.to(self.weight_scale.dtype)  # [out, in]
-        return dequantize_bits(self.weight_data, self.weight_scale, self.weight_shift, self.bits,
+        return qm.dequantize_bits(self.weight_data, self.weight_scale, self.weight_shift, self.bits,
                                shape)
 
     def _prepare(self):
         if self.bits == 8:  # weight_scale [out, 1] * weight_data, or quanto's own int8pack kernel
-            return ff.prepare_row_scaled(self.weight_data, self.weight_scale)
-        return ff.prepare_quanto_bits(self.weight_data, self.weight_scale, self.weight_shift,
+            return ci8.prepare_row_scaled(self.weight_data, self.weight_scale,
+                                          ROUTES[f"quanto {self.weights_dtype}"])
+        return f4.prepare_quanto_bits(self.weight_data, self.weight_scale, self.weight_shift,
                                       self.bits, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,13 +222,8 @@ class QuantoLinear(PiecesLinear):
         if self.use_fast_path(x):  # same math in reused buffers; packed kernels for few rows
             w = self.fast_weight(self._prepare, self.weight_data, self.weight_scale,
                                  *(() if self.bits == 8 else (self.weight_shift,)))
-            if w.one_row is not None and x.numel() == self.in_features:  # the bias in the call
-                out = w.one_row(x.reshape(1, -1), self.bias)
-                if out is not None:
-                    return out.reshape(*x.shape[:-1], self.out_features)
-            out = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
-            return out if self.bias is None else out.add_(self.bias)
-        elif self.bits != 8:
+            return fl.linear(x, w, self.bias)  # the bias added after the product, as below
+        if self.bits != 8:
             out = F.linear(x, self.dequantized_weight())
         else:
             _quanto()  # registers torch.ops.quanto

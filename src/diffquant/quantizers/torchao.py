@@ -2,7 +2,7 @@
 layers are in ``torchao_layers``.
 
 The layers hold plain tensors (``weight`` int8/uint8/float8, ``weight_scale``, ``weight_zero``)
-and reproduce torchao's numerics with ``diffquant.ops.int_quant``, so running a model needs no
+and reproduce torchao's numerics with ``diffquant.ops.formats.torchao``, so running a model needs no
 torchao. torchao is needed for ``AOBaseConfig`` objects, for a config's JSON and for the files,
 which ``torchao_format`` converts at the file boundary:
 
@@ -224,6 +224,12 @@ class TorchAoConfig(QuantizationConfigMixin):
             _require_torchao_int4_kernels()
         return {"quant_type": _torchao_config(kind, params),
                 "modules_to_not_convert": ours.modules_to_not_convert}
+
+    @classmethod
+    def cli_schemes(cls) -> dict[str, dict]:
+        """The short names (diffusers' long aliases, "int8_weight_only", are not listed)."""
+        return {n: {"quant_type": n} for n in SCHEMES
+                if "_only" not in n and "_activation" not in n}
 
     @classmethod
     def cpu_examples(cls) -> list["TorchAoConfig"]:

@@ -1,6 +1,6 @@
 """The torchao backend's layers (``torchao.py`` holds its config and quantizer): plain buffers
 (``weight`` int8 / packed uint4 / float8, ``weight_scale``, ``weight_zero``) that reproduce
-torchao's numerics with ``diffquant.ops.int_quant``, and take the fast CPU paths of
+torchao's numerics with ``diffquant.ops.formats.torchao``, and take the fast CPU paths of
 ``diffquant.ops`` where those give the same numbers."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from ..ops import fast_formats as ff
-from ..ops import fast_int4 as f4
-from ..ops import fast_int8 as fi
-from ..ops import fast_linear as fl
-from ..ops import int_quant as iq
+from ..ops.cpu import int8 as ci8
+from ..ops.cpu import int4 as f4
+from ..ops.cpu import int8_dynamic as fi
+from ..ops.cpu import linear as fl
+from ..ops.cpu import quantize as cq
+from ..ops.cpu.dispatch import ROUTES
+from ..ops.formats import torchao as iq
 from .base import QuantizedLinear
 
 
@@ -30,7 +32,7 @@ class TorchAoLinear(QuantizedLinear):
                 "weight_scale": ((self.out_features, 1), torch.float32)}
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = iq.int8_quantize_per_channel(w)
+        q, scale = cq.int8_quantize_per_channel(w)
         return {"weight": q, "weight_scale": scale}
 
     def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
@@ -57,9 +59,9 @@ class TorchAoLinear(QuantizedLinear):
 
     def forward(self, x):
         if self.use_fast_path(x):  # same numbers (bf16 rounding for few rows), less time
-            w = self.fast_weight(lambda: fl.prepare_int8_weight(self.weight, self.weight_scale),
+            w = self.fast_weight(lambda: ci8.prepare_int8_weight(self.weight, self.weight_scale),
                                  self.weight, self.weight_scale)
-            return fl.linear_weight_only(x, w, self.bias)
+            return fl.linear(x, w, self.bias)
         return iq.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 
@@ -88,7 +90,7 @@ class Int4WeightOnlyLinear(TorchAoLinear):
                 "weight_zero": ((n, k // g), dtype)}
 
     def quantize(self, w):
-        packed, scale, zero = iq.int4_quantize_groupwise(w, self.params["group_size"])
+        packed, scale, zero = cq.int4_quantize_groupwise(w, self.params["group_size"])
         return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
 
     def load_piece(self, name, tensor, *, pre_quantized, dtype, device):
@@ -105,8 +107,7 @@ class Int4WeightOnlyLinear(TorchAoLinear):
             w = self.fast_weight(lambda: f4.prepare_int4_weight(
                 self.weight, self.weight_scale, self.weight_zero, lazy=True),
                 self.weight, self.weight_scale, self.weight_zero)
-            y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
-            return y.add_(self.bias) if self.bias is not None else y
+            return fl.linear(x, w, self.bias)  # the bias added after the product, as below
         y = torch.matmul(x, self.dequantized_weight().to(x.dtype).t())
         return y + self.bias if self.bias is not None else y
 
@@ -127,10 +128,10 @@ class Float8WeightOnlyLinear(TorchAoLinear):
 
     def forward(self, x):
         if self.use_fast_path(x):  # the float32 dequantization, into a reused buffer
-            w = self.fast_weight(lambda: ff.prepare_row_scaled(self.weight, self.weight_scale),
-                                 self.weight, self.weight_scale)
-            y = fl.linear_weight_only(x, w)  # a fresh tensor: the bias goes in in place
-            return y.add_(self.bias) if self.bias is not None else y
+            w = self.fast_weight(lambda: ci8.prepare_row_scaled(
+                self.weight, self.weight_scale, ROUTES["torchao float8wo"]),
+                self.weight, self.weight_scale)
+            return fl.linear(x, w, self.bias)  # the bias added after the product
         return iq.float8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
 
 

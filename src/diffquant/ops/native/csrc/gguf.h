@@ -1,0 +1,110 @@
+/* GGUF (ggml) blocks for the C kernels of gguf_decode.c and gguf_gemv.c: the type ids, the
+   half-float scales, and each type's block decoded to float32 values, ggml's dequantize_row_*
+   op for op (the reference's, ops/formats/gguf.py, in float32: products of a half-float scale
+   and a small integer code are exact, so the one rounding of Q4_1/Q4_K, the add of the min, is
+   the reference's). Built with -ffp-contract=off so no multiply-add fuses across a rounding. */
+#ifndef DIFFQUANT_GGUF_H
+#define DIFFQUANT_GGUF_H
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "kernels.h"
+
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };  /* the GGML ids decoded here */
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f; /* subnormal (or zero): m * 2^-24, exact */
+        return sign ? -f : f;
+    }
+    bits = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* -- one block -> float32 values y[elems] ------------------------------------------------- */
+static inline void block_q8_0(const uint8_t *restrict b, float *restrict y) {
+    float d = half_to_float(b);
+    const int8_t *q = (const int8_t *)(b + 2);
+    for (int i = 0; i < 32; i++) y[i] = d * (float)q[i];
+}
+
+static inline void block_q4_0(const uint8_t *restrict b, float *restrict y) {
+    float d = half_to_float(b);
+    const uint8_t *q = b + 2;                /* element i: low nibble of q[i]; i + 16: high */
+    for (int i = 0; i < 16; i++) y[i] = d * ((float)(q[i] & 0x0f) - 8.0f);
+    for (int i = 0; i < 16; i++) y[i + 16] = d * ((float)(q[i] >> 4) - 8.0f);
+}
+
+static inline void block_q4_1(const uint8_t *restrict b, float *restrict y) {
+    float d = half_to_float(b), m = half_to_float(b + 2);
+    const uint8_t *q = b + 4;
+    for (int i = 0; i < 16; i++) y[i] = d * (float)(q[i] & 0x0f) + m;
+    for (int i = 0; i < 16; i++) y[i + 16] = d * (float)(q[i] >> 4) + m;
+}
+
+/* Q4_K: eight 6-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4) */
+static void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static inline void block_q4_k(const uint8_t *restrict b, float *restrict y) {
+    float d = half_to_float(b), dmin = half_to_float(b + 2);
+    const uint8_t *q = b + 16;
+    for (int j = 0; j < 4; j++, q += 32, y += 64) {  /* 32 bytes: sub-blocks 2j (low), 2j+1 */
+        int s0, m0, s1, m1;
+        scale_min_k4(2 * j, b + 4, &s0, &m0);
+        scale_min_k4(2 * j + 1, b + 4, &s1, &m1);
+        float d0 = d * (float)s0, n0 = dmin * (float)m0, d1 = d * (float)s1, n1 = dmin * (float)m1;
+        for (int l = 0; l < 32; l++) {
+            y[l] = d0 * (float)(q[l] & 0x0f) - n0;
+            y[l + 32] = d1 * (float)(q[l] >> 4) - n1;
+        }
+    }
+}
+
+/* not inlined: inlined into the row loop it no longer vectorises (3x slower) */
+static __attribute__((noinline)) void block_q6_k(const uint8_t *restrict b, float *restrict y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = half_to_float(b + 208), dl[16];
+    for (int i = 0; i < 16; i++) dl[i] = d * (float)sc[i];
+    for (int h = 0; h < 2; h++, ql += 64, qh += 32, y += 128) {  /* ggml's dequantize_row_q6_K */
+        const float *s = dl + 8 * h;
+        for (int l = 0; l < 32; l++) {
+            int i = l / 16;
+            y[l] = s[i] * (float)((int)((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) - 32);
+            y[l + 32] = s[i + 2] * (float)((int)((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = s[i + 4] * (float)((int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = s[i + 6] * (float)((int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+}
+
+/* The vector forms: AVX-512 (with F16C for the scales), else AVX2 (HAVE_AVX2_ROWS: no AVX-512) */
+#if defined(__AVX512F__) && defined(__F16C__)
+#define HAVE_GGUF_AVX512 1
+static inline __m512 half_broadcast(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _mm512_set1_ps(_cvtsh_ss(h));
+}
+#elif defined(HAVE_AVX2_ROWS) && defined(__F16C__)
+#define HAVE_GGUF_AVX2 1
+static inline __m256 half_broadcast8(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _mm256_set1_ps(_cvtsh_ss(h));
+}
+#endif
+#endif
