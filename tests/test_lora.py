@@ -214,6 +214,14 @@ def test_bad_adapters_name_the_file_key_and_layer(tiny, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="diffquant.lora.pipeline"):
         pipe.load_lora_weights(kohya, adapter_name="k")
     assert "LoRA state dict: 2 LoRA keys ignored" in caplog.text and "lora_te2_encoder" in caplog.text
+    clip_key = "lora_te1_text_model_encoder_layers_99_self_attn_q_proj"
+    wrong = {**kohya, f"{clip_key}.lora_down.weight": torch.ones(2, 32),
+             f"{clip_key}.lora_up.weight": torch.ones(32, 2)}
+    with pytest.raises(ValueError, match=rf"LoRA state dict: LoRA key '{clip_key}\.lora_down\.weight'"
+                                         r" targets layer 'encoder\.layers\.99\.self_attn\.q_proj', "
+                                         r"but CLIPTextModel has no such layer"):
+        pipe.load_lora_weights(wrong, adapter_name="w")
+    assert pipe.get_list_adapters() == {"transformer": ["k"]}
     with pytest.raises(ValueError, match="adapter name 'k' is already in use"):
         pipe.load_lora_weights(kohya, adapter_name="k")
     with pytest.raises(ValueError, match=r"set_adapters: \['x'\] not loaded"):

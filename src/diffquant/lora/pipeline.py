@@ -99,7 +99,7 @@ class FluxLoraLoaderMixin:
             parts.setdefault(comp, {})[module] = w
         name = adapter_name or f"default_{len(transformer.list_adapters())}"
         clip = parts.pop(self.text_encoder_name, None) or {}
-        usable = te.resolve(self._clip(), clip) if te.peft_installed() else {}
+        usable = te.resolve(self._clip(), clip, where) if te.peft_installed() else {}
         if clip and not usable:
             ignored += sorted({w.source for w in clip.values()})
         clip = usable

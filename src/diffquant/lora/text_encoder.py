@@ -33,22 +33,27 @@ def _tuner_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def resolve(model: nn.Module | None, weights: dict[str, LoraWeight]) -> dict[str, LoraWeight]:
+def resolve(model: nn.Module | None, weights: dict[str, LoraWeight],
+            where: str = "LoRA") -> dict[str, LoraWeight]:
     """``weights`` under ``model``'s own module names, or {} unless every target is an
     ``nn.Linear`` of it (an unquantized CLIP encoder; the caller warns that the keys were
-    ignored). Files name CLIP's layers ``text_model.encoder...``; transformers 5's
+    ignored). A target ``model`` does not have at all is an error naming the file, key and
+    layer. Files name CLIP's layers ``text_model.encoder...``; transformers 5's
     ``CLIPTextModel`` has no ``text_model`` level any more."""
     if model is None:
         return {}
     modules = dict(model.named_modules())
-    out = {}
+    out, linear = {}, True
     for name, w in weights.items():
         if name not in modules and name.startswith("text_model."):
             name = name[len("text_model."):]
-        if not isinstance(_base(modules.get(name)), nn.Linear):
-            return {}
+        if name not in modules:
+            raise ConfigError(f"{where}: LoRA key {w.source!r} targets layer {name!r}, but "
+                              f"{type(model).__name__} has no such layer; is this LoRA for "
+                              "another model?")
+        linear = linear and isinstance(_base(modules[name]), nn.Linear)
         out[name] = w
-    return out
+    return out if linear else {}
 
 
 def _base(module):
