@@ -99,3 +99,25 @@ def test_lora_on_every_scheme(reference, text, caplog):
     q.disable_lora()
     effect = dq_lora - _run(q, inputs)
     assert _norm(effect - (q_lora - q_base)) <= 0.5 * _norm(with_lora - base), text
+
+
+@pytest.mark.parametrize("text", SCHEMES)
+def test_few_row_calls_keep_their_kernels(text):
+    """The branch is added after the layer's own forward: at one row (modulation, embedders)
+    and a few rows, the quantized layer runs the same C kernels and torch ops with an adapter
+    as without (the probe's record), the adapter's products only after them."""
+    from diffquant import cpu_paths
+    from diffquant.lora.layer import LoraFactors, LoraState, LoraTarget
+
+    model = cpu_paths._layer(text, 256, 512)
+    g = torch.Generator().manual_seed(0)
+    target = LoraTarget(LoraState(active=["a"], weights={"a": 1.0}))
+    target.adapters["a"] = LoraFactors(torch.randn(8, 512, generator=g).bfloat16(),
+                                       torch.randn(256, 8, generator=g).bfloat16(), None)
+    for rows in (1, 4):
+        cpu_paths._paths(model, rows, 512)  # first calls prepare (pack, decode scales) once
+        base = cpu_paths._paths(model, rows, 512)
+        target.attach(model[0])
+        with_lora = cpu_paths._paths(model, rows, 512)
+        target.detach()
+        assert with_lora.startswith(base) and with_lora != base, (text, rows, base, with_lora)
