@@ -252,7 +252,7 @@ def test_chroma_and_kontext_take_loras():
 @pytest.mark.parametrize("wide", [False, True], ids=["bf16-kernel", "float32-route"])
 def test_branch_sums_once_in_its_dtype(monkeypatch, wide):
     """bf16 activations: where the CPU has no bf16 matmul kernel (ops/cpu/dispatch.py's rule) the
-    adapters' products are summed in float32 and added to the output with one rounding, else
+    adapters' products are added to the output in float32, rounded once, else
     they accumulate onto it in bf16; either way close to the exact sum."""
     import torch.nn.functional as F
 
@@ -268,15 +268,20 @@ def test_branch_sums_once_in_its_dtype(monkeypatch, wide):
     dtype = torch.float32 if wide else torch.bfloat16
     h_a = F.linear(x.to(dtype), a.down.to(dtype)).reshape(10, 4) * 0.5
     h_b = F.linear(x[..., :16].to(dtype), b.down.to(dtype)).reshape(10, 2)
-    if wide:  # the products summed in float32, then added to out with one rounding
-        want = (out.reshape(10, 48).float() + torch.addmm(h_a @ a.up.float().t(), h_b,
-                                                           b.up.float().t())).bfloat16()
+    if wide:  # the products added to out in float32, then one rounding
+        want = torch.addmm(torch.addmm(out.reshape(10, 48).float(), h_a, a.up.float().t()), h_b,
+                           b.up.float().t()).bfloat16()
     else:     # accumulated onto out in bf16
         want = torch.addmm(torch.addmm(out.reshape(10, 48), h_a, a.up.t()), h_b, b.up.t())
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.view(2, 5, 48))
     exact = out.double() + 0.5 * x.double() @ a.down.double().T @ a.up.double().T \
         + x[..., :16].double() @ b.down.double().T @ b.up.double().T
     torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=0.1)
+    # adapters of one input width are stacked into one pair of products: the same sum
+    c = LoraFactors(torch.randn(3, 32, generator=g).bfloat16(), torch.randn(48, 3, generator=g).bfloat16(), None)
+    both = add_products(out, x, [(a, 0.5), (c, 2.0)]).double()
+    torch.testing.assert_close(both, out.double() + 0.5 * x.double() @ a.down.double().T @ a.up.double().T
+                               + 2.0 * x.double() @ c.down.double().T @ c.up.double().T, rtol=2e-2, atol=0.1)
 
 
 def test_cli_lora_flag(tiny, tmp_path):

@@ -93,29 +93,45 @@ def add_products(out: torch.Tensor, x: torch.Tensor, run) -> torch.Tensor:
     """``out + sum_i s_i * (x @ down_i.T) @ up_i.T`` for ``run`` = [(LoraFactors, s_i)];
     out [..., out_features], x [..., in_features]; ``out`` itself is never written.
 
-    Where torch has no bf16 (fp16) matmul kernel for this CPU, the products are computed in
-    float32 (ops/cpu/dispatch.py's rule for the quantized layers' products too; torch's generic bf16
-    loop took 30x the float32 route for a rank-64 product here), summed in one float32 tensor
-    and added to ``out`` with one rounding; otherwise they accumulate onto ``out`` in its dtype.
+    Adapters that read the same inputs are stacked (down [R, k], up [out, R], R the sum of their
+    ranks), so each group costs two products and one pass over the output, however many
+    adapters it holds. Where torch has no bf16 (fp16) matmul kernel for this CPU, the products
+    are computed in float32 (ops/cpu/dispatch.py's rule for the quantized layers' products too;
+    torch's generic bf16 loop took 30x the float32 route for a rank-64 product here) and added
+    to a float32 copy of ``out``, rounded once at the end (one conversion pass each way: a
+    mixed-dtype add took twice as long); otherwise they accumulate onto ``out`` in its dtype.
     """
     dtype = torch.float32 if float32_product(x) else x.dtype
     x = x.to(dtype)
     flat = out.reshape(-1, out.shape[-1])                                  # [N, out]
-    acc = None
-    for factors, scale in run:
-        down, up = factors.down.to(dtype), factors.up.to(dtype)           # [r, k], [out, r]
+    acc = flat.to(dtype) if dtype != out.dtype else None                   # [N, out] float32
+    for down, up, scale in _stacked(run, dtype):                           # [R, k], [out, R]
         xs = x if down.shape[1] == x.shape[-1] else x[..., :down.shape[1]]
-        h = F.linear(xs, down)                                             # [..., r]
-        h = h.reshape(-1, h.shape[-1]).mul_(scale)                         # [N, r]
-        if acc is not None:
-            acc.addmm_(h, up.t())
-        elif dtype == out.dtype:
+        h = F.linear(xs, down)                                             # [..., R]
+        h = h.reshape(-1, h.shape[-1]).mul_(scale)                         # [N, R]
+        if acc is None:
             acc = torch.addmm(flat, h, up.t())                             # out + first product
         else:
-            acc = h @ up.t()                                               # [N, out] float32
-    if acc.dtype != out.dtype:  # float32 sum of the products: added and rounded in one pass
-        acc = torch.add(flat, acc, out=torch.empty_like(flat))
-    return acc.view(out.shape)
+            acc.addmm_(h, up.t())
+    return (acc if acc.dtype == out.dtype else acc.to(out.dtype)).view(out.shape)
+
+
+def _stacked(run, dtype):
+    """(down [R, k], up [out, R], scale: a number or [R]) per input width k in ``run``, the
+    adapters in their order; one adapter is used as it is (no copy)."""
+    groups: dict[int, list] = {}
+    for factors, scale in run:
+        groups.setdefault(factors.down.shape[1], []).append((factors, scale))
+    for group in groups.values():
+        if len(group) == 1:
+            (factors, scale), = group
+            yield factors.down.to(dtype), factors.up.to(dtype), scale
+            continue
+        down = torch.cat([f.down.to(dtype) for f, _ in group])
+        up = torch.cat([f.up.to(dtype) for f, _ in group], dim=1)
+        scale = torch.cat([torch.full((f.down.shape[0],), s, dtype=dtype, device=down.device)
+                           for f, s in group])
+        yield down, up, scale
 
 
 class LoraLayers(_NotInStateDict):
