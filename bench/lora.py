@@ -45,6 +45,8 @@ def default_schemes() -> list[str]:
 
     slow = float32_product(torch.empty(1, dtype=torch.bfloat16))
     return ["float32" if s == "bf16" and slow else s for s in SCHEMES]
+
+
 COUNTS = (0, 1, 2, 4)
 RANK = 64
 
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
 
     print(f"Flux-width transformer: width {size.width}, {size.double} double + {size.single} "
           f"single blocks; {size.image_tokens[0]} image + {size.text_tokens} text tokens, batch 1, "
-          f"bf16 (quantized: their compute dtype); rank-{args.rank} adapters on every linear of the blocks; {THREADS} threads; "
+          f"bf16 (quantized: their compute dtype); rank-{args.rank} adapters on every linear of "
+          f"the blocks; {THREADS} threads; "
           f"best of {args.rounds} rounds; {platform.machine()}, torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.1f} (shared machine)\n")
     print("\n".join(table(results)))
