@@ -64,17 +64,18 @@ def test_batch_sigmas_and_true_cfg_match_diffusers(ours, ref_pipe):
 
 
 def test_call_takes_every_argument_diffusers_takes(ours, ref_pipe, ref_image, caplog):
-    """A diffusers call runs unchanged: the same parameter names; joint_attention_kwargs
-    ({"scale": 1.0} is LoRA's, a no-op without one) ignored with a warning and the same image as
-    diffusers', IP-Adapter inputs refused by name (no image encoder)."""
+    """A diffusers call runs unchanged: the same parameter names; joint_attention_kwargs'
+    "scale" (LoRA's, a no-op without one) taken, its other keys (attention processors')
+    ignored with a warning, the same image as diffusers'; IP-Adapter inputs refused by name
+    (no image encoder)."""
     import inspect
 
     theirs = inspect.signature(type(ref_pipe).__call__).parameters
     assert set(inspect.signature(FluxPipeline.__call__).parameters) == set(theirs)
     with caplog.at_level(logging.WARNING):
-        image = run(ours, joint_attention_kwargs={"scale": 1.0})
+        image = run(ours, joint_attention_kwargs={"scale": 1.0, "ip_adapter_masks": None})
     np.testing.assert_allclose(image, ref_image, atol=1e-4, rtol=0)
-    assert "joint_attention_kwargs ['scale'] are ignored" in caplog.text
+    assert "joint_attention_kwargs ['ip_adapter_masks'] are ignored" in caplog.text
     with pytest.raises(ValueError, match="FluxPipeline: ip_adapter_image given, but diffquant's "
                                          "FluxPipeline has no IP-Adapter"):
         run(ours, ip_adapter_image=np.zeros((8, 8, 3), np.uint8))

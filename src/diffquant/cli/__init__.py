@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from . import batch as batch_cli
-from . import commands, convert
+from . import commands, convert, lora
 from .commands import EXIT_RUNTIME, EXIT_USAGE, ChildError, UsageError
 
 
@@ -44,6 +44,7 @@ EPILOGS = {
   diffquant generate --model pipe/ --prompt "a cat" --quantize bnb:nf4@transformer,text_encoder_2
   diffquant generate --model pipe-int8/ --prompt "a cat"      # pre-quantized: no --quantize
   diffquant generate --model kontext/ --image cat.png --prompt "give the cat a hat"
+  diffquant generate --prompt "a cat" --quantize gguf:q8_0 --lora style.safetensors:0.8
   diffquant generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --frames 17 \
       --height 256 --width 256 --quantize gguf:q8_0 --out out/cat.webp   # any diffusers pipeline""",
     "quantize": """examples:
@@ -54,6 +55,7 @@ EPILOGS = {
     "compare": """examples:
   diffquant compare --prompt "a red circle" --quantize torchao:int8wo --quantize bnb:nf4
   diffquant compare --prompt "a blue square" --quantize gguf:q4_0 --out out/grid.png
+  diffquant compare --prompt "a cat" --quantize bnb:nf4 --lora style.safetensors   # each with the LoRA
   diffquant compare --model pipe/ --prompt "a cat" --quantize gguf:q4_0+quanto:int8@text_encoder_2
   diffquant compare --prompt "a cat" --quantize gguf:q4_0 --quantize gguf:q8_0 --ray  # Ray tasks""",
     "convert": convert.EPILOG,
@@ -78,6 +80,7 @@ def _common(parser, model_flag=True) -> None:
 
 def _run_options(parser) -> None:
     parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help=lora.HELP)
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the "

@@ -279,6 +279,9 @@ def cmd_generate(args) -> int:
     if why:
         raise UsageError(why)
     pipe, load_s = load_pipeline(args, args.quantize)
+    from .lora import apply_loras
+
+    apply_loras(pipe, args.lora)
     image, per_step = run_pipeline(pipe, args)
     video = isinstance(image, list)
     out = Path(args.out or ("out/video.webp" if video else "out/image.png"))
@@ -343,6 +346,7 @@ def _child_command(args, model: str, specs: list[str], image: Path, stats: Path)
         if getattr(args, key):
             flag = "--frames" if key == "num_frames" else f"--{key.replace('_', '-')}"
             cmd += [flag, str(getattr(args, key))]
+    cmd += [x for spec in args.lora or () for x in ("--lora", spec)]
     return cmd + [x for s in specs for x in ("--quantize", s)] + \
         (["--quiet"] if args.quiet else []) + (["--debug"] if args.debug else [])
 
@@ -357,6 +361,9 @@ def cmd_compare(args) -> int:
     from ..report import compare_table, image_grid
 
     check_image_file(args)
+    from .lora import check_loras
+
+    check_loras(args.lora)  # every variant, the unquantized one too, runs with the LoRAs
     model, index = _model_index(args.model)
     variants = [[]] + [v.split("+") for v in args.quantize]
     for specs in variants[1:]:

@@ -22,17 +22,15 @@ Example:
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import nn
 
 from ..configuration import ConfigMixin, register_to_config
+from ..lora.model import LoraModelMixin, apply_lora_scale
 from ..modeling import ModelMixin
 from .transformer_flux import (FluxSingleTransformerBlock, FluxTransformerBlock, MLPEmbedder,
                                Transformer2DModelOutput, joint_rope, modulate, timestep_embedding)
-
-logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
@@ -75,7 +73,7 @@ class ChromaApproximator(nn.Module):
         return self.out_proj(x)
 
 
-class ChromaTransformer2DModel(ModelMixin, ConfigMixin):
+class ChromaTransformer2DModel(LoraModelMixin, ModelMixin, ConfigMixin):
     """The Chroma transformer; config arguments and state-dict keys are diffusers'.
 
     Example:
@@ -135,6 +133,7 @@ class ChromaTransformer2DModel(ModelMixin, ConfigMixin):
         x = torch.cat([tg, index.repeat(batch, 1, 1)], dim=-1).to(timestep.dtype)   # [B, L, 4c]
         return self.distilled_guidance_layer(x)
 
+    @apply_lora_scale("joint_attention_kwargs")  # its "scale" scales the LoRAs for the call
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                 timestep: torch.Tensor = None, img_ids: torch.Tensor = None,
                 txt_ids: torch.Tensor = None, attention_mask: torch.Tensor | None = None,
@@ -146,9 +145,6 @@ class ChromaTransformer2DModel(ModelMixin, ConfigMixin):
         (its outer product reaches SDPA: bool keeps True, float is added, as in diffusers).
         Returns ``.sample`` [B, S, p*p*out_channels].
         """
-        if joint_attention_kwargs:
-            logger.warning("ChromaTransformer2DModel: joint_attention_kwargs %s are ignored (no "
-                           "attention processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
         hidden_states = self.x_embedder(hidden_states)                           # [B, S, dim]
         mods = self.modulations(timestep.to(hidden_states.dtype) * 1000)         # [B, L, dim]
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)     # [B, T, dim]

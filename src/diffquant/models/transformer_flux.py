@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import ConfigMixin, register_to_config
+from ..lora.model import LoraModelMixin, apply_lora_scale
 from ..modeling import ModelMixin
 from ..outputs import BaseOutput
 
@@ -291,7 +292,7 @@ class FluxSingleTransformerBlock(nn.Module):
 
 
 # -- the model -------------------------------------------------------------------------------
-class FluxTransformer2DModel(ModelMixin, ConfigMixin):
+class FluxTransformer2DModel(LoraModelMixin, ModelMixin, ConfigMixin):
     """The Flux transformer; config arguments and state-dict keys are diffusers'.
 
     Example:
@@ -338,6 +339,7 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         guidance = guidance.to(dtype) * 1000 if guidance is not None else None
         return self.time_text_embed(timestep, guidance, pooled_projections)
 
+    @apply_lora_scale("joint_attention_kwargs")  # its "scale" scales the LoRAs for the call
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                 pooled_projections: torch.Tensor = None, timestep: torch.Tensor = None,
                 img_ids: torch.Tensor = None, txt_ids: torch.Tensor = None,
@@ -349,9 +351,6 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         pooled_projections [B, pooled_projection_dim], timestep [B] in [0, 1], img_ids [S, 3],
         txt_ids [T, 3], guidance [B] or None. Returns ``.sample`` [B, S, p*p*out_channels].
         """
-        if joint_attention_kwargs:
-            logger.warning("FluxTransformer2DModel: joint_attention_kwargs %s are ignored (no "
-                           "attention processors or LoRA in diffquant)", sorted(joint_attention_kwargs))
         hidden_states = self.x_embedder(hidden_states)                      # [B, S, dim]
         temb = self._temb(timestep, guidance, pooled_projections, hidden_states.dtype)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # [B, T, dim]

@@ -25,6 +25,7 @@ import logging
 
 import torch
 
+from ..lora.pipeline import FluxLoraLoaderMixin
 from ..pipeline import DiffusionPipeline
 from .flux import (FluxPipelineOutput, batch_size_of, call_prelude, decode_packed_latents,
                    denoise, flow_match_timesteps, pack_latents, prepare_latent_image_ids,
@@ -37,7 +38,7 @@ class ChromaPipelineOutput(FluxPipelineOutput):
     """``images``: as FluxPipelineOutput's."""
 
 
-class ChromaPipeline(DiffusionPipeline):
+class ChromaPipeline(FluxLoraLoaderMixin, DiffusionPipeline):
     """Chroma text-to-image (Chroma1-HD, Chroma1-Base and their quantized variants)."""
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
@@ -205,7 +206,8 @@ class ChromaPipeline(DiffusionPipeline):
                 (state["prompt_embeds"], text_ids, mask)
             out = self.transformer(hidden_states=cast(latents), timestep=timestep / 1000,
                                    encoder_hidden_states=cast(text), txt_ids=ids, img_ids=image_ids,
-                                   attention_mask=maybe_cast(attention), return_dict=False)[0]
+                                   attention_mask=maybe_cast(attention), return_dict=False,
+                                   joint_attention_kwargs=self.joint_attention_kwargs)[0]
             return out.to(latents.dtype)
 
         latents = denoise(self, {"latents": latents, "prompt_embeds": embeds}, timesteps, predict,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..lora.pipeline import FluxLoraLoaderMixin
+from ..lora.text_encoder import call_scale as text_encoder_lora_scale
 from ..models.autoencoder_kl import randn_like_diffusers
 from ..outputs import BaseOutput
 from ..pipeline import DiffusionPipeline
@@ -61,25 +63,23 @@ def postprocess_image(image: torch.Tensor, output_type: str):
 
 
 def call_prelude(pipe, height, width, joint_attention_kwargs, **adapters) -> tuple[int, int]:
-    """What every Flux-family ``__call__`` does first: refuse or warn about diffusers' arguments
-    for features diffquant has not (``refuse_what_diffquant_lacks``); returns (height, width),
-    each defaulting to the pipeline's sample size in pixels."""
-    refuse_what_diffquant_lacks(pipe, joint_attention_kwargs, **adapters)
+    """What every Flux-family ``__call__`` does first: keep ``joint_attention_kwargs`` for the
+    transformer calls (its ``"scale"`` scales the LoRAs), refuse diffusers' arguments for
+    features diffquant has not (``refuse_what_diffquant_lacks``); returns (height, width), each
+    defaulting to the pipeline's sample size in pixels."""
+    pipe._joint_attention_kwargs = joint_attention_kwargs
+    refuse_what_diffquant_lacks(pipe, **adapters)
     return (height or pipe.default_sample_size * pipe.vae_scale_factor,
             width or pipe.default_sample_size * pipe.vae_scale_factor)
 
 
-def refuse_what_diffquant_lacks(pipe, joint_attention_kwargs, **adapters) -> None:
-    """diffusers' __call__ arguments for features diffquant has not: attention processors and
-    LoRA (their kwargs are ignored, with a warning) and IP-Adapter (its images are refused)."""
+def refuse_what_diffquant_lacks(pipe, **adapters) -> None:
+    """diffusers' __call__ arguments for IP-Adapter, which diffquant has not: refused."""
     name = type(pipe).__name__
     given = sorted(k for k, v in adapters.items() if v is not None)
     if given:
         raise ValueError(f"{name}: {', '.join(given)} given, but diffquant's "
                          f"{name} has no IP-Adapter (no image encoder); drop them")
-    if joint_attention_kwargs:
-        logger.warning("%s: joint_attention_kwargs %s are ignored (no attention "
-                       "processors or LoRA in diffquant)", name, sorted(joint_attention_kwargs))
 
 
 # -- steps every Flux-family pipeline takes (FluxKontextPipeline, ChromaPipeline share them) --
@@ -207,7 +207,7 @@ def decode_packed_latents(pipe, latents, height, width, output_type):
     return postprocess_image(image, output_type)
 
 
-class FluxPipeline(DiffusionPipeline):
+class FluxPipeline(FluxLoraLoaderMixin, DiffusionPipeline):
     """Flux.1 text-to-image (dev, schnell and their quantized variants)."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
@@ -263,7 +263,9 @@ class FluxPipeline(DiffusionPipeline):
         if prompt_embeds is None:
             prompt_2 = prompt_2 or prompt
             prompt_2 = [prompt_2] if isinstance(prompt_2, str) else prompt_2
-            pooled_prompt_embeds = self._get_clip_prompt_embeds(prompt, num_images_per_prompt, device)
+            with text_encoder_lora_scale(self.text_encoder, lora_scale):  # LoRA on CLIP
+                pooled_prompt_embeds = self._get_clip_prompt_embeds(prompt, num_images_per_prompt,
+                                                                    device)
             prompt_embeds = self._get_t5_prompt_embeds(prompt_2, num_images_per_prompt,
                                                        max_sequence_length, device)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
@@ -324,10 +326,10 @@ class FluxPipeline(DiffusionPipeline):
             >>> out.images.shape                                                           # doctest: +SKIP
             (4, 512, 512, 3)
 
-        diffusers' arguments are all taken. ``joint_attention_kwargs`` reach attention
-        processors and LoRA layers there, which diffquant has not: they are ignored with a
-        warning (its usual ``{"scale": ...}`` changes nothing without a LoRA). IP-Adapter images
-        are refused: there is no image encoder to take them.
+        diffusers' arguments are all taken. ``joint_attention_kwargs={"scale": s}`` scales the
+        loaded LoRAs for this call (transformer and CLIP); its other keys reach attention
+        processors in diffusers, which diffquant has not: they are ignored with a warning.
+        IP-Adapter images are refused: there is no image encoder to take them.
         """
         height, width = call_prelude(
             self, height, width, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
@@ -363,6 +365,7 @@ class FluxPipeline(DiffusionPipeline):
                               negative_prompt_embeds, negative_pooled_prompt_embeds, **encode):
         """encode_prompt's (embeds, pooled, text ids) for the prompt, and for the negative prompt
         where true CFG runs (``true_cfg_scale > 1`` and a negative prompt given), else None."""
+        encode["lora_scale"] = (self.joint_attention_kwargs or {}).get("scale")
         embeds = self.encode_prompt(prompt, prompt_2, prompt_embeds=prompt_embeds,
                                     pooled_prompt_embeds=pooled_prompt_embeds, **encode)
         negative = None
@@ -401,7 +404,8 @@ class FluxPipeline(DiffusionPipeline):
             out = self.transformer(hidden_states=cast(model_input), timestep=timestep / 1000,
                                    guidance=guidance, pooled_projections=cast(pooled),
                                    encoder_hidden_states=cast(embeds), txt_ids=ids,
-                                   img_ids=image_ids, return_dict=False)[0]
+                                   img_ids=image_ids, return_dict=False,
+                                   joint_attention_kwargs=self.joint_attention_kwargs)[0]
             return out[:, :latents.shape[1]].to(latents.dtype)
 
         state = {"latents": latents, "prompt_embeds": embeds[0]}
