@@ -14,6 +14,10 @@
    last boundary; ggml rounds half away from zero (roundf), truncates for Q4_0 and Q5_0. Where a
    reference's cast of a non-finite value is the platform's (int8 of NaN or inf), the kernel
    returns 1 and the caller runs the reference for the whole weight. */
+/* gcc keeps rintf / floorf / truncf and the selects around them as branches while it must
+   preserve floating-point exception flags; nothing here reads them, and the values are the
+   same, so the code loops vectorise (3x on AVX2) */
+#pragma GCC optimize("no-trapping-math")
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -49,7 +53,7 @@ int dq_bnb4_quantize_bf16(const uint16_t *w, const float *bounds, const uint8_t 
         float inv = 1.0f / (am < tiny ? tiny : am);          /* NaN stays NaN */
         for (int64_t i0 = 0; i0 < bs; i0 += 64) {  /* simple loops over 64 values: vectorised */
             float v[64];
-            uint8_t c[64];
+            int32_t c[64];
             for (int i = 0; i < 64; i++) {
                 float t = bf16_to_float(x[i0 + i]) * inv;
                 t = t < -1.0f ? -1.0f : t;
@@ -83,17 +87,13 @@ static uint16_t half_bits(float f) {
     return sign | (uint16_t)((e << 10) | ((v >> 13) & 0x3ff));
 }
 
-/* f rounded to fp16's precision and widened back (torch's .to(float16).float()) */
-static float via_half(float f) {
-    float a = fabsf(f), sub = rintf(a * 0x1p24f) * 0x1p-24f;  /* fp16 subnormals: 2^-24 steps */
-    uint32_t v;
-    memcpy(&v, &a, 4);
-    v = (v + 0xfffu + ((v >> 13) & 1)) & ~0x1fffu;             /* 10 mantissa bits, even */
-    float nrm;
-    memcpy(&nrm, &v, 4);
-    nrm = nrm > 65504.0f ? INFINITY : nrm;
-    a = a < 0x1p-14f ? sub : nrm;             /* no branch: the loops vectorise (finite f) */
-    return copysignf(a, f);
+/* a bf16 value f rounded to fp16's precision and widened back (torch's .to(float16).float()),
+   for |f| <= 65504: fp16's normals hold every bf16 value of their range (8 significant bits in
+   10), so only its subnormals (steps of 2^-24 below 2^-14) round. Larger values (fp16's inf)
+   are the caller's to catch. */
+static inline float via_half(float f) {
+    float a = fabsf(f), sub = rintf(a * 0x1p24f) * 0x1p-24f;
+    return copysignf(a < 0x1p-14f ? sub : a, f);
 }
 
 /* -- LLM.int8() rows: w bf16 [N, k] rows [r0, r1) -> q int8, scb float32 [N] -------------- */
@@ -106,11 +106,12 @@ int dq_bnb_int8_bf16(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, int8_
         const uint16_t *x = w + r * k;
         uint16_t top = top_bits(x, k);
         float m = via_half(bf16_to_float(top));  /* rounding is monotonic: the max's rounding */
-        if (top > 0x7f80 || m == 0.0f || m == INFINITY) return 1;
+        if (top > 0x7f80 || m == 0.0f || m > 65504.0f) return 1;  /* NaN, 0 or fp16's inf */
         scb[r] = m;
         float s = (1.0f / m) * 127.0f;
         int8_t *qr = q + r * k;
-        for (int64_t i = 0; i < k; i++) qr[i] = (int8_t)rintf(via_half(bf16_to_float(x[i])) * s);
+        for (int64_t i = 0; i < k; i++)
+            qr[i] = (int8_t)(int32_t)rintf(via_half(bf16_to_float(x[i])) * s);
     }
     return 0;
 }
@@ -142,7 +143,8 @@ static int gguf_block(int qtype, const uint16_t *x, uint8_t *o) {
     uint16_t dh = half_bits(d);
     memcpy(o, &dh, 2);
     if (qtype == Q8_0) {
-        for (int i = 0; i < 32; i++) o[2 + i] = (uint8_t)(int8_t)round_away(bf16_to_float(x[i]) * inv);
+        for (int i = 0; i < 32; i++)
+            o[2 + i] = (uint8_t)(int32_t)round_away(bf16_to_float(x[i]) * inv);
         return 0;
     }
     const float top_code = qtype == Q4_0 ? 15.0f : 31.0f, mid = qtype == Q4_0 ? 8.5f : 16.5f;
@@ -150,7 +152,7 @@ static int gguf_block(int qtype, const uint16_t *x, uint8_t *o) {
     for (int i = 0; i < 32; i++) {
         float c = truncf(bf16_to_float(x[i]) * inv + mid);
         c = c < 0.0f ? 0.0f : c;
-        q[i] = (uint8_t)(c > top_code ? top_code : c);
+        q[i] = (uint8_t)(int32_t)(c > top_code ? top_code : c);
     }
     uint8_t *nib = o + 2;
     if (qtype == Q5_0) {
