@@ -11,6 +11,7 @@ import torch
 
 from diffquant.ops.cpu import quantize as cq
 from diffquant.ops.formats import gguf as gg
+from diffquant.ops.native import quantize as native_quantize
 from diffquant.ops.native import registry
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -30,6 +31,8 @@ def edge_weight(n=40, k=256, nonfinite=False, seed=0) -> torch.Tensor:
     w[4, 9] = -w[4, 7]
     w[5, :32] = 1e-40                                       # a block of one subnormal
     w[6, 32:64] = 0.5                                       # a constant block
+    w[6, 64:96] = w[6, 64:96].abs()                         # minima of zero: +0, -0, both
+    w[6, 70], w[6, 96:128], w[6, 100], w[6, 130] = 0.0, w[6, 96:128].abs(), -0.0, 0.0
     if nonfinite:
         w[7, 5], w[8, 40], w[9, 0] = float("inf"), float("nan"), float("-inf")
     return w.to(torch.bfloat16)
@@ -96,7 +99,7 @@ def test_bnb_int8_rounds_to_fp16_as_torch_over_every_bf16_value():
     assert same_bytes(cb, ref_cb) and same_bytes(scb, ref_scb)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_gguf_blocks_are_the_reference_bit_for_bit(qtype, nonfinite):
     """ops/formats/gguf.quantize's bytes (gguf-py's); inf or NaN: the reference's whole."""
@@ -114,7 +117,17 @@ def test_gguf_blocks_are_the_reference_bit_for_bit(qtype, nonfinite):
 
 def test_gguf_types_without_a_c_pass_are_the_reference():
     w = edge_weight()
-    for qtype in ("Q4_1", "Q5_1", "F16"):
+    for qtype in ("F16", "Q4_K"):
         with registry.trace() as ran:
             assert same_bytes(cq.gguf_quantize(w, qtype), gg.quantize(w, qtype))
         assert ran == []
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
+def test_a_minimum_of_zeros_of_both_signs_is_left_to_the_reference(qtype):
+    """torch's amin picks the stored zero's sign by its lane order there: the C pass does not
+    guess, the reference writes the weight."""
+    w = edge_weight()[10:].abs().contiguous()
+    w[0, 3], w[0, 9] = -0.0, 0.0
+    assert same_bytes(cq.gguf_quantize(w, qtype), gg.quantize(w, qtype))
+    assert native_quantize.gguf(w, int(gg.ggml_type(qtype))) is None

@@ -130,7 +130,8 @@ def _bnb_functional():
 
 # -- GGUF -------------------------------------------------------------------------------------------
 def gguf_quantize(w: torch.Tensor, qtype) -> torch.Tensor:
-    """``formats.gguf.quantize``: Q8_0, Q4_0 and Q5_0 of bf16 on a CPU in one C pass."""
+    """``formats.gguf.quantize``: Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 of bf16 on a CPU in one C
+    pass (the K-quants stay the reference's)."""
     kind = gg.ggml_type(qtype)
     if int(kind) in native_quantize.GGUF_TYPES and native_quantize.bf16_rows_supported(w) \
             and w.numel() % 32 == 0 and w.dim() >= 1 and w.shape[-1] % 32 == 0:

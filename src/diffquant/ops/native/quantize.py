@@ -80,13 +80,15 @@ def bnb_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
                                     min_rows=16) else None
 
 
-GGUF_TYPES = {2: 18, 6: 22, 8: 34}  # the GGML types quantize_blocks.c writes: Q4_0, Q5_0, Q8_0
+# the GGML types quantize_blocks.c writes -> their block bytes: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+GGUF_TYPES = {2: 18, 3: 20, 6: 22, 7: 24, 8: 34}
 
 
 def gguf(w: torch.Tensor, qtype: int) -> torch.Tensor | None:
     """bf16 w (numel a multiple of 32) -> uint8 blocks [numel / 32, type size] of GGML type
     ``qtype`` (a GGUF_TYPES key); None where a block holds inf or NaN or its scale's inverse
-    overflows (the reference's cast decides those)."""
+    overflows, or a Q4_1 / Q5_1 block's minimum is a zero of both signs (the reference
+    decides those)."""
     blocks = w.numel() // 32
     out = torch.empty(blocks, GGUF_TYPES[qtype], dtype=torch.uint8)
     return out if registry.run("gguf_quantize", blocks, qtype=qtype, w=w, out=out,

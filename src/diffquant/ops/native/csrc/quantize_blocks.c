@@ -1,6 +1,6 @@
 /* Weight quantization on load of bf16 weights into bitsandbytes' and GGUF's blocks:
    bitsandbytes' 4-bit NF4/FP4 (its CPU quantize_4bit, backends/default/ops.py) and LLM.int8()
-   rows (int8_vectorwise_quant of the fp16 weight), and ggml's Q8_0, Q4_0, Q5_0
+   rows (int8_vectorwise_quant of the fp16 weight), and ggml's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
    (ops/formats/gguf.py, itself gguf-py's numpy bit for bit). Compiled on first use by
    ops/native/build.py; ops/native/quantize.py calls them.
 
@@ -77,7 +77,7 @@ static uint16_t half_bits(float f) {
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
     float a = fabsf(f);
     if (a != a) return sign | 0x7e00;
-    if (a < 0x1p-14f)                                  /* fp16 subnormal (or 1024: its min normal) */
+    if (a < 0x1p-14f)                        /* fp16 subnormal (or 1024: its min normal) */
         return sign | (uint16_t)(int)rintf(a * 0x1p24f);
     uint32_t v;
     memcpy(&v, &a, 4);
@@ -116,8 +116,8 @@ int dq_bnb_int8_bf16(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, int8_
     return 0;
 }
 
-/* -- GGUF Q8_0, Q4_0, Q5_0: blocks of 32 ------------------------------------------------------ */
-enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8 };
+/* -- GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32 ------------------------------------ */
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };
 
 /* the value of largest magnitude top (bits of |x|), sign kept, the first on ties (argmax) */
 static float signed_absmax(const uint16_t *x, uint16_t top) {
@@ -132,10 +132,58 @@ static inline float round_away(float v) {
     return copysignf(f + floorf(2.0f * (a - f)), v);
 }
 
+/* the block's minimum into *lo and maximum into *hi; 1 where the minimum is a zero and both
+   signs of zero are in the block (torch's amin then picks the stored sign by lane order) */
+static int block_extremes(const uint16_t *x, float *lo, float *hi) {
+    float l = bf16_to_float(x[0]), h = l;
+    int zeros = 0;                      /* bit 0: a +0 seen, bit 1: a -0 */
+    for (int i = 0; i < 32; i++) {
+        float v = bf16_to_float(x[i]);
+        l = v < l ? v : l;
+        h = v > h ? v : h;
+        zeros |= x[i] == 0 ? 1 : x[i] == 0x8000 ? 2 : 0;
+    }
+    if (l == 0.0f) {
+        if (zeros == 3) return 1;
+        l = zeros == 2 ? -0.0f : 0.0f;
+    }
+    *lo = l, *hi = h;
+    return 0;
+}
+
+/* Q4_1 / Q5_1: d = (max - min) / (2^bits - 1), codes trunc((x - min) / d + 0.5); d, min, then
+   Q5_1's high bits, then the nibbles */
+static int gguf_affine_block(int qtype, const uint16_t *x, uint8_t *o) {
+    float lo, hi;
+    if (block_extremes(x, &lo, &hi)) return 1;
+    const float top_code = qtype == Q4_1 ? 15.0f : 31.0f;
+    float d = (hi - lo) / top_code, inv = d == 0.0f ? 0.0f : 1.0f / d;
+    if (isinf(inv) || isinf(d)) return 1;
+    uint16_t dh = half_bits(d), mh = half_bits(lo);
+    memcpy(o, &dh, 2);
+    memcpy(o + 2, &mh, 2);
+    uint8_t q[32];
+    for (int i = 0; i < 32; i++) {
+        float c = truncf((bf16_to_float(x[i]) - lo) * inv + 0.5f);
+        c = c < 0.0f ? 0.0f : c;
+        q[i] = (uint8_t)(int32_t)(c > top_code ? top_code : c);
+    }
+    uint8_t *nib = o + 4;
+    if (qtype == Q5_1) {
+        uint32_t high = 0;
+        for (int i = 0; i < 32; i++) high |= (uint32_t)((q[i] >> 4) & 1) << i;
+        for (int j = 0; j < 4; j++) o[4 + j] = (uint8_t)(high >> (8 * j));
+        nib += 4;
+    }
+    for (int j = 0; j < 16; j++) nib[j] = (uint8_t)((q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4));
+    return 0;
+}
+
 /* one block x [32] -> its type's bytes at o; 1 where the reference's codes are not defined */
 static int gguf_block(int qtype, const uint16_t *x, uint8_t *o) {
     uint16_t top = top_bits(x, 32);
     if (top >= 0x7f80) return 1;                        /* inf or NaN: the cast's own */
+    if (qtype == Q4_1 || qtype == Q5_1) return gguf_affine_block(qtype, x, o);
     float d = qtype == Q8_0 ? bf16_to_float(top) / 127.0f
               : signed_absmax(x, top) / (qtype == Q4_0 ? -8.0f : -16.0f);
     float inv = d == 0.0f ? 0.0f : 1.0f / d;
@@ -167,7 +215,8 @@ static int gguf_block(int qtype, const uint16_t *x, uint8_t *o) {
 
 /* blocks [b0, b1) of w (32 bf16 values each) -> out (type_size bytes each) */
 int dq_gguf_quantize_bf16(int qtype, const uint16_t *w, int64_t b0, int64_t b1, uint8_t *out) {
-    int64_t size = qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : qtype == Q5_0 ? 22 : 0;
+    int64_t size = qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : qtype == Q5_0 ? 22
+                   : qtype == Q4_1 ? 20 : qtype == Q5_1 ? 24 : 0;
     if (!size) return -1;
     for (int64_t b = b0; b < b1; b++)
         if (gguf_block(qtype, w + b * 32, out + b * size)) return 1;
