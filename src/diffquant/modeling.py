@@ -395,9 +395,11 @@ class ModelMixin(nn.Module):
 
 
 def _nbytes(ckpt, key: str) -> int:
-    shape = ckpt.shape(key)
+    """``key``'s bytes in ``ckpt``; 0 for a source that does not say (a single file's plan)."""
+    if not (hasattr(ckpt, "shape") and hasattr(ckpt, "dtype")):
+        return 0
     n = 1
-    for d in shape:
+    for d in ckpt.shape(key):
         n *= d
     return n * ckpt.dtype(key).itemsize
 
@@ -410,4 +412,4 @@ def _load_bar(ckpt):
 
     total = sum(_nbytes(ckpt, key) for key in ckpt.keys())
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Loading weights",
-                delay=1.0, leave=False)
+                delay=1.0, leave=False, **({"disable": True} if not total else {}))
