@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
             rows.append(row(s.label, lib, res, nbytes))
             log(" | ".join(rows[-1]) + f"  ({time.perf_counter() - start:.0f} s)")
     lines = [f"Each child killed past {limit / 2**30:.1f} GiB resident; {args.threads} threads; "
-             f"checkpoint {nbytes / 1e9:.1f} GB bf16 ({'cached' if os.environ.get('DIFFQUANT_BENCH_CACHE') else 'bench/.cache'}).",
+             f"checkpoint {nbytes / 1e9:.1f} GB bf16 in {ckpt}.",
              "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     print("\n".join(lines))
