@@ -1,6 +1,7 @@
-"""Quantization on load, in less time: the C kernels (``native/quantize.py``, and int8 dynamic's
-token quantizer for int8 per-channel weights) where they take the weight, bf16 rows on a CPU,
-else the reference functions of ``ops/formats``. The same codes and scales either way, bit for
+"""Quantization on load, in less time: the C kernels (``native/quantize.py``: quanto, torchao
+int4, bitsandbytes NF4/FP4 and LLM.int8(), GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; and int8 dynamic's
+token quantizer for int8 per-channel weights) where they take the weight, bf16 on a CPU, else
+the reference functions (``ops/formats``, bitsandbytes' own). The same codes and scales either way, bit for
 bit (tests/test_native.py and tests/test_quanto_math.py compare them over special values).
 
 Why: the reference recipes are six to ten bf16 torch passes over a weight; on a 2-core AVX2
