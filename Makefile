@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench bench-quick clean
+.PHONY: install demo test bench bench-quick bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,8 @@ bench-quick: install
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info
+
+# FLUX.1-dev-shaped checkpoint (23.8 GB, written once; DIFFQUANT_BENCH_CACHE moves it), every
+# backend loaded in its own process: see bench/scale.py
+bench-scale: install
+	$(BIN)/python -m bench.scale

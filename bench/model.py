@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-CACHE = Path(__file__).resolve().parent / ".cache"
+# DIFFQUANT_BENCH_CACHE: another place for the checkpoints (the dev size's takes 24 GB)
+CACHE = Path(os.environ.get("DIFFQUANT_BENCH_CACHE") or Path(__file__).resolve().parent / ".cache")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 FORMAT_VERSION = 1  # bump to invalidate cached checkpoints when the init changes
 
@@ -66,6 +67,10 @@ SIZES = {
     # Flux width 3072, 2 double + 3 single blocks: 1.16B parameters, 2.3 GB in bf16.
     "full": Size("full", heads=24, double=2, single=3, image_tokens=(256, 1024), text_tokens=256,
                  repeats=2),
+    # FLUX.1-dev's shape: 19 double + 38 single blocks, width 3072: 11.9B parameters, 23.8 GB
+    # in bf16 (python -m bench --size dev; make bench-scale).
+    "dev": Size("dev", heads=24, double=19, single=38, image_tokens=(256, 1024), text_tokens=64,
+                repeats=1),
     # Width 1024, 1 + 1 blocks: 61M parameters, so ~45 child processes fit in minutes.
     "quick": Size("quick", heads=8, double=1, single=1, image_tokens=(64, 256), text_tokens=64,
                   repeats=1),

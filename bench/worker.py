@@ -35,6 +35,18 @@ def peak_rss() -> int:
     return peak_rss_bytes()
 
 
+def resident() -> int | None:
+    """Resident bytes now (VmRSS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_anon() -> int | None:
     """Anonymous resident bytes now (RssAnon): memory the process owns, file pages excluded."""
     try:
@@ -176,6 +188,7 @@ def _forward_times(model, job: dict, result: dict) -> dict:
                 best = min(best, time.perf_counter() - start)
             times[str(n)] = best
             outputs[str(n)] = out.float().cpu()
+            result.setdefault("rss_after", {})[str(n)] = resident()  # after this count's forwards
             result["step_s"] = dict(times)  # kept even if a later token count fails
     result["peak_forward"] = peak_rss()
     return outputs
@@ -210,6 +223,8 @@ def run_job(job: dict) -> dict:
             result["load_s"] = time.perf_counter() - start
         result["peak"], result["anon_peak"] = peak_rss(), anon.peak
         result.update(footprint(model))
+        if hasattr(model, "get_memory_footprint"):
+            result["footprint_reported"] = model.get_memory_footprint()
         if job.get("export_gguf"):
             stage = "export"
             _export(model, job, config)

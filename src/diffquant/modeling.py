@@ -234,7 +234,9 @@ class ModelMixin(nn.Module):
         # whatever a backend keeps of it (a view) is copied out below.
         scratch = {} if quantizer is not None and not quantizer.pre_quantized \
             and isinstance(ckpt, Checkpoint) else None
+        bar = _load_bar(ckpt)
         for key in ckpt.keys():
+            bar.update(_nbytes(ckpt, key))
             if quantizer is not None and quantizer.check_if_quantized_param(self, key, ckpt):
                 target = self._target_dtype(key, dtype)
                 value = ckpt.tensor(key, scratch) if scratch is not None else ckpt.tensor(key)
@@ -257,6 +259,7 @@ class ModelMixin(nn.Module):
             if value.is_floating_point():
                 value = value.to(self._target_dtype(key, dtype) or old.dtype)
             _set_tensor(self, key, value.to(device) if device is not None else value)
+        bar.close()
         self._check_complete(ckpt, unexpected)
 
     def _target_dtype(self, key: str, dtype):
@@ -389,3 +392,24 @@ class ModelMixin(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _nbytes(ckpt, key: str) -> int:
+    """``key``'s bytes in ``ckpt``; 0 for a source that does not say (a single file's plan)."""
+    if not (hasattr(ckpt, "shape") and hasattr(ckpt, "dtype")):
+        return 0
+    n = 1
+    for d in ckpt.shape(key):
+        n *= d
+    return n * ckpt.dtype(key).itemsize
+
+
+def _load_bar(ckpt):
+    """One tqdm bar over the bytes of the whole checkpoint (every file), so a 24 GB load is not
+    silent. Shown once a load takes over a second (a small model's stays quiet); TQDM_DISABLE=1
+    (the CLI's --quiet) silences it, as every other bar of the project."""
+    from tqdm.auto import tqdm
+
+    total = sum(_nbytes(ckpt, key) for key in ckpt.keys())
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Loading weights",
+                delay=1.0, leave=False, **({"disable": True} if not total else {}))

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from ..ops.cpu import int4 as f4
+from ..ops.cpu import quantize as cq
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
 from .bitsandbytes_state import check_statistics, quant_state_blob
@@ -246,9 +247,8 @@ class BnB4BitLinear(_PiecesLinear):
 
     def _quantize(self, w: torch.Tensor) -> None:
         """bitsandbytes' blockwise 4-bit quantization (blocksize 64, as Params4bit uses)."""
-        packed, state = _bnb().functional.quantize_4bit(
-            w.contiguous(), blocksize=64, compress_statistics=self.double_quant,
-            quant_type=self.quant_type, quant_storage=self.quant_storage)
+        packed, state = cq.bnb_quantize_4bit(w.contiguous(), self.quant_type, self.double_quant,
+                                             self.quant_storage)
         self._meta = {k: v for k, v in state.as_dict().items() if not isinstance(v, torch.Tensor)}
         self._put("weight", packed)  # [ceil(out*in/2) / storage bytes, 1]
         for name, t in state.as_dict(packed=True).items():
@@ -316,7 +316,7 @@ class BnB8BitLinear(_PiecesLinear):
                 self._bad_piece(name)
             w = tensor if dtype is None else tensor.to(dtype)
             # as Int8Params._quantize: rows quantized from float16
-            cb, scb, _ = _bnb().functional.int8_vectorwise_quant(w.contiguous().to(torch.float16))
+            cb, scb = cq.bnb_int8_vectorwise(w.contiguous())
             self._put("weight", cb)  # [out, in] int8
             self._put("SCB", scb)  # [out] float32
             return

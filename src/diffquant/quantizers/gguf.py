@@ -42,6 +42,7 @@ from ..ops.cpu.gguf import prepare_gguf_weight
 from ..ops.cpu.linear import linear
 from ..ops.formats.gguf import (FLOAT_TYPES, QUANTIZABLE_TYPES, BLOCK_LAYOUT, GGMLType, dequantize,
                                 ggml_type, logical_shape, quantizable_type, quantize)
+from ..ops.cpu.quantize import gguf_quantize
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of
 from .config import QuantizationConfigMixin, QuantizationMethod, str_to_dtype
@@ -142,7 +143,7 @@ class GGUFLinear(QuantizedLinear):
             else:
                 logger.info("GGUF: rows of %d values are not a multiple of the %s block size; "
                             "this layer is kept in %s", weight.shape[-1], wanted.name, qtype.name)
-        self.weight = quantize(weight, qtype)
+        self.weight = gguf_quantize(weight, qtype)  # formats.gguf.quantize, bf16 in C
         self.qtype = qtype
         self.weight_qtype = torch.tensor(int(qtype), dtype=torch.int32, device=weight.device)
 

@@ -1,6 +1,7 @@
-"""Quantization on load, in less time: the C kernels (``native/quantize.py``, and int8 dynamic's
-token quantizer for int8 per-channel weights) where they take the weight, bf16 rows on a CPU,
-else the reference functions of ``ops/formats``. The same codes and scales either way, bit for
+"""Quantization on load, in less time: the C kernels (``native/quantize.py``: quanto, torchao
+int4, bitsandbytes NF4/FP4 and LLM.int8(), GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; and int8 dynamic's
+token quantizer for int8 per-channel weights) where they take the weight, bf16 on a CPU, else
+the reference functions (``ops/formats``, bitsandbytes' own). The same codes and scales either way, bit for
 bit (tests/test_native.py and tests/test_quanto_math.py compare them over special values).
 
 Why: the reference recipes are six to ten bf16 torch passes over a weight; on a 2-core AVX2
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats import gguf as gg
 from ..formats import quanto as qm
 from ..formats import torchao as iq
 from ..native import int8_dynamic as native_int8
@@ -71,3 +73,70 @@ def quantize_affine(w: torch.Tensor, bits: int, group: int | None):
 def _in_c(w: torch.Tensor) -> bool:
     """csrc/quantize.c's case for quanto (``native.quantize.bf16_rows_supported``)."""
     return native_quantize.bf16_rows_supported(w)
+
+
+# -- bitsandbytes -----------------------------------------------------------------------------------
+def bnb_quantize_4bit(w: torch.Tensor, quant_type: str, double_quant: bool,
+                      quant_storage: torch.dtype, blocksize: int = 64):
+    """``bitsandbytes.functional.quantize_4bit``: (packed, QuantState). bf16 on a CPU (numel a
+    multiple of the block size) in one C pass; the double quantization of the absmax (1/64 of
+    the data) stays bitsandbytes' own."""
+    bnb = _bnb_functional()
+    if not (native_quantize.bf16_rows_supported(w) and w.numel() % blocksize == 0):
+        return bnb.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type=quant_type,
+                                 compress_statistics=double_quant, quant_storage=quant_storage)
+    bounds, order = _bnb4_tables(quant_type)
+    packed, absmax = native_quantize.bnb4(w, bounds, order, blocksize)
+    if quant_storage != torch.uint8:   # as bitsandbytes' own view
+        packed = packed.squeeze().view(quant_storage).unsqueeze(1)
+    code = bnb.get_4bit_type(quant_type, device=w.device)
+    if double_quant:                   # bitsandbytes' quantize_4bit, with its absmax
+        offset = absmax.mean()
+        qabsmax, state2 = bnb.quantize_blockwise(absmax - offset, blocksize=256)
+        return packed, bnb.QuantState(absmax=qabsmax, shape=w.shape, dtype=w.dtype,
+                                      blocksize=blocksize, code=code, quant_type=quant_type,
+                                      offset=offset, state2=state2)
+    return packed, bnb.QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype,
+                                  blocksize=blocksize, code=code, quant_type=quant_type)
+
+
+_TABLES: dict = {}
+
+
+def _bnb4_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(15 float32 bucket bounds, 16 uint8 codes) as bitsandbytes' CPU quantize_4bit builds
+    them: the midpoints of its sorted code and each bucket's code index."""
+    if quant_type not in _TABLES:
+        from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+        bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
+        _TABLES[quant_type] = (bounds.float().contiguous(), order.to(torch.uint8).contiguous())
+    return _TABLES[quant_type]
+
+
+def bnb_int8_vectorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, float32 row absmax) of ``int8_vectorwise_quant(w.to(float16))``, as
+    bitsandbytes' Int8Params quantizes: bf16 rows on a CPU in one C pass."""
+    if w.dim() == 2 and native_quantize.bf16_rows_supported(w):
+        done = native_quantize.bnb_int8(w)
+        if done is not None:
+            return done
+    cb, scb, _ = _bnb_functional().int8_vectorwise_quant(w.contiguous().to(torch.float16))
+    return cb, scb
+
+
+def _bnb_functional():
+    import bitsandbytes.functional as bnb_functional
+    return bnb_functional
+
+
+# -- GGUF -------------------------------------------------------------------------------------------
+def gguf_quantize(w: torch.Tensor, qtype) -> torch.Tensor:
+    """``formats.gguf.quantize``: Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 of bf16 on a CPU in one C
+    pass (the K-quants stay the reference's)."""
+    kind = gg.ggml_type(qtype)
+    if int(kind) in native_quantize.GGUF_TYPES and native_quantize.bf16_rows_supported(w) \
+            and w.numel() % 32 == 0 and w.dim() >= 1 and w.shape[-1] % 32 == 0:
+        blocks = native_quantize.gguf(w, int(kind))
+        if blocks is not None:
+            return blocks.reshape(gg.byte_shape(tuple(w.shape), kind))
+    return gg.quantize(w, kind)

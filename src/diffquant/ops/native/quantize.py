@@ -56,3 +56,40 @@ def int4_groupwise(w: torch.Tensor, group_size: int):
     registry.run("int4_groupwise", n, w=w, k=k, g=group_size, packed=packed, scale=scale,
                  zero=zero, min_rows=16)
     return packed, scale, zero
+
+
+def bnb4(w: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, blocksize: int):
+    """bf16 w (numel a multiple of ``blocksize``) -> (packed uint8 [numel / 2, 1], absmax float32
+    [numel / blocksize]): bitsandbytes' 4-bit blocks, ``bounds`` (15 float32) and ``order`` (16
+    uint8) its sorted code's midpoints and the code index of each bucket."""
+    blocks = w.numel() // blocksize
+    packed = torch.empty(w.numel() // 2, 1, dtype=torch.uint8)
+    absmax = torch.empty(blocks, dtype=torch.float32)
+    registry.run("bnb4_quantize", blocks, w=w, bounds=bounds, order=order, blocksize=blocksize,
+                 packed=packed, absmax=absmax, min_rows=256)
+    return packed, absmax
+
+
+def bnb_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """bf16 w [N, K] -> (int8 [N, K], float32 row absmax [N]): LLM.int8()'s rows of the fp16
+    weight; None where a row's absmax is 0, inf or NaN (the reference's cast decides those)."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scb = torch.empty(n, dtype=torch.float32)
+    return (q, scb) if registry.run("bnb_int8_quantize", n, w=w, k=k, q=q, scb=scb,
+                                    min_rows=16) else None
+
+
+# the GGML types quantize_blocks.c writes -> their block bytes: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+GGUF_TYPES = {2: 18, 3: 20, 6: 22, 7: 24, 8: 34}
+
+
+def gguf(w: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """bf16 w (numel a multiple of 32) -> uint8 blocks [numel / 32, type size] of GGML type
+    ``qtype`` (a GGUF_TYPES key); None where a block holds inf or NaN or its scale's inverse
+    overflows, or a Q4_1 / Q5_1 block's minimum is a zero of both signs (the reference
+    decides those)."""
+    blocks = w.numel() // 32
+    out = torch.empty(blocks, GGUF_TYPES[qtype], dtype=torch.uint8)
+    return out if registry.run("gguf_quantize", blocks, qtype=qtype, w=w, out=out,
+                               min_rows=256) else None

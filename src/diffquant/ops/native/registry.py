@@ -52,6 +52,10 @@ KERNELS = {
     "quanto_int8": "w:p k:i q:p scale:p",
     "quanto_affine": "w:p g:i bits:i rows:i packed:p scale:p shift:p",
     "int4_groupwise": "w:p k:i g:i packed:p scale:p zero:p",
+    # bitsandbytes' and GGUF's blocks on load (quantize_blocks.c)
+    "bnb4_quantize": "w:p bounds:p order:p blocksize:i packed:p absmax:p",
+    "bnb_int8_quantize": "w:p k:i q:p scb:p",
+    "gguf_quantize": "qtype:i w:p out:p",
 }
 MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 

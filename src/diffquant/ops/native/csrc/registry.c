@@ -126,6 +126,16 @@ KERNEL(quanto_affine, "w:p g:i bits:i rows:i packed:p scale:p shift:p") {
 KERNEL(int4_groupwise, "w:p k:i g:i packed:p scale:p zero:p") {
     return dq_int4_groupwise_bf16(P(0), a[1], a[2], r0, r1, P(3), P(4), P(5));
 }
+/* quantize_blocks.c: rows are blocks (bnb4_quantize, gguf_quantize) or weight rows */
+KERNEL(bnb4_quantize, "w:p bounds:p order:p blocksize:i packed:p absmax:p") {
+    return dq_bnb4_quantize_bf16(P(0), P(1), P(2), a[3], r0, r1, P(4), P(5));
+}
+KERNEL(bnb_int8_quantize, "w:p k:i q:p scb:p") {
+    return dq_bnb_int8_bf16(P(0), a[1], r0, r1, P(2), P(3));
+}
+KERNEL(gguf_quantize, "qtype:i w:p out:p") {
+    return dq_gguf_quantize_bf16(I(0), P(1), r0, r1, P(2));
+}
 
 #define ENTRY(NAME) {#NAME, NAME##_args, NAME}
 static const struct {
@@ -136,7 +146,8 @@ static const struct {
     ENTRY(int4_tinygemm), ENTRY(quanto_bits), ENTRY(int4_gemv), ENTRY(lut4_gemv),
     ENTRY(lut4_decode), ENTRY(quantize), ENTRY(int8_output), ENTRY(int8_dot),
     ENTRY(int8_dynamic_row), ENTRY(quantize_vnni), ENTRY(amx_linear), ENTRY(quanto_int8),
-    ENTRY(quanto_affine), ENTRY(int4_groupwise),
+    ENTRY(quanto_affine), ENTRY(int4_groupwise), ENTRY(bnb4_quantize), ENTRY(bnb_int8_quantize),
+    ENTRY(gguf_quantize),
 };
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 
