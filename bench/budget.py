@@ -75,7 +75,7 @@ def _run(model: Path, budget: str, args, name: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", default="full", choices=["full", "reduced"])
+    ap.add_argument("--scale", default="full", choices=["full", "reduced", "small"])
     ap.add_argument("--budgets", nargs="+", default=["16GB", "8GB"])
     ap.add_argument("--reference-budget", default="64GB", help="the unquantized run's budget")
     ap.add_argument("--size", type=int, default=512)

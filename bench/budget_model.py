@@ -10,7 +10,8 @@ pipeline's (token ids fit every vocabulary).
 
     "full":    FLUX.1-dev: T5-XXL 4.76B, CLIP-L 0.12B, transformer 11.9B (19 + 38 blocks), VAE 84M
     "reduced": the same widths with T5 2 of 24 layers and the transformer 1 + 2 blocks (0.6B)
-    "tiny":    widths of the shipped pipeline scale (tests)
+    "small":   CLIP-L and the VAE as they are; T5 width 1024, 6 layers (0.11B); the transformer
+               width 1536, 2 + 4 blocks (0.31B)
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_bl
 SCALES = {
     "full": {},
     "reduced": {"t5": dict(num_layers=2), "flux": dict(num_layers=1, num_single_layers=2)},
+    "small": {"t5": dict(num_layers=6, d_model=1024, d_ff=2816, num_heads=16),
+              "flux": dict(num_layers=2, num_single_layers=4, num_attention_heads=12,
+                           joint_attention_dim=1024)},
 }
 
 

@@ -164,7 +164,10 @@ class DiffusionPipeline:
         pipeline_cls = cls._pipeline_class(index, index_path)
         if not issubclass(pipeline_cls, DiffusionPipeline):  # diffusers' class: its own loading
             if max_memory is not None:
-                kwargs["max_memory"] = max_memory
+                raise ConfigError(f"{index_path}: max_memory= is offered for diffquant's own "
+                                  f"pipelines (Flux, Flux Kontext, Chroma), not for diffusers' "
+                                  f"{pipeline_cls.__name__}; load without it and call "
+                                  "enable_model_cpu_offload() on an accelerator")
             return pipeline_cls.from_pretrained(
                 pretrained_model_name_or_path, torch_dtype=torch_dtype,
                 quantization_config=quantization_config, variant=variant,

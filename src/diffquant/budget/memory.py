@@ -100,15 +100,19 @@ def tensor_table(folder: Path) -> dict[str, tuple[str, tuple]]:
     """{key: (safetensors dtype, shape)} of every weight file in ``folder``, from the headers."""
     table = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        table.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()
-                      if k != "__metadata__"})
+        table.update(tensor_table_of(path))
     if not table:
         raise ConfigError(f"{folder}: no .safetensors weights to size; a budget needs "
                           "safetensors folders (diffquant quantize writes them)")
     return table
+
+
+def tensor_table_of(path: Path) -> dict[str, tuple[str, tuple]]:
+    """{key: (dtype, shape)} of one safetensors file, from its header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
 
 
 def loaded_bytes(folder: Path, dtype: torch.dtype | None) -> tuple[int, int]:

@@ -162,7 +162,27 @@ class _Component:
     linear: dict                  # layer name -> [N, K] of each quantizable weight
     other: int                    # bytes of everything else, loaded
     largest: int                  # the largest tensor's bytes (the load's transient)
-    errors: dict = field(default_factory=dict)   # layer -> {scheme: error}
+    measured: dict = field(default_factory=dict)  # layer -> {scheme: error} given
+    errors: dict = field(default_factory=dict)    # (layer, scheme) -> error, found when asked
+    files: dict = field(default_factory=dict)     # layer -> its safetensors file
+
+    def layer_error(self, layer: str, scheme: str) -> float | None:
+        """The error of ``layer`` in ``scheme``: given (sensitivity), else measured on
+        ROWS_SAMPLED rows of its weight, once."""
+        if (layer, scheme) not in self.errors:
+            given = self.measured.get(layer, {})
+            if scheme == "float":
+                value = 0.0
+            elif scheme in given:
+                value = given[scheme]
+            else:
+                from safetensors import safe_open
+
+                with safe_open(str(self.files[layer]), framework="pt") as f:
+                    rows = f.get_slice(layer + ".weight")[:ROWS_SAMPLED]        # [rows, K]
+                value = weight_error(rows, scheme)
+            self.errors[(layer, scheme)] = value
+        return self.errors[(layer, scheme)]
 
     def nbytes(self, scheme: str, itemsize: int, layers=None) -> int:
         names = self.linear if layers is None else layers
@@ -173,7 +193,7 @@ class _Component:
 
     def error(self, scheme: str, layers=None) -> float | None:
         names = self.linear if layers is None else layers
-        values = [self.errors.get(n, {}).get(scheme) for n in names]
+        values = [self.layer_error(n, scheme) for n in names]
         return None if any(v is None for v in values) else float(sum(values))
 
 
@@ -204,31 +224,14 @@ def _component(root: Path, name: str, entry, dtype: torch.dtype, sensitivity: di
             if key.endswith(".weight") and len(shape) == 2 and kind in ("F32", "F16", "BF16") \
                     and (names is None or layer in names):
                 linear[layer] = shape
-    comp = _Component(name, folder, ladder, linear, 0, largest)
+    comp = _Component(name, folder, ladder, linear, 0, largest,
+                      measured=(sensitivity or {}).get(name) or {})
     comp.other = total - comp.nbytes("float", itemsize)
-    if len(ladder) > 1:
-        comp.errors = _errors(comp, (sensitivity or {}).get(name))
+    for path in sorted(folder.glob("*.safetensors")):
+        for key in memory.tensor_table_of(path):
+            if key.endswith(".weight") and key[:-len(".weight")] in linear:
+                comp.files[key[:-len(".weight")]] = path
     return comp
-
-
-def _errors(comp: _Component, measured: dict | None) -> dict:
-    """{layer: {scheme: error}}: the sensitivity JSON's where it has the layer, else each
-    scheme's relative error on ROWS_SAMPLED rows of the weight."""
-    from safetensors import safe_open
-
-    out = {}
-    for path in sorted(comp.folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                layer = key[:-len(".weight")]
-                if layer not in comp.linear or not key.endswith(".weight"):
-                    continue
-                if measured and layer in measured:
-                    out[layer] = {"float": 0.0, **measured[layer]}
-                    continue
-                part = f.get_slice(key)[:ROWS_SAMPLED]                        # [rows, K]
-                out[layer] = {s: weight_error(part, s) for s in comp.ladder}
-    return out
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -238,8 +241,7 @@ def _mix(comp: _Component, high: str, low: str, itemsize: int, room: int) -> tup
     gains = []
     for name in comp.linear:
         extra = comp.nbytes(high, itemsize, [name]) - comp.nbytes(low, itemsize, [name])
-        saved = (comp.errors.get(name, {}).get(low) or 0.0) - \
-            (comp.errors.get(name, {}).get(high) or 0.0)
+        saved = (comp.layer_error(name, low) or 0.0) - (comp.layer_error(name, high) or 0.0)
         if extra > 0 and saved > 0:
             gains.append((saved / extra, name, extra))
     chosen, used = [], 0
@@ -262,7 +264,9 @@ def _choose(comp: _Component, room: int, itemsize: int) -> list[Choice] | None:
         if i == 0:
             return [Choice(comp.name, scheme, total, comp.error(scheme))]
         high = comp.ladder[i - 1]
-        layers, extra = _mix(comp, high, scheme, itemsize, room - total)
+        # a per-layer mix is written as GGUF layers (each keeps its type); other rungs go whole
+        layers = _mix(comp, high, scheme, itemsize, room - total)[0] \
+            if scheme.startswith("gguf:") else []
         if not layers:
             return [Choice(comp.name, scheme, total, comp.error(scheme))]
         rest = [n for n in comp.linear if n not in layers]
