@@ -115,8 +115,13 @@ def test_without_a_budget_nothing_changes():
 
 
 def test_too_small_a_budget_names_the_smallest_that_works(src):
+    # given errors (as `diffquant sensitivity --json` writes them): nothing to measure here
+    layers = [k[:-7] for k, (_, shape) in memory.tensor_table(src / "transformer").items()
+              if k.endswith(".weight") and len(shape) == 2]
+    errors = {n: {"gguf:q8_0": 1e-4, "gguf:q6_k": 2e-4, "gguf:q5_k": 4e-4, "gguf:q4_k": 8e-4}
+              for n in layers}
     kw = dict(dtype=torch.float32, height=256, width=256, max_sequence_length=64,
-              baseline=400_000_000)
+              baseline=400_000_000, sensitivity={"transformer": errors})
     with pytest.raises(ConfigError, match=r"smallest budget that would work is [\d.]+ GB") as err:
         plan_pipeline(src, "0.41GB", **kw)
     smallest = float(re.search(r"would work is ([\d.]+) GB", str(err.value)).group(1))
