@@ -41,7 +41,7 @@ def _heavy(cmd: list[str]) -> str:
     return out.stdout
 
 
-def child(model: str, budget: str, size: int, steps: int, image: str) -> dict:
+def child(model: str, budget: str, size: int, steps: int, image: str, dtype: str) -> dict:
     """One measured generation (run in a fresh process)."""
     import numpy as np
     import torch
@@ -50,7 +50,7 @@ def child(model: str, budget: str, size: int, steps: int, image: str) -> dict:
     from diffquant.budget.measure import measure_call
 
     torch.set_num_threads(2)
-    pipe = FluxPipeline.from_pretrained(model, torch_dtype=torch.bfloat16, max_memory=budget)
+    pipe = FluxPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), max_memory=budget)
     pipe.set_progress_bar_config(disable=True)
     stats = measure_call(pipe, PROMPT, height=size, width=size, num_inference_steps=steps,
                          max_sequence_length=512, output_type="np",
@@ -69,7 +69,7 @@ def psnr(a, b) -> float:
 def _run(model: Path, budget: str, args, name: str) -> dict:
     image = CACHE / f"{name}.npy"
     out = _heavy([sys.executable, "-m", "bench.budget", "--child", str(model), budget,
-                  str(args.size), str(args.steps), str(image)])
+                  str(args.size), str(args.steps), str(image), args.dtype])
     return json.loads(out.strip().splitlines()[-1]) | {"image": image}
 
 
@@ -80,11 +80,14 @@ def main() -> None:
     ap.add_argument("--reference-budget", default="64GB", help="the unquantized run's budget")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="unquantized weights and compute (bf16 convolutions are slow on CPUs "
+                    "without AVX512-BF16)")
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        model, budget, size, steps, image = args.child
-        print(json.dumps(child(model, budget, int(size), int(steps), image)))
+        model, budget, size, steps, image, dtype = args.child
+        print(json.dumps(child(model, budget, int(size), int(steps), image, dtype)))
         return
     import numpy as np
 
@@ -92,12 +95,12 @@ def main() -> None:
     src = ensure_pipeline(args.scale)
     rows = []
     ref = _run(src, args.reference_budget, args, f"budget-{args.scale}-reference")
-    rows.append(("unquantized (bf16)", None, ref, float("inf")))
+    rows.append((f"unquantized ({args.dtype})", None, ref, float("inf")))
     for budget in args.budgets:
-        dst = CACHE / f"budget-{args.scale}-{budget}"
+        dst = CACHE / f"budget-{args.scale}-{args.dtype}-{args.size}-{budget}"
         if not (dst / "budget_plan.json").is_file():
             print(_heavy([sys.executable, "-m", "diffquant", "quantize", str(src), str(dst),
-                          "--plan", budget, "--dtype", "bfloat16", "--height", str(args.size),
+                          "--plan", budget, "--dtype", args.dtype, "--height", str(args.size),
                           "--overwrite", "-q"]), flush=True)
         plan = json.loads((dst / "budget_plan.json").read_text())
         got = _run(dst, budget, args, f"budget-{args.scale}-{budget}")
@@ -107,10 +110,10 @@ def main() -> None:
 
 def _schemes(plan) -> str:
     if plan is None:
-        return "every component in bf16"
+        return "every component unquantized"
     parts = [f"{c['component']} {c['scheme']}" + (f" ({c['group']})" if c["group"] != "all" else "")
              for c in plan["choices"] if c["scheme"] != "float" or c["group"] != "all"]
-    return "; ".join(parts) or "every component in bf16"
+    return "; ".join(parts) or "every component unquantized"
 
 
 def table(rows, args) -> str:
