@@ -147,29 +147,29 @@ def encode_activations(folder: Path, tokens: int, batch: int, itemsize: int) -> 
 
 def denoise_activations(folder: Path, image_tokens: int, text_tokens: int, batch: int,
                         itemsize: int) -> int:
-    """A Flux transformer step's live tensors: a single block's [S, 5D] concatenation, its
-    4D-wide MLP and the residual stream (S = image + text tokens), plus the decoded weight of
+    """A Flux transformer step's live tensors: ~32 [S, D] tensors at once (a single block's
+    [S, 5D] concatenation, its 4D-wide MLP, q/k/v, the residual streams; S = image + text
+    tokens; calibrated on bench.budget's small scale), plus the decoded weight of
     the largest quantized layer that the CPU paths keep in one reused buffer (bf16 and the
     float32 copy the product takes)."""
     cfg = _cfg(folder)
     d = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
     s = image_tokens + text_tokens
-    live = batch * s * 16 * d * itemsize
+    live = batch * s * 32 * d * itemsize
     scratch = 5 * d * d * 6 if cfg.get("quantization_config") else 0
     return live + scratch
 
 
-# bytes per output pixel of a decode, per channel of the decoder's widest full-resolution
-# stage (block_out_channels[0]): FLUX.1's VAE (128 channels) measured 3.78 GB above its
-# weights for 1024 x 1024 in float32 (bench/vae_memory.py), 0.99 GB in tiles of 512 px.
-DECODE_BYTES_PER_PIXEL_CHANNEL = 3.78 * GB / (1024 * 1024 * 128) / 4
-DECODE_FIXED = 0.02 * GB
+# A decode's activations, per channel of the decoder's widest full-resolution stage
+# (block_out_channels[0]) in float32: a fixed part and a part per output pixel, fitted to
+# FLUX.1's VAE (128 channels) in bench/vae_memory.py: 3.78 GB above the weights for 1024 x 1024
+# whole, 0.41 GB for a tile of 256 px (0.99 GB measured for 512 px tiles, 1.08 predicted).
+DECODE_PER_PIXEL_CHANNEL = (3.78 - 0.41) * GB / (1024 * 1024 - 256 * 256) / 128
+DECODE_FIXED_PER_CHANNEL = 0.41 * GB / 128 - DECODE_PER_PIXEL_CHANNEL * 256 * 256
 # What a process holds more after its first run than after loading, whatever the phase: the
 # code pages of the kernels first used and the allocator's state (measured: ~30 MB on the
 # tests' pipeline, on x86-64 Linux).
 RUN_OVERHEAD = 0.03 * GB
-
-
 def decode_activations(folder: Path, height: int, width: int, batch: int, itemsize: int,
                        tile: int | None = None) -> int:
     """A VAE decode's live tensors for ``batch`` images of height x width pixels, whole or in
@@ -177,8 +177,10 @@ def decode_activations(folder: Path, height: int, width: int, batch: int, itemsi
     into)."""
     cfg = _cfg(folder)
     channels = (cfg.get("block_out_channels") or [128])[0]
-    per_pixel = DECODE_BYTES_PER_PIXEL_CHANNEL * channels * itemsize
+    scale = channels * itemsize / 4
+    fixed = int(DECODE_FIXED_PER_CHANNEL * scale)
     if tile is None:
-        return int(batch * height * width * per_pixel) + DECODE_FIXED
+        return int(batch * height * width * DECODE_PER_PIXEL_CHANNEL * scale) + fixed
     tiles_out = batch * height * width * 3 * itemsize * 2   # the tiles and the joined image
-    return int(min(tile, height) * min(tile, width) * per_pixel) + tiles_out + DECODE_FIXED
+    return int(min(tile, height) * min(tile, width) * DECODE_PER_PIXEL_CHANNEL * scale) \
+        + tiles_out + fixed
