@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench bench-quick bench-scale clean
+.PHONY: install demo test bench bench-quick bench-scale bench-budget clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench --quick
+
+# FLUX.1-dev's shape under 16 GB and 8 GB (BENCH_BUDGET_ARGS="--scale reduced --budgets 2.5GB 1.6GB"
+# for the reduced one); the pipeline is written once into $(DIFFQUANT_BENCH_CACHE) (default bench/.cache)
+bench-budget: install
+	$(BIN)/python -m bench.budget $(BENCH_BUDGET_ARGS)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

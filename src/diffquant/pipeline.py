@@ -127,10 +127,19 @@ class DiffusionPipeline:
 
     @property
     def components(self) -> dict:
-        return {name: getattr(self, name) for name in self._component_names}
+        # read from the instance: under max_memory a component not loaded now is None here
+        return {name: self.__dict__.get(name) for name in self._component_names}
 
     def _modules(self) -> list[tuple[str, nn.Module]]:
-        return [(n, c) for n, c in self.components.items() if isinstance(c, nn.Module)]
+        # the loaded ones only: under a budget an unloaded component loads when read by name
+        return [(n, c) for n in self._component_names
+                if isinstance(c := self.__dict__.get(n), nn.Module)]
+
+    def __getattr__(self, name: str):
+        residency = self.__dict__.get("_residency")
+        if residency is not None and name in residency.names:
+            return residency.load(name)  # under max_memory: loaded when first needed
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -138,8 +147,13 @@ class DiffusionPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None,
                         quantization_config=None, variant: str | None = None,
                         use_safetensors: bool | None = None, device_map=None,
-                        low_cpu_mem_usage: bool = True, **kwargs):
+                        low_cpu_mem_usage: bool = True, max_memory=None, **kwargs):
         """Load every component named in ``model_index.json``; ``name=obj`` kwargs override one.
+
+        ``max_memory`` ("16GB"): the text encoders are loaded only to encode and the transformer
+        only to denoise, each reloaded from its folder when next needed, and the VAE decode is
+        tiled when it would not fit (diffquant.budget); on an accelerator, components are placed
+        as ``enable_model_cpu_offload`` places them. None (default): everything stays loaded.
 
         Example:
             >>> pipe = DiffusionPipeline.from_pretrained("pipe_dir", transformer=my_model)  # doctest: +SKIP
@@ -149,6 +163,11 @@ class DiffusionPipeline:
         index_path = root / INDEX_NAME
         pipeline_cls = cls._pipeline_class(index, index_path)
         if not issubclass(pipeline_cls, DiffusionPipeline):  # diffusers' class: its own loading
+            if max_memory is not None:
+                raise ConfigError(f"{index_path}: max_memory= is offered for diffquant's own "
+                                  f"pipelines (Flux, Flux Kontext, Chroma), not for diffusers' "
+                                  f"{pipeline_cls.__name__}; load without it and call "
+                                  "enable_model_cpu_offload() on an accelerator")
             return pipeline_cls.from_pretrained(
                 pretrained_model_name_or_path, torch_dtype=torch_dtype,
                 quantization_config=quantization_config, variant=variant,
@@ -164,10 +183,20 @@ class DiffusionPipeline:
         classes = {n: resolve_class(index_path, n, entries[n]) for n in pipeline_cls._expected()
                    if n in entries and n not in kwargs}
         load_kwargs["quant_configs"] = resolve_quant_configs(quantization_config, classes)
-        components = pipeline_cls._load_components(root, index_path, entries, classes, kwargs,
-                                                   load_kwargs)
+        deferred = {}
+        if max_memory is not None:  # the phase components load when first needed
+            from .budget.residency import deferred_components
+
+            deferred = deferred_components(classes)
+        components = pipeline_cls._load_components(
+            root, index_path, entries, {n: None if n in deferred else c for n, c in classes.items()},
+            kwargs, load_kwargs)
         pipe = pipeline_cls(**components)
         pipe.name_or_path = str(pretrained_model_name_or_path)
+        if max_memory is not None:
+            from .budget.residency import attach_to_pipeline
+
+            attach_to_pipeline(pipe, max_memory, root, index_path, classes, deferred, load_kwargs)
         return pipe
 
     @classmethod
@@ -253,6 +282,10 @@ class DiffusionPipeline:
         ``push_to_hub=True`` then uploads the folder with huggingface_hub (``repo_id``, default
         the folder's name; ``private``, ``token``, ``commit_message``, ``create_pr``).
         """
+        if self.__dict__.get("_residency") is not None:
+            raise ConfigError(f"{type(self).__name__}.save_pretrained: this pipeline was loaded "
+                              "with max_memory, so its components are loaded one phase at a "
+                              "time; load it without max_memory to save it")
         save_pipeline(type(self).__name__, self.components, save_directory,
                       safe_serialization=safe_serialization, variant=variant,
                       max_shard_size=max_shard_size, push_to_hub=push_to_hub, **unused)
@@ -345,6 +378,8 @@ class DiffusionPipeline:
         Hooks call this before ``forward``; pipelines call it before other entry points
         (``vae.decode``) that a forward hook does not see.
         """
+        if self.__dict__.get("_residency") is not None:
+            self._residency.enter(module)  # drops the components of the other phases
         device = self._offload_device
         if device is None:
             return _device_of(module) or self.device

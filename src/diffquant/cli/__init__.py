@@ -1,5 +1,5 @@
 """The ``diffquant`` command line: generate | quantize | inspect | compare | convert | batch |
-sensitivity.
+sensitivity | plan.
 
 Every command takes ``--quantize backend:scheme[@components]`` (see diffquant.spec) where it
 loads a pipeline. Errors print one line, ``diffquant: error: <cause>; <what to do>``, and exit
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from . import batch as batch_cli
+from . import budget as budget_cli
 from . import commands, convert, lora
 from .commands import EXIT_RUNTIME, EXIT_USAGE, ChildError, UsageError
 
@@ -61,6 +62,7 @@ EPILOGS = {
     "convert": convert.EPILOG,
 }
 EPILOGS.update(batch_cli.EPILOGS)
+EPILOGS.update(budget_cli.EPILOGS)
 MODEL_HELP = ("pipeline directory, hub id, or 'default' (the pipeline shipped with diffquant; "
               "write ./default for a directory of that name)")
 SPEC_HELP = ("backend:scheme[@component,...] (repeatable; default component: transformer), "
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(gen)
     _run_options(gen)
     gen.add_argument("--quantize", action="append", metavar="SPEC", help=SPEC_HELP)
+    gen.add_argument("--max-memory", default=None, metavar="SIZE", help=budget_cli.MAX_MEMORY_HELP)
     gen.add_argument("--out", default=None, help="output file: an image (.png, .jpg, .webp; "
                      "default out/image.png), or a video pipeline's frames as an animated .webp, "
                      ".gif or .png (default out/video.webp) or, without a suffix, a folder of "
@@ -134,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "Quantize SRC and save it to DST; DST loads with no configuration.")
     qua.add_argument("src", metavar="SRC", help=MODEL_HELP)
     qua.add_argument("dst", metavar="DST", help="directory to write")
-    qua.add_argument("--quantize", action="append", metavar="SPEC", required=True, help=SPEC_HELP)
+    qua.add_argument("--quantize", action="append", metavar="SPEC", help=SPEC_HELP + " (or --plan)")
+    qua.add_argument("--plan", default=None, metavar="SIZE", help="instead of --quantize: the "
+                     "schemes 'diffquant plan SRC --max-memory SIZE' picks (see its options)")
     qua.add_argument("--overwrite", action="store_true", help="save into DST even if not empty")
+    budget_cli.add_plan_options(qua)
     _common(qua, model_flag=False)
 
     ins = command("inspect", commands.cmd_inspect, "list components and their quantization",
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="out/compare.png", help="grid PNG (default out/compare.png)")
     batch_cli.add_ray_options(cmp_, "task")  # each variant a Ray task
     batch_cli.register(command, _common)
+    budget_cli.register(command, _common)
 
     con = command("convert", convert.cmd_convert, "convert between folders and .gguf / "
                   ".safetensors files", convert.DESCRIPTION)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("no command given; run 'diffquant --help' for the commands "
                              "(generate, quantize, inspect, compare, convert, batch, "
-                             "sensitivity)")
+                             "sensitivity, plan)")
         commands.quiet_libraries(args.quiet, args.debug)
         return args.func(args)
     except KeyboardInterrupt:

@@ -142,8 +142,11 @@ def load_pipeline(args, specs=None):
     _import_component_classes(index)
     start = time.perf_counter()
     device = _device(args.device)
+    from .budget import max_memory
+
+    budget = {"max_memory": m} if (m := max_memory(args, model)) is not None else {}
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_dtype(args.dtype, device),
-                                             quantization_config=quant)
+                                             quantization_config=quant, **budget)
     if device != "cpu":
         pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -309,6 +312,12 @@ def cmd_quantize(args) -> int:
     if src.exists() and dst.exists() and src.resolve() == dst.resolve():
         raise UsageError(f"{dst}: is the source itself; write the quantized copy elsewhere")
     args.model = args.src
+    if args.plan:  # the schemes a memory budget fits (cli/budget.py)
+        from .budget import quantize_with_plan
+
+        return quantize_with_plan(args, dst)
+    if not args.quantize:
+        raise UsageError("give --quantize SPEC (repeatable) or --plan SIZE")
     pipe, load_s = load_pipeline(args, args.quantize)
     pipe.save_pretrained(str(dst))
     print(f"wrote {dst} (quantized {', '.join(args.quantize)} in {load_s:.1f}s); it loads with no "

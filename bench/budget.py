@@ -1,0 +1,133 @@
+"""``make bench-budget``: the FLUX.1-dev pipeline shape (random weights) generating under memory
+budgets: the plan chosen, the predicted and measured peak resident memory, seconds per phase
+(encode, denoise, decode) and the PSNR of each plan's image against the unquantized
+transformer's (the same pipeline loaded as written, bf16, one phase resident at a time).
+
+Each step runs in its own process: `diffquant quantize SRC DST --plan BUDGET` (the plan and the
+pre-quantized copy, kept in the cache), then one generation measured by
+diffquant.budget.measure (per-phase high-water marks). Heavy runs share the machine: each
+child runs under ``flock $DIFFQUANT_BENCH_CACHE/heavy.lock``.
+
+    python -m bench.budget                                  # full scale, 16GB and 8GB
+    python -m bench.budget --scale reduced --budgets 2.5GB 1.6GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.budget_model import CACHE, ensure_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle above a blue square"
+
+
+def _env() -> dict:
+    return {**os.environ, "TQDM_DISABLE": "1", "DIFFQUANT_BENCH_CACHE": str(CACHE),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT),
+                                           os.environ.get("PYTHONPATH", "")])}
+
+
+def _heavy(cmd: list[str]) -> str:
+    lock = ["flock", str(CACHE / "heavy.lock")] if os.environ.get("BENCH_NO_LOCK") != "1" else []
+    out = subprocess.run(lock + cmd, env=_env(), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def child(model: str, budget: str, size: int, steps: int, image: str, dtype: str) -> dict:
+    """One measured generation (run in a fresh process)."""
+    import numpy as np
+    import torch
+
+    from diffquant import FluxPipeline
+    from diffquant.budget.measure import measure_call
+
+    torch.set_num_threads(2)
+    pipe = FluxPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), max_memory=budget)
+    pipe.set_progress_bar_config(disable=True)
+    stats = measure_call(pipe, PROMPT, height=size, width=size, num_inference_steps=steps,
+                         max_sequence_length=512, output_type="np",
+                         generator=torch.Generator().manual_seed(0))
+    np.save(image, stats.pop("output").images)
+    return stats | {"tiled": bool(pipe.vae.use_tiling)}
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _run(model: Path, budget: str, args, name: str) -> dict:
+    image = CACHE / f"{name}.npy"
+    out = _heavy([sys.executable, "-m", "bench.budget", "--child", str(model), budget,
+                  str(args.size), str(args.steps), str(image), args.dtype])
+    return json.loads(out.strip().splitlines()[-1]) | {"image": image}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", default="full", choices=["full", "reduced", "small"])
+    ap.add_argument("--budgets", nargs="+", default=["16GB", "8GB"])
+    ap.add_argument("--reference-budget", default="64GB", help="the unquantized run's budget")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="unquantized weights and compute (bf16 convolutions are slow on CPUs "
+                    "without AVX512-BF16)")
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        model, budget, size, steps, image, dtype = args.child
+        print(json.dumps(child(model, budget, int(size), int(steps), image, dtype)))
+        return
+    import numpy as np
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    src = ensure_pipeline(args.scale)
+    rows = []
+    ref = _run(src, args.reference_budget, args, f"budget-{args.scale}-reference")
+    rows.append((f"unquantized ({args.dtype})", None, ref, float("inf")))
+    for budget in args.budgets:
+        dst = CACHE / f"budget-{args.scale}-{args.dtype}-{args.size}-{budget}"
+        if not (dst / "budget_plan.json").is_file():
+            print(_heavy([sys.executable, "-m", "diffquant", "quantize", str(src), str(dst),
+                          "--plan", budget, "--dtype", args.dtype, "--height", str(args.size),
+                          "--overwrite", "-q"]), flush=True)
+        plan = json.loads((dst / "budget_plan.json").read_text())
+        got = _run(dst, budget, args, f"budget-{args.scale}-{budget}")
+        rows.append((budget, plan, got, psnr(np.load(got["image"]), np.load(ref["image"]))))
+    print(table(rows, args))
+
+
+def _schemes(plan) -> str:
+    if plan is None:
+        return "every component unquantized"
+    parts = [f"{c['component']} {c['scheme']}" + (f" ({c['group']})" if c["group"] != "all" else "")
+             for c in plan["choices"] if c["scheme"] != "float" or c["group"] != "all"]
+    return "; ".join(parts) or "every component unquantized"
+
+
+def table(rows, args) -> str:
+    lines = [f"| max_memory ({args.scale}, {args.size}x{args.size}, {args.steps} steps) | plan | "
+             "predicted peak GB | measured peak GB | encode s | denoise s | decode s | PSNR dB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for budget, plan, got, quality in rows:
+        ph = got["phases"]
+        pred = f"{plan['peak'] / 1e9:.2f}" if plan else "-"
+        lines.append(f"| {budget} | {_schemes(plan)} | {pred} | {got['peak'] / 1e9:.2f} | "
+                     f"{ph['encode']['seconds']:.1f} | {ph['denoise']['seconds']:.1f} | "
+                     f"{ph['decode']['seconds']:.1f} | {quality:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
