@@ -109,6 +109,16 @@ def test_reloads_are_exact(tmp_path):
     assert budgeted._residency.resident() == []  # the decode dropped the transformer
 
 
+def test_a_lora_on_a_budgeted_pipeline_is_refused():
+    """The transformer is reloaded from its folder for each phase, which would drop an
+    adapter: refused before anything loads."""
+    pipe = FluxPipeline.from_pretrained(default_pipeline_path(), max_memory="64GB")
+    with pytest.raises(ConfigError, match=r"load_lora_weights on a pipeline loaded with "
+                                          r"max_memory.*would drop the adapter"):
+        pipe.load_lora_weights({"transformer.x.lora_A.weight": torch.zeros(1, 1)})
+    assert pipe._residency.resident() == []
+
+
 def test_without_a_budget_nothing_changes():
     pipe = FluxPipeline.from_pretrained(default_pipeline_path())
     assert "_residency" not in pipe.__dict__ and pipe.__dict__["transformer"] is not None

@@ -87,6 +87,12 @@ class FluxLoraLoaderMixin:
         if hotswap:
             raise ConfigError("load_lora_weights(hotswap=True) is not supported; delete_adapters() "
                               "and load the new one")
+        if self.__dict__.get("_residency") is not None:
+            raise ConfigError(
+                "load_lora_weights on a pipeline loaded with max_memory: its transformer and "
+                "text encoders are reloaded from their folders for each phase, which would drop "
+                "the adapter; load the pipeline without max_memory, or fuse_lora() and "
+                "save_pretrained() a copy and load that under the budget")
         kwargs.pop("low_cpu_mem_usage", None)
         sd, metadata, where = read_lora(pretrained_model_name_or_path_or_dict,
                                         kwargs.pop("weight_name", None),
