@@ -119,9 +119,20 @@ def test_layer_fast_path_matches_reference(case, rows):
     assert layer._fast is not None  # the fast path ran
 
 
-@pytest.mark.parametrize("case", ["torchao int4wo", "gguf Q8_0"])
+def test_gguf_layers_hold_their_blocks_and_nothing_else():
+    layer = _gguf("Q8_0")
+    held = layer.get_memory_footprint() if hasattr(layer, "get_memory_footprint") else None
+    with torch.no_grad():
+        for rows in (100, 1, 4):
+            layer(_x(rows))
+    prepared = layer._fast[2]
+    assert prepared.packed is None and prepared.make_packed is None
+    assert held is None or layer.get_memory_footprint() == held
+
+
+@pytest.mark.parametrize("case", ["torchao int4wo"])
 def test_packed_form_is_lazy_and_not_in_the_state_dict(case):
-    layer = _torchao("int4wo", group_size=64) if case.startswith("torchao") else _gguf("Q8_0")
+    layer = _torchao("int4wo", group_size=64)
     before = layer.state_dict()
     with torch.no_grad():
         layer(_x(100))                       # many rows: no packed form is built

@@ -29,9 +29,9 @@ scheme and reports what ran, and tests/test_dispatch.py checks the two agree on 
 this machine executes.
 
 Example:
-    >>> ROUTES["gguf Q8_0"].few
-    32
-    >>> predict("gguf:q8_0", 1) in ("C gemv", "_weight_int4pack_mm_for_cpu(bfloat16)")
+    >>> ROUTES["torchao int8wo"].few
+    16
+    >>> predict("gguf:q8_0", 1) in ("C gemv", "mm(float32)", "addmm(bfloat16)")
     True
 """
 
@@ -180,14 +180,14 @@ ROUTES = {
         decode=Kernel("C quanto_bits", C), bias="after"),
     "gguf Q8_0": Route(
         "GGUF blocks: 32 int8 and an f16 scale", ("gguf:q8_0",),
-        one_row=GGUF_GEMV, few_rows=INT4PACK, few=32, decode=Kernel("C decode", C)),
+        one_row=GGUF_GEMV, few=1, decode=Kernel("C decode", C)),
     "gguf Q6_K": Route(
         "GGUF super-blocks of 256: 6-bit codes, int8 scales per 16", ("gguf:q6_k",),
-        one_row=GGUF_GEMV, few_rows=INT4PACK, few=32, decode=Kernel("C decode", C)),
+        one_row=GGUF_GEMV, few=1, decode=Kernel("C decode", C)),
     "gguf Q4_0 Q4_1 Q4_K": Route(
         "GGUF blocks of 4-bit codes, a scale (and min) per 32", ("gguf:q4_0", "gguf:q4_1",
                                                                  "gguf:q4_k"),
-        one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C decode", C)),
+        one_row=GGUF_GEMV, few=1, decode=Kernel("C decode", C)),
     "gguf other": Route(
         "GGUF F32 / F16 / BF16, Q5_0 / Q5_1, Q2_K / Q3_K / Q5_K",
         ("gguf:f32", "gguf:f16", "gguf:bf16", "gguf:q5_0", "gguf:q5_1", "gguf:q5_k")),
