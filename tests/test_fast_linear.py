@@ -259,15 +259,18 @@ def test_wrong_input_width_is_refused():
 
 
 def test_small_rows_threshold_selects_the_path():
-    packed, scale, zero = iq.int4_quantize_groupwise(_x(32, 64, seed=2), 32)
-    prepared = f4.prepare_int4_weight(packed, scale, zero)
+    q, scale = iq.int8_quantize_per_channel(_x(32, 64, seed=2).float())
+    prepared = ci8.prepare_int8_weight(q, scale)
+    runs, packed = [], prepared.packed
+    prepared.packed = lambda x2: runs.append(x2.shape[0]) or packed(x2)
     w = prepared.dequantize(BF16)
     x = _x(3, 64)
     dequant = fl.linear_weight_only(x, prepared, small_rows=0)
-    assert torch.equal(dequant, F.linear(x, w))
-    packed = fl.linear_weight_only(x, prepared, small_rows=16)
-    assert not torch.equal(packed, dequant)  # bf16 scales: a different rounding, so another path
-    assert_bf16_close(packed, dequant, x, w)
+    assert runs == []
+    assert_bf16_close(dequant, F.linear(x, w), x, w)
+    few = fl.linear_weight_only(x, prepared, small_rows=16)
+    assert runs == [3]                       # the packed kernel took the 3 rows
+    assert_bf16_close(few, dequant, x, w)
 
 
 @pytest.mark.parametrize("qtype", ("Q8_0", "Q4_1"))

@@ -11,8 +11,9 @@ runs then depends on three things:
 
        M == 1       one_row:  a C product that reads the stored weight in place and adds the
                               bias in the same call (memory-bound: one read of the weight)
-       M <= few     few_rows: torch's packed int8 / int4 kernel, on a copy of the weight in
-                              its layout made on the first such call
+       M <= few     few_rows: torch's packed int8 kernel, on the stored int8 weight (no
+                              route keeps a copy of its weight in another layout: a layer
+                              holds its stored pieces only, tests/test_held_memory.py)
        otherwise    decode:   the weight decoded into one reused bf16 buffer (a C pass, else
                               the reference's torch ops), then one matmul: in bf16, or in
                               float32 where torch has no bf16 matmul kernel ("bf16 matmul")
@@ -118,8 +119,8 @@ class Kernel:
 C = ("C kernels",)
 INT8_GEMV = Kernel("C int8_gemv", C, "K % 64 == 0")
 INT8PACK = Kernel("_weight_int8pack_mm(bfloat16)", (), "K % 16 == 0")
-INT4_GEMV = Kernel("C int4_gemv", (*C, "AVX2, no AVX-512"), "groups of 32 or 64n")
-INT4PACK = Kernel("_weight_int4pack_mm_for_cpu(bfloat16)", (), "groups of 32 to 256")
+INT4_GEMV = Kernel("C int4_gemv", (*C, "AVX2, no AVX-512"), "groups of 32 or 64n; its layout "
+                   "made per call in the shared buffer")
 GGUF_GEMV = Kernel("C gemv", C)
 TORCH = None  # a slot's work done by the reference's torch ops (none of them a "work" op)
 
@@ -161,8 +162,7 @@ ROUTES = {
         products=INT8_DYNAMIC_PRODUCTS),
     "torchao int4wo": Route(
         "uint4 pairs [N, K/2], bf16 scale and zero per group", ("torchao:int4wo",),
-        one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C int4_tinygemm", C),
-        bias="after"),
+        one_row=INT4_GEMV, few=1, decode=Kernel("C int4_tinygemm", C), bias="after"),
     "torchao float8wo": Route(
         "float8 [N, K], float32 scale per row",
         ("torchao:float8wo", "torchao:float8wo_e5m2", "torchao:float8wo_e4m3"), bias="after"),
@@ -171,10 +171,9 @@ ROUTES = {
         one_row=INT8_GEMV, few_rows=INT8PACK, few=16, decode=Kernel("C int8_rows", C),
         bias="after"),
     "quanto float8": Route("float8 [N, K], scale per row", ("quanto:float8",), bias="after"),
-    "quanto int4": Route(  # few rows: groups of 128 with bf16 scales, as quanto's own layer
+    "quanto int4": Route(
         "uint4 [N*K/g/2, g] (quanto's packing), scale and shift per group", ("quanto:int4",),
-        one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C quanto_bits", C),
-        bias="after"),
+        decode=Kernel("C quanto_bits", C), bias="after"),
     "quanto int2": Route(
         "uint2 [N*K/g/4, g] (quanto's packing), scale and shift per group", ("quanto:int2",),
         decode=Kernel("C quanto_bits", C), bias="after"),
