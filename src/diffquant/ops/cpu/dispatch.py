@@ -139,6 +139,7 @@ class Route:
     products: tuple[Kernel, ...] = ()  # int8 dynamic's product for more rows: the first that runs
     library: str = ""                  # the layer keeps its library's or reference forward: its ops
     without_c: str = ""                # what the layer runs where the C kernels are not built
+    per_call: str = ""                 # a torch op every fast call runs beside its kernel
 
 
 # int8 dynamic's integer product for more rows: the first of these this machine runs (without
@@ -197,10 +198,14 @@ ROUTES = {
         "INT4 / NF4 / NVFP4 in blocks", ("modelopt:int4", "modelopt:nf4", "modelopt:nvfp4"),
         library="addmm(bfloat16)"),  # the reference per call: dequantize, F.linear in x's dtype
     "bitsandbytes 4-bit": Route(  # without the C kernels: bitsandbytes.matmul_4bit's op
-        "NF4 / FP4 codes [N*K/2], float32 absmax per 64",
-        ("bitsandbytes:nf4", "bitsandbytes:fp4", "bitsandbytes:nf4-dq", "bitsandbytes:fp4-dq"),
+        "NF4 / FP4 codes [N*K/2], float32 absmax per 64", ("bitsandbytes:nf4", "bitsandbytes:fp4"),
         one_row=Kernel("C lut4_gemv", C), few=1, decode=Kernel("C lut4_decode", C),
         without_c="gemm_4bit(bfloat16)"),
+    "bitsandbytes 4-bit, double quantization": Route(  # the absmax expanded per call, as
+        "NF4 / FP4 codes [N*K/2], int8 absmax per 64, float32 per 256 of those",  # bitsandbytes
+        ("bitsandbytes:nf4-dq", "bitsandbytes:fp4-dq"),
+        one_row=Kernel("C lut4_gemv", C), few=1, decode=Kernel("C lut4_decode", C),
+        without_c="gemm_4bit(bfloat16)", per_call="dequantize_blockwise(uint8)"),
     "bitsandbytes int8": Route(
         "int8 [N, K], SCB (absmax) per row", ("bitsandbytes:int8",),
         library="int8_vectorwise_quant(float16) + int8_mixed_scaled_mm(bfloat16)"),
@@ -245,6 +250,12 @@ def _weight_only(route: Route, rows: int) -> str:
 
 
 def _weight_only_steps(route: Route, rows: int) -> list[str]:
+    """``route``'s steps for ``rows`` rows, torch's ops in the order they run."""
+    per_call = [route.per_call] if route.per_call else []
+    return per_call + _slot_steps(route, rows)
+
+
+def _slot_steps(route: Route, rows: int) -> list[str]:
     slot = _weight_only(route, rows)
     if slot == "one_row":
         return [route.one_row.name]
