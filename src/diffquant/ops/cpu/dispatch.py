@@ -87,7 +87,7 @@ CAPABILITIES = {  # name: (whether this machine has it, what it is)
     "C kernels": (lambda: build.available(),
                   "the C kernels are built (a C compiler, DIFFQUANT_NATIVE not 0)"),
     "AVX2, no AVX-512": (lambda: native_int4.vector_loop(),
-                         "the build's 4-bit one-row loop (on AVX-512, torch's int4pack wins)"),
+                         "the build's 4-bit one-row loop (AVX-512 builds decode that row)"),
     "AMX": (lambda: native_amx.amx_available(), "AMX tiles, granted to this process by Linux"),
     "VNNI": (lambda: not _int_mm_slow(), "torch._int_mm is fast (VNNI)"),
     "no VNNI": (lambda: _int_mm_slow(), "torch._int_mm is a generic loop (AVX2 only)"),
