@@ -12,14 +12,15 @@ pytestmark = pytest.mark.usefixtures("native_target")
 
 
 def test_the_probe_names_each_paths_kernels():
-    int4pack = "_weight_int4pack_mm_for_cpu(bfloat16)"
     found = {s: cpu_paths.probe(s) for s in ("torchao:int8wo", "torchao:int4wo", "gguf:q8_0",
                                              "torchao:int8dq")}
     assert found["torchao:int8wo"][1] == "C int8_gemv"
     assert found["torchao:int8wo"][4] == "C scale_rows + _weight_int8pack_mm(bfloat16)"
-    assert found["torchao:int4wo"][1] == ("C int4_gemv" if native_int4.vector_loop() else int4pack)
+    assert found["torchao:int4wo"][1] == ("C int4_gemv" if native_int4.vector_loop()
+                                          else "C int4_tinygemm + mm(bfloat16)")
     assert found["torchao:int4wo"][256] == "C int4_tinygemm + mm(bfloat16)"  # tests: bf16 mm
-    assert found["gguf:q8_0"] == {1: "C gemv", 4: int4pack, 256: "C decode + addmm(bfloat16)"}
+    assert found["gguf:q8_0"] == {1: "C gemv", 4: "C decode + addmm(bfloat16)",
+                                  256: "C decode + addmm(bfloat16)"}
     many = found["torchao:int8dq"][256]
     if native_amx.amx_available():
         assert many == "C quantize_vnni + C amx_linear"

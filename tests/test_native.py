@@ -92,12 +92,13 @@ def test_fast_gguf_gives_the_same_bits_with_and_without_the_kernels(qtype, monke
     assert torch.equal(fg.dequantize_into(blocks, qtype, torch.empty_like(compiled)), compiled)
 
 
-# -- few-row products of Q8_0 / Q6_K -------------------------------------------------------------
-# Q8_0's loop takes four blocks a step: 17, 18, 19 blocks leave each tail length
-@pytest.mark.parametrize("qtype,blocks", [("Q8_0", 17), ("Q8_0", 18), ("Q8_0", 19), ("Q6_K", 3)])
+# -- one-row products of the blocks read in place ------------------------------------------------
+# Q8_0's loop takes four blocks a step: 17, 18, 19 blocks leave each tail length; Q4_0 / Q4_1 two
+@pytest.mark.parametrize("qtype,blocks", [("Q8_0", 17), ("Q8_0", 18), ("Q8_0", 19), ("Q6_K", 3),
+                                          ("Q4_0", 17), ("Q4_0", 18), ("Q4_1", 19), ("Q4_K", 3)])
 def test_gemv_is_within_bf16_rounding_and_the_builds_agree(qtype, blocks):
     rows = 1
-    k = blocks * (32 if qtype == "Q8_0" else 256)
+    k = blocks * (256 if qtype.endswith("_K") else 32)
     blocks = gguf_blocks(130, k, qtype)
     x = torch.randn(rows, k).to(torch.bfloat16)
     y = native_gguf.gemv(blocks, gd.ggml_type(qtype), x)
@@ -126,24 +127,27 @@ def test_gemv_widens_a_bf16_row_in_c_as_torch_would(qtype, k):
 
 
 def test_gemv_refuses_other_types_and_row_counts():
-    with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
-        native_gguf.gemv(gguf_blocks(4, 64, "Q4_0"), gd.GGMLType.Q4_0, torch.randn(1, 64))
-    with pytest.raises(ValueError, match="Q8_0/Q6_K blocks and one row"):
+    with pytest.raises(ValueError, match=r"native GGUF kernels take \['Q4_0', 'Q4_1', 'Q8_0', "
+                                         r"'Q4_K', 'Q6_K'\], got <GGMLType.Q5_0"):
+        native_gguf.gemv(gguf_blocks(4, 64, "Q5_0"), gd.GGMLType.Q5_0, torch.randn(1, 64))
+    with pytest.raises(ValueError, match="Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks and one row"):
         native_gguf.gemv(gguf_blocks(4, 64, "Q8_0"), gd.GGMLType.Q8_0, torch.randn(2, 64))
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
-def test_one_row_reads_the_blocks_and_copies_nothing(qtype, monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K"])
+def test_one_row_reads_the_blocks_and_nothing_is_copied(qtype, monkeypatch):
+    """One row is the C product over the stored blocks; no row count makes a copy of them in
+    another layout (the layer holds its blocks and nothing else)."""
     k = 512
     blocks = gguf_blocks(48, k, qtype)
     w = fg.prepare_gguf_weight(blocks, qtype, lazy=True)
-    copies = []
-    real = fg.pack_int4_cpu
-    monkeypatch.setattr(fg, "pack_int4_cpu", lambda *a: copies.append(1) or real(*a))
-    fl.linear_weight_only(torch.randn(1, k).to(torch.bfloat16), w)
-    assert copies == []                       # the int4pack copy only for more rows
-    fl.linear_weight_only(torch.randn(2, k).to(torch.bfloat16), w)
-    assert copies == [1]
+    seen = []
+    real = native_gguf.gemv
+    monkeypatch.setattr(native_gguf, "gemv", lambda b, *a, **kw: seen.append(b) or real(b, *a, **kw))
+    for rows in (1, 2, 40, 1):
+        fl.linear_weight_only(torch.randn(rows, k).to(torch.bfloat16), w)
+    assert len(seen) == 2 and all(b is blocks for b in seen)
+    assert w.packed is None and w.make_packed is None
 
 
 # -- one row of int8 weights with a scale per row (torchao int8, quanto int8) -----------------
@@ -310,9 +314,9 @@ def test_bnb_4bit_one_row_runs_in_c_within_bf16_rounding(quant_type, double_quan
     bound = x.float().abs() @ wq.abs().t() * 2.0**-7 + layer.bias.float().abs() * 2.0**-8 + 1e-6
     assert ((y.float() - ref).abs() <= bound).all()
     assert ((many[0].float() - ref[0]).abs() <= bound[0]).all()
-    portable = native_bnb4.lut4_gemv(layer.weight, *layer._lut4_tables(), 64, (n, k), x,
-                                portable=True)
-    assert torch.equal(portable, real(layer.weight, *layer._lut4_tables(), 64, (n, k), x))
+    tables = (layer._lut4_tables()[0], layer._absmax(layer.quant_state()))
+    portable = native_bnb4.lut4_gemv(layer.weight, *tables, 64, (n, k), x, portable=True)
+    assert torch.equal(portable, real(layer.weight, *tables, 64, (n, k), x))
 
 
 @pytest.mark.parametrize("k", [256, 16512])  # past the 4096 values a thread widens on its stack
@@ -434,8 +438,8 @@ def test_one_row_products_add_the_bias_as_torchs_add(case):
 
 @pytest.mark.parametrize("fmt,lazy", [("Q6_K", True), ("Q4_0", True), ("Q8_0", False)])
 def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monkeypatch):
-    """The packed kernels of GGUF and int4 bring a one_row that takes the bias: one native call
-    per one-row product, no torch add after it, whether built now or on first use."""
+    """GGUF's one-row product takes the bias: one native call per one-row product, no torch
+    add after it."""
     from diffquant.ops.native import int4 as native_int4
     k = 256 if fmt == "Q6_K" else 64
     blocks = gguf_blocks(48, k, fmt)
@@ -449,10 +453,7 @@ def test_a_prepared_weight_takes_the_bias_into_its_one_row_call(fmt, lazy, monke
     x = torch.randn(1, k).to(torch.bfloat16)
     with torch.inference_mode():
         y = fl.linear_weight_only(x, w, bias)
-        if fmt == "Q4_0" and not native_int4.vector_loop():
-            assert seen == []           # AVX-512: int4pack's row, the bias added by torch
-        else:
-            assert len(seen) == 1 and seen[0] is bias
+        assert len(seen) == 1 and seen[0] is bias
         assert_same(y, fl.linear_weight_only(x, w).add_(bias))
 
 

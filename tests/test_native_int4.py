@@ -75,9 +75,6 @@ def test_a_row_it_could_overflow_on_is_left_to_int4pack(value):
     x = torch.randn(1, k).to(BF16)
     x[0, 37] = value
     assert native_int4.gemv(packed, sz, group, x) is None
-    run = f4.int4_few_rows(n, group, codes, scale, zero)
-    ref = f4.int4pack_matmul(n, group, [f4.pack_int4_cpu(codes, scale, zero, group)])(x)
-    torch.testing.assert_close(run(x), ref, rtol=0, atol=0, equal_nan=True)
 
 
 def test_a_large_but_safe_row_stays_close():
@@ -105,38 +102,28 @@ def test_bad_arguments_are_refused_by_name():
         native_int4.pack_rows(codes[:, :12], scale, zero)
 
 
-def _few_rows_paths(monkeypatch) -> list:
-    """The product each few-row call takes from now on, in order: "native" or "int4pack"."""
+@pytest.mark.parametrize("group", [32, 128])
+def test_torchao_int4_takes_it_for_one_row_from_its_stored_pieces(group, monkeypatch):
+    """One row where the vector loop is built: the C product, its layout made per call from
+    torchao's stored pieces (the same bits as ``pack_rows``' kept form); other rows, and every
+    row elsewhere, decode. Nothing is kept beside the stored pieces."""
     seen = []
-    gemv, make = native_int4.gemv, f4.int4pack_matmul
-    monkeypatch.setattr(native_int4, "gemv", lambda *a, **k: seen.append("native") or gemv(*a, **k))
-
-    def counted(*a, **k):
-        run = make(*a, **k)
-        return lambda x2: seen.append("int4pack") or run(x2)
-
-    monkeypatch.setattr(f4, "int4pack_matmul", counted)
-    return seen
-
-
-@pytest.mark.parametrize("fmt", ["int4wo", "Q4_0", "Q4_1", "Q4_K"])
-def test_the_4bit_formats_take_it_for_one_row_where_it_has_its_vector_loop(fmt, monkeypatch):
-    seen = _few_rows_paths(monkeypatch)
+    gemv = native_int4.gemv
+    monkeypatch.setattr(native_int4, "gemv", lambda *a, **k: seen.append(a) or gemv(*a, **k))
     n, k = 48, 256
-    if fmt == "int4wo":
-        packed, scale, zero = iq.int4_quantize_groupwise(torch.randn(n, k).to(BF16), 128)
-        w = f4.prepare_int4_weight(packed, scale, zero, lazy=True)
-    else:
-        w = fg.prepare_gguf_weight(gguf_blocks(n, k, fmt), fmt, lazy=True)
+    packed, scale, zero = iq.int4_quantize_groupwise(torch.randn(n, k).to(BF16), group)
+    w = f4.prepare_int4_weight(packed, scale, zero, lazy=True)
     ref = w.dequantize(BF16).double()
     for rows in (1, 3, 1):
         x = torch.randn(rows, k).to(BF16)
         y = fl.linear_weight_only(x, w)
         exact = x.double() @ ref.t()
         assert ((y.double() - exact).abs() <= x.double().abs() @ ref.abs().t() * 2.0**-7 + 1e-6).all()
-    # one row: the native loop where it is vectorised; 3 rows (and every row elsewhere): int4pack
-    assert seen == (["native", "int4pack", "native"] if native_int4.vector_loop()
-                    else ["int4pack"] * 3)
+        if rows == 1 and native_int4.vector_loop():
+            kept = native_int4.pack_rows(iq.int4_unpack(packed), scale, zero)
+            assert torch.equal(y, gemv(*kept, group, x))
+    assert len(seen) == (2 if native_int4.vector_loop() else 0)
+    assert w.packed is None and w.make_packed is None
 
 
 def test_the_vector_loop_is_built_exactly_where_avx2_is_and_avx512_is_not(native_target):

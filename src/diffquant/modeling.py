@@ -336,7 +336,12 @@ class ModelMixin(nn.Module):
 
     # -- quantization state ----------------------------------------------------------------
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        """Bytes actually held by parameters (and buffers): the quantized size when quantized."""
+        """Bytes actually held by parameters (and buffers): the quantized size when quantized,
+        plus whatever the quantized layers keep beside them (``QuantizedLinear.kept_tensors``:
+        prepared forms for the fast path, cast scales), each storage once."""
+        from .quantizers.base import QuantizedLinear  # lazy: the quantizers build on this module
+        from .reachable import storage_bytes
+
         seen, total = set(), 0
         tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
         for t in tensors:
@@ -345,7 +350,9 @@ class ModelMixin(nn.Module):
                 continue
             seen.add(key)
             total += t.numel() * t.element_size()
-        return total
+        kept = [t for m in self.modules() if isinstance(m, QuantizedLinear)
+                for t in m.kept_tensors()]
+        return total + storage_bytes(kept, seen)
 
     def dequantize(self):
         """Turn a quantized model back into a plain one in its compute dtype."""

@@ -18,6 +18,9 @@ from torch import nn
 
 from ..errors import CheckpointError, QuantizationError
 from ..module_names import matches_any
+from ..reachable import reachable_tensors
+
+_MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own attributes: tensors, hooks
 
 
 class QuantizedLinear(nn.Module):
@@ -55,6 +58,13 @@ class QuantizedLinear(nn.Module):
         (their libraries' own) path, and so do autograd and tracing by torch.compile."""
         return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
             and not torch.compiler.is_compiling()
+
+    def kept_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer keeps beside its parameters and buffers: its prepared form
+        for the fast path and what any of its attributes holds (a cast scale, a decoded table).
+        ``get_memory_footprint`` counts them, so the footprint is what the layer holds."""
+        own = {k: v for k, v in vars(self).items() if k not in _MODULE_STATE}
+        return reachable_tensors(own)
 
     def _apply(self, fn, recurse=True):
         self._fast = None  # it holds the tensors from before the move or cast

@@ -279,18 +279,28 @@ class BnB4BitLinear(_PiecesLinear):
 
     def _forward_c(self, x: torch.Tensor, bias) -> torch.Tensor:
         lut, absmax = self.fast_weight(self._lut4_tables, self.weight, self.weight_absmax)
+        if absmax is None:  # double quantization: expanded for this call only (see _lut4_tables)
+            absmax = self._absmax(self.quant_state())
         return f4.linear_lut4(x, self.weight, lut, absmax, self._meta["blocksize"],
                               (self.out_features, self.in_features), bias)
 
-    def _lut4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the 16 code values, absmax per block) in float32, as bitsandbytes' dequantize_4bit
-        expands them (double-quantized statistics decoded, plus their offset), once."""
-        qs = _bnb().functional
+    def _lut4_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the 16 code values, absmax per block) in float32, kept for the layer's forwards:
+        the stored tensors themselves where they are float32 already. With double quantization
+        absmax is None: its expansion (one float32 per 64 weights, 12% of an NF4 layer) is
+        made per call, as bitsandbytes' own dequantize_4bit does, so the layer holds only its
+        stored pieces."""
         state = self.quant_state()
+        return state.code.float().contiguous(), None if state.nested else self._absmax(state)
+
+    @staticmethod
+    def _absmax(state) -> torch.Tensor:
+        """absmax per block in float32, as bitsandbytes' dequantize_4bit expands it
+        (double-quantized statistics decoded, plus their offset)."""
         absmax = state.absmax
         if state.nested:
-            absmax = qs.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return state.code.float().contiguous(), absmax.float().contiguous()
+            absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return absmax.float().contiguous()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}, double_quant={self.double_quant}"

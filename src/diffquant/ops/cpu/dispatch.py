@@ -11,8 +11,9 @@ runs then depends on three things:
 
        M == 1       one_row:  a C product that reads the stored weight in place and adds the
                               bias in the same call (memory-bound: one read of the weight)
-       M <= few     few_rows: torch's packed int8 / int4 kernel, on a copy of the weight in
-                              its layout made on the first such call
+       M <= few     few_rows: torch's packed int8 kernel, on the stored int8 weight (no
+                              route keeps a copy of its weight in another layout: a layer
+                              holds its stored pieces only, tests/test_held_memory.py)
        otherwise    decode:   the weight decoded into one reused bf16 buffer (a C pass, else
                               the reference's torch ops), then one matmul: in bf16, or in
                               float32 where torch has no bf16 matmul kernel ("bf16 matmul")
@@ -29,9 +30,9 @@ scheme and reports what ran, and tests/test_dispatch.py checks the two agree on 
 this machine executes.
 
 Example:
-    >>> ROUTES["gguf Q8_0"].few
-    32
-    >>> predict("gguf:q8_0", 1) in ("C gemv", "_weight_int4pack_mm_for_cpu(bfloat16)")
+    >>> ROUTES["torchao int8wo"].few
+    16
+    >>> predict("gguf:q8_0", 1) in ("C gemv", "mm(float32)", "addmm(bfloat16)")
     True
 """
 
@@ -86,7 +87,7 @@ CAPABILITIES = {  # name: (whether this machine has it, what it is)
     "C kernels": (lambda: build.available(),
                   "the C kernels are built (a C compiler, DIFFQUANT_NATIVE not 0)"),
     "AVX2, no AVX-512": (lambda: native_int4.vector_loop(),
-                         "the build's 4-bit one-row loop (on AVX-512, torch's int4pack wins)"),
+                         "the build's 4-bit one-row loop (AVX-512 builds decode that row)"),
     "AMX": (lambda: native_amx.amx_available(), "AMX tiles, granted to this process by Linux"),
     "VNNI": (lambda: not _int_mm_slow(), "torch._int_mm is fast (VNNI)"),
     "no VNNI": (lambda: _int_mm_slow(), "torch._int_mm is a generic loop (AVX2 only)"),
@@ -118,8 +119,8 @@ class Kernel:
 C = ("C kernels",)
 INT8_GEMV = Kernel("C int8_gemv", C, "K % 64 == 0")
 INT8PACK = Kernel("_weight_int8pack_mm(bfloat16)", (), "K % 16 == 0")
-INT4_GEMV = Kernel("C int4_gemv", (*C, "AVX2, no AVX-512"), "groups of 32 or 64n")
-INT4PACK = Kernel("_weight_int4pack_mm_for_cpu(bfloat16)", (), "groups of 32 to 256")
+INT4_GEMV = Kernel("C int4_gemv", (*C, "AVX2, no AVX-512"), "groups of 32 or 64n; its layout "
+                   "made per call in the shared buffer")
 GGUF_GEMV = Kernel("C gemv", C)
 TORCH = None  # a slot's work done by the reference's torch ops (none of them a "work" op)
 
@@ -138,6 +139,7 @@ class Route:
     products: tuple[Kernel, ...] = ()  # int8 dynamic's product for more rows: the first that runs
     library: str = ""                  # the layer keeps its library's or reference forward: its ops
     without_c: str = ""                # what the layer runs where the C kernels are not built
+    per_call: str = ""                 # a torch op every fast call runs beside its kernel
 
 
 # int8 dynamic's integer product for more rows: the first of these this machine runs (without
@@ -161,8 +163,7 @@ ROUTES = {
         products=INT8_DYNAMIC_PRODUCTS),
     "torchao int4wo": Route(
         "uint4 pairs [N, K/2], bf16 scale and zero per group", ("torchao:int4wo",),
-        one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C int4_tinygemm", C),
-        bias="after"),
+        one_row=INT4_GEMV, few=1, decode=Kernel("C int4_tinygemm", C), bias="after"),
     "torchao float8wo": Route(
         "float8 [N, K], float32 scale per row",
         ("torchao:float8wo", "torchao:float8wo_e5m2", "torchao:float8wo_e4m3"), bias="after"),
@@ -171,23 +172,22 @@ ROUTES = {
         one_row=INT8_GEMV, few_rows=INT8PACK, few=16, decode=Kernel("C int8_rows", C),
         bias="after"),
     "quanto float8": Route("float8 [N, K], scale per row", ("quanto:float8",), bias="after"),
-    "quanto int4": Route(  # few rows: groups of 128 with bf16 scales, as quanto's own layer
+    "quanto int4": Route(
         "uint4 [N*K/g/2, g] (quanto's packing), scale and shift per group", ("quanto:int4",),
-        one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C quanto_bits", C),
-        bias="after"),
+        decode=Kernel("C quanto_bits", C), bias="after"),
     "quanto int2": Route(
         "uint2 [N*K/g/4, g] (quanto's packing), scale and shift per group", ("quanto:int2",),
         decode=Kernel("C quanto_bits", C), bias="after"),
     "gguf Q8_0": Route(
         "GGUF blocks: 32 int8 and an f16 scale", ("gguf:q8_0",),
-        one_row=GGUF_GEMV, few_rows=INT4PACK, few=32, decode=Kernel("C decode", C)),
+        one_row=GGUF_GEMV, few=1, decode=Kernel("C decode", C)),
     "gguf Q6_K": Route(
         "GGUF super-blocks of 256: 6-bit codes, int8 scales per 16", ("gguf:q6_k",),
-        one_row=GGUF_GEMV, few_rows=INT4PACK, few=32, decode=Kernel("C decode", C)),
+        one_row=GGUF_GEMV, few=1, decode=Kernel("C decode", C)),
     "gguf Q4_0 Q4_1 Q4_K": Route(
         "GGUF blocks of 4-bit codes, a scale (and min) per 32", ("gguf:q4_0", "gguf:q4_1",
                                                                  "gguf:q4_k"),
-        one_row=INT4_GEMV, few_rows=INT4PACK, few=64, decode=Kernel("C decode", C)),
+        one_row=GGUF_GEMV, few=1, decode=Kernel("C decode", C)),
     "gguf other": Route(
         "GGUF F32 / F16 / BF16, Q5_0 / Q5_1, Q2_K / Q3_K / Q5_K",
         ("gguf:f32", "gguf:f16", "gguf:bf16", "gguf:q5_0", "gguf:q5_1", "gguf:q5_k")),
@@ -198,10 +198,14 @@ ROUTES = {
         "INT4 / NF4 / NVFP4 in blocks", ("modelopt:int4", "modelopt:nf4", "modelopt:nvfp4"),
         library="addmm(bfloat16)"),  # the reference per call: dequantize, F.linear in x's dtype
     "bitsandbytes 4-bit": Route(  # without the C kernels: bitsandbytes.matmul_4bit's op
-        "NF4 / FP4 codes [N*K/2], float32 absmax per 64",
-        ("bitsandbytes:nf4", "bitsandbytes:fp4", "bitsandbytes:nf4-dq", "bitsandbytes:fp4-dq"),
+        "NF4 / FP4 codes [N*K/2], float32 absmax per 64", ("bitsandbytes:nf4", "bitsandbytes:fp4"),
         one_row=Kernel("C lut4_gemv", C), few=1, decode=Kernel("C lut4_decode", C),
         without_c="gemm_4bit(bfloat16)"),
+    "bitsandbytes 4-bit, double quantization": Route(  # the absmax expanded per call, as
+        "NF4 / FP4 codes [N*K/2], int8 absmax per 64, float32 per 256 of those",  # bitsandbytes
+        ("bitsandbytes:nf4-dq", "bitsandbytes:fp4-dq"),
+        one_row=Kernel("C lut4_gemv", C), few=1, decode=Kernel("C lut4_decode", C),
+        without_c="gemm_4bit(bfloat16)", per_call="dequantize_blockwise(uint8)"),
     "bitsandbytes int8": Route(
         "int8 [N, K], SCB (absmax) per row", ("bitsandbytes:int8",),
         library="int8_vectorwise_quant(float16) + int8_mixed_scaled_mm(bfloat16)"),
@@ -246,6 +250,12 @@ def _weight_only(route: Route, rows: int) -> str:
 
 
 def _weight_only_steps(route: Route, rows: int) -> list[str]:
+    """``route``'s steps for ``rows`` rows, torch's ops in the order they run."""
+    per_call = [route.per_call] if route.per_call else []
+    return per_call + _slot_steps(route, rows)
+
+
+def _slot_steps(route: Route, rows: int) -> list[str]:
     slot = _weight_only(route, rows)
     if slot == "one_row":
         return [route.one_row.name]

@@ -1,14 +1,16 @@
 """4-bit weights prepared for the CPU: torchao int4 (w = (u - 8) * scale + zero per group),
-quanto's int4/int2 groups, and bitsandbytes' NF4/FP4 codes. torch's CPU int4pack kernel takes
-the few-row products of every format of the form (u - 8) * scale + zero per group of 32 or
-more columns (torchao int4, quanto int4, and GGUF Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K mapped onto
-it by ``gguf``), the C product of ``native/int4.py`` their one bf16 row where
-``dispatch.INT4_GEMV`` runs; their routes in ``dispatch.ROUTES`` say what runs when.
+quanto's int4/int2 groups, and bitsandbytes' NF4/FP4 codes, each keeping only its stored
+pieces (no prepared copy in another layout): more than one row decodes into the shared buffer,
+one bf16 row of torchao int4 goes to the C product of ``native/int4.py`` where
+``dispatch.INT4_GEMV`` runs. Their routes in ``dispatch.ROUTES`` say what runs when.
+``pack_int4_cpu`` / ``int4pack_matmul`` (torch's int4pack kernel) are the tests' and the
+benchmarks' reference for the C product.
 
 Example:
     >>> import torch
     >>> codes = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
-    >>> run = int4_few_rows(32, 64, codes, torch.rand(32, 2) / 8, torch.zeros(32, 2))
+    >>> run = int4pack_matmul(32, 64, [pack_int4_cpu(codes, torch.rand(32, 2) / 8,
+    ...                                              torch.zeros(32, 2), 64)])
     >>> run(torch.randn(1, 128, dtype=torch.bfloat16)).shape
     torch.Size([1, 32])
 """
@@ -26,7 +28,7 @@ from ..native import bnb4 as native_bnb4
 from ..native import int4 as native_int4
 from ..native import registry
 from .dispatch import INT4_GEMV, ROUTES
-from .linear import Packed, PreparedWeight, linear_decoded
+from .linear import PreparedWeight, linear_decoded
 from .scratch import chunk_rows, dequant_rows, scratch_buffer
 
 LUT4 = ROUTES["bitsandbytes 4-bit"]
@@ -71,45 +73,14 @@ def int4pack_matmul(n: int, group: int, packs) -> Callable[[torch.Tensor], torch
     return run
 
 
-def int4_few_rows(n: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The few-row product of ``codes`` [N, K] in 0..15 with w = (u - 8) * scale + zero per
-    ``group`` columns (scale/zero [N, K/group], rounded to bf16 as int4pack takes them).
-
-    torch's int4pack kernel, except one bf16 row where ``dispatch.INT4_GEMV`` runs (C, on
-    CPUs without AVX-512: there int4pack took 0.65-0.8x the bf16 product at one row, bound by
-    its own arithmetic). Then the int4pack copy is made only if more rows come.
-    """
-    k = codes.shape[1]
-    if codes.device.type != "cpu" or k % 32 or not native_int4.group_supported(k, group) \
-            or not INT4_GEMV.runs():
-        return int4pack_matmul(n, group, [pack_int4_cpu(codes, scale, zero, group)])
-    packed, sz = native_int4.pack_rows(codes, scale, zero)
-    int4pack = []
-
-    def one_row(x2, bias):                                  # [1, K] -> [1, N], bias added
-        if x2.dtype == torch.bfloat16 and x2.is_contiguous():
-            return native_int4.gemv(packed, sz, group, x2, bias=bias)   # None: int4pack's
-        return None
-
-    def run(x2):                                                          # [M, K] -> [M, N]
-        if x2.shape[0] == 1 and (y := one_row(x2, None)) is not None:
-            return y
-        if not int4pack:
-            s, z = native_int4.scales(sz)
-            int4pack.append(int4pack_matmul(
-                n, group, [pack_int4_cpu(native_int4.unpack_rows(packed), s, z, group)]))
-        return int4pack[0](x2)
-
-    return Packed(run, one_row)  # PreparedWeight takes its one_row: the bias goes in the C call
-
-
 # -- torchao int4 --------------------------------------------------------------------------------
 def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                         lazy: bool = False) -> PreparedWeight:
     """torchao int4 (tinygemm numbers): packed uint8 [N, K/2] (column 2j in the low nibble),
-    scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero. ``lazy``: the packed
-    kernel's copy (~0.6 B/weight) is made on the first few-row call, not now.
+    scale/zero [N, K/g] -> PreparedWeight with w = (u - 8) * scale + zero. It keeps nothing
+    but the stored pieces: one bf16 row goes to the C product where ``dispatch.INT4_GEMV`` runs
+    (its layout made per call in the shared buffer: ``_row_form``), more rows decode. ``lazy``
+    is accepted for the other ``prepare_*`` functions' signature.
 
     Example:
         >>> import torch
@@ -133,13 +104,32 @@ def prepare_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
         else:
             dequant_rows(out, sdt, fill)
 
-    make = None
-    if packed.device.type == "cpu" and group in (32, 64, 128, 256):
-        def make():
-            return int4_few_rows(n, group, iq.int4_unpack(packed), scale, zero)
+    one_row = None
+    if packed.device.type == "cpu" and k % 32 == 0 and native_int4.group_supported(k, group) \
+            and INT4_GEMV.runs():
+        def one_row(x2, bias):                              # [1, K] -> [1, N], bias added
+            if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+                return None
+            p, sz = _row_form(packed, scale, zero)
+            return native_int4.gemv(p, sz, group, x2, bias=bias)     # None: it decodes
     return PreparedWeight(ROUTES["torchao int4wo"], n, k, dequant_into, f"int4 g{group}",
-                          packed.device, packed=None if lazy or make is None else make(),
-                          make_packed=make if lazy else None)
+                          packed.device, one_row=one_row)
+
+
+def _row_form(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """torchao int4's stored pieces in ``native_int4.pack_rows``' layout, built per call in the
+    shared scratch buffer (one pass over the 0.5 B/weight codes, ~the cost of the product it
+    feeds) instead of a kept copy: the codes are torchao's but for the sign bit of the last of
+    every 8 (bit 31 of each little-endian 32-bit word), and scale and zero are interleaved."""
+    n, half = packed.shape
+    p = scratch_buffer((n, half), torch.uint8, packed.device, "int4 row codes")
+    torch.bitwise_xor(packed.view(torch.int32), -(1 << 31), out=p.view(torch.int32))
+    groups = scale.shape[1]
+    sz = scratch_buffer((n, groups), torch.int32, packed.device, "int4 row scales")
+    pairs = sz.view(torch.bfloat16).view(n, groups, 2)
+    pairs[..., 0].copy_(scale)
+    pairs[..., 1].copy_(zero)
+    return p, sz
 
 
 # -- quanto int4 / int2 --------------------------------------------------------------------------
@@ -151,12 +141,9 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
     i + j*P sits in bits j*bits.. of byte row i of ``packed`` [P, g] (quanto's packing along
     dim 0).
 
-    Few rows, int4 in groups of 128 with bf16 scales on a CPU: the int4pack kernel with
-    zero = 8 * scale - shift rounded to bf16, which is exactly what quanto's own layer runs there
-    (its ``TinyGemmWeightQBitsTensor``, at every row count): the same outputs as quanto's,
-    within bf16 rounding of the dequantize path. Other groups, int2 and float16/32 scales have
-    no such layer in quanto; they always dequantize. The packed copy is made on the first
-    few-row call.
+    Every row count decodes (C, else quanto's torch ops) into the shared buffer: the layer
+    keeps only its stored pieces. (quanto's own int4 layer on a CPU keeps torch's int4pack form
+    instead of these pieces; its outputs are within bf16 rounding of these.)
     """
     n, k = shape
     r_all = scale.shape[0]
@@ -185,16 +172,9 @@ def prepare_quanto_bits(packed: torch.Tensor, scale: torch.Tensor, shift: torch.
         else:
             dequant_rows(out, sdt, fill)
 
-    make = None
-    if bits == 4 and g == 128 and sdt == torch.bfloat16 and packed.device.type == "cpu":
-        def make():
-            codes = qm.unpack(packed, bits, r_all).view(n, k)
-            zero = (-shift) + 8 * scale                                   # bf16 math, as quanto
-            return int4_few_rows(n, g, codes, scale.view(n, per), zero.view(n, per))
-
     route = ROUTES[f"quanto int{bits}"]
     return PreparedWeight(route, n, k, dequant_into, f"quanto int{bits} g{g}", packed.device,
-                          make_packed=make, small_rows=route.few if make else 0)
+                          small_rows=0)
 
 
 # -- bitsandbytes NF4 / FP4 ----------------------------------------------------------------------

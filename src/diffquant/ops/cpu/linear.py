@@ -111,10 +111,10 @@ class PreparedWeight:
     ``bias`` says where the bias goes). ``dequant_into(out)`` writes the [N, K] weight into
     ``out`` (any float dtype); ``out_scale`` ([N] float32 or None) multiplies the matmul result
     (int8 keeps the reference order: matmul on the integers, then the per-channel scale);
-    ``packed`` is the few-row kernel (a ``Packed`` or a function; None where the format has no
-    exact mapping or off the CPU); ``make_packed()`` builds it on the first few-row call
-    instead (``lazy=True`` of the ``prepare_*`` functions), so only layers called with few rows
-    pay its memory. ``float32_exact``: ``dequant_into`` a float32 buffer gives exactly the
+    ``packed`` is the few-row kernel (a ``Packed`` or a function; None where the format has
+    none or off the CPU: only int8's, which reads the stored weight); ``make_packed()`` builds
+    it on the first few-row call instead. Neither may keep a copy of the weight: a layer holds
+    its stored pieces only (tests/test_held_memory.py). ``float32_exact``: ``dequant_into`` a float32 buffer gives exactly the
     values it gives in bf16 (integer codes), so the float32 product need not decode in bf16
     first. ``one_row(x2, bias)``: the whole product of one row, ``out_scale`` and ``bias``
     included, in one native call (None back where it does not take this row); a ``Packed``

@@ -1,6 +1,6 @@
 """GGUF blocks through the C kernels (``csrc/gguf_decode.c``, ``csrc/gguf_gemv.c``): the decode
 of Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks into a float32 or bf16 buffer, and the one-row
-product of Q8_0 and Q6_K blocks read in place. ``ops/cpu/gguf.py`` uses them.
+product of the same blocks read in place. ``ops/cpu/gguf.py`` uses them.
 
 Example:
     >>> import torch
@@ -20,7 +20,7 @@ from ..formats.gguf import BLOCK_LAYOUT, GGMLType
 from . import build, registry
 
 DECODES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
-GEMV_TYPES = (GGMLType.Q8_0, GGMLType.Q6_K)  # no exact int4pack mapping at 1 B/weight or less
+GEMV_TYPES = DECODES  # the one-row product reads each of them in place
 # ids as ints, and their bytes per block: a one-row product's lookups (an enum lookup costs
 # ~10 us there, 1% of it)
 _DECODE_IDS = {int(t) for t in DECODES}
@@ -56,8 +56,8 @@ def decode_into(blocks: torch.Tensor, qtype, out: torch.Tensor, lib=None) -> tor
 
 def gemv(blocks: torch.Tensor, qtype, x2: torch.Tensor, portable: bool = False,
          lib=None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ W.T (+ bias [N]) for W the Q8_0/Q6_K blocks [N, bytes] -> [1, N] in x's
-    dtype, reading the blocks once.
+    """x [1, K] @ W.T (+ bias [N]) for W the blocks [N, bytes] of a type of ``GEMV_TYPES`` ->
+    [1, N] in x's dtype, reading the blocks once.
 
     The weight is the reference's exact float32 values (the bf16 reference rounds them to bf16
     first: this is closer to the exact product, and within bf16 rounding of the reference); the
@@ -65,6 +65,7 @@ def gemv(blocks: torch.Tensor, qtype, x2: torch.Tensor, portable: bool = False,
     (in C for a bf16 x and bias). ``portable``: the C loop without AVX-512."""
     n, groups = _geometry(blocks, qtype)
     if x2.shape[0] != 1 or int(qtype) not in _GEMV_IDS:
-        raise ValueError("native GGUF gemv takes Q8_0/Q6_K blocks and one row")
+        raise ValueError(f"native GGUF gemv takes {'/'.join(t.name for t in GEMV_TYPES)} blocks "
+                         "and one row")
     return registry.one_row("gemv", n, x2, portable, lib=lib, bias=bias, qtype=int(qtype),
                             blocks=blocks, n_blocks=groups, k=x2.shape[1])
