@@ -99,10 +99,24 @@ def test_int8_dynamic_without_vnni_is_bit_identical(m, n, k, use_native, slow_in
                                                     monkeypatch):
     if not use_native:
         monkeypatch.setattr(native, "available", lambda: False)
-    q, s = iq.int8_quantize_per_channel(torch.randn(n, k))
+    q, s = iq.int8_quantize_per_channel(torch.randn(n, k,
+        generator=torch.Generator().manual_seed(m)))
     x, b = _x(m, k), _x(1, n, seed=1).flatten()
     y = fi.linear_int8_dynamic(x, fi.prepare_int8_dynamic(q, s), b)
     assert torch.equal(y, iq.int8_dynamic_linear(x, q, s, b))
+
+
+def test_int8_dynamic_scales_round_as_the_reference_on_a_tie():
+    """11.875 x 0.0304276... + 0.3046875 is 0.666015625 in float32, a tie between two bf16
+    values: the reference rounds the product and the sum separately (ties to even: 0.6640625);
+    a fused multiply-add would round up (the case the unseeded test above met once)."""
+    acc = torch.full((64, 16), 95, dtype=torch.int32)
+    xs = torch.full((64, 1), 0.125)                                   # 95 x 0.125 = 11.875
+    ws = torch.full((16,), 0.030427634716033936)
+    b = torch.full((16,), 0.3046875, dtype=BF16)
+    y = fi._scale_output(acc, xs, ws, b, BF16)
+    want = (((acc.float() * xs).to(BF16)) * ws + b).to(BF16)           # formats.torchao's order
+    assert torch.equal(y, want) and want[0, 0].item() == 0.6640625
 
 
 @pytest.mark.parametrize("m", [1, 2])  # 1: native_int8.int8_dynamic_row

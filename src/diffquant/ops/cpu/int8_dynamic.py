@@ -190,6 +190,7 @@ def _scale_output(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
         y.mul_(ws)
         if bias is not None:
             y.add_(bias)
-    else:  # reference: (y * scale) in float32, + bias, one rounding to x's dtype
-        torch.addcmul(bias, y, ws, out=y)
+    else:  # reference: (y * scale) in float32, + bias, one rounding to x's dtype; not addcmul,
+        # whose multiply-add is fused (one rounding fewer: a sum on a bf16 tie rounds the other way)
+        y.copy_(torch.mul(y, ws).add_(bias))
     return y
