@@ -14,67 +14,24 @@ the same run.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
-import types
 
 import torch
 
 from bench.model import Size, ensure_checkpoint, make_inputs
+from diffquant.reachable import reachable_tensors, storage_bytes
 
 SIZE = Size("held", heads=24, double=1, single=1, image_tokens=(256, 1024), text_tokens=64,
             repeats=2)
 SCHEMES = ("bf16", "torchao:int8wo", "torchao:int8dq", "gguf:q4_0", "gguf:q4_1", "gguf:q4_k",
            "gguf:q8_0", "gguf:q6_k", "torchao:int4wo", "quanto:int4", "bitsandbytes:nf4")
-_LEAVES = (str, bytes, int, float, bool, type(None), type, types.ModuleType, torch.dtype,
-           torch.device, types.BuiltinFunctionType)
 
 
 def held_bytes(root) -> int:
-    """Bytes of every tensor storage reachable from ``root`` (attributes, containers, closures
-    and defaults of functions, tensor subclasses' inner tensors), each storage once."""
-    seen_obj, seen_storage, total, stack = set(), set(), 0, [root]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, _LEAVES) or id(o) in seen_obj:
-            continue
-        seen_obj.add(id(o))
-        if isinstance(o, torch.Tensor):
-            if hasattr(o, "__tensor_flatten__") and type(o) not in (torch.Tensor, torch.nn.Parameter):
-                stack.extend(getattr(o, n) for n in o.__tensor_flatten__()[0])
-            elif not o.is_meta:
-                key = (o.untyped_storage().data_ptr(), str(o.device))
-                if key not in seen_storage:
-                    seen_storage.add(key)
-                    total += o.untyped_storage().nbytes()
-            stack.extend(vars(o).values())
-            continue
-        if isinstance(o, dict):
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            stack.extend(o)
-        elif isinstance(o, types.FunctionType):
-            stack.extend(c.cell_contents for c in o.__closure__ or () if _filled(c))
-            stack.extend(o.__defaults__ or ())
-        elif isinstance(o, types.MethodType):
-            stack.extend((o.__self__, o.__func__))
-        elif isinstance(o, functools.partial):
-            stack.extend((o.func, o.args, o.keywords))
-        else:
-            stack.extend(getattr(o, "__dict__", {}).values())
-            slots = getattr(type(o), "__slots__", ())
-            stack.extend(getattr(o, s) for s in ((slots,) if isinstance(slots, str) else slots)
-                         if hasattr(o, s))
-    return total
-
-
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents
-        return True
-    except ValueError:
-        return False
+    """Bytes of every tensor storage reachable from ``root`` (modules, attributes, containers,
+    closures and defaults of functions, tensor subclasses' inner tensors), each storage once."""
+    return storage_bytes(reachable_tensors(root, into_modules=True))
 
 
 def _load(path, spec: str):

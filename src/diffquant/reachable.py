@@ -21,18 +21,20 @@ from typing import Iterable
 import torch
 from torch import nn
 
-# objects that never hold a tensor (or, for modules, whose tensors their owner counts)
+# objects that never hold a tensor
 _LEAVES = (str, bytes, int, float, complex, bool, type(None), type, types.ModuleType,
-           torch.dtype, torch.device, types.BuiltinFunctionType, nn.Module)
+           torch.dtype, torch.device, types.BuiltinFunctionType)
 
 
-def reachable_tensors(root) -> list[torch.Tensor]:
-    """The plain tensors reachable from ``root`` (not descending into nn.Modules, whose own
-    parameters and buffers are counted by their owner)."""
+def reachable_tensors(root, into_modules: bool = False) -> list[torch.Tensor]:
+    """The plain tensors reachable from ``root``; by default not descending into nn.Modules,
+    whose own parameters and buffers their owner counts (``into_modules``: all of them, as
+    bench/held.py measures a whole model)."""
+    leaves = _LEAVES if into_modules else _LEAVES + (nn.Module,)
     seen, found, stack = set(), [], [root]
     while stack:
         o = stack.pop()
-        if isinstance(o, _LEAVES) or id(o) in seen:
+        if isinstance(o, leaves) or id(o) in seen:
             continue
         seen.add(id(o))
         if isinstance(o, torch.Tensor):
