@@ -114,5 +114,22 @@ static inline __m256 half_broadcast8(const uint8_t *p) {
     memcpy(&h, p, 2);
     return _mm256_set1_ps(_cvtsh_ss(h));
 }
+
+/* a Q4_0 / Q4_1 block's 32 values 8 at a time (gguf_decode.c's AVX2
+   decode and gguf_gemv.c's Q4 rows share it): the float32 ops of block_q4_0 / block_q4_1 */
+static inline __attribute__((always_inline)) void q4_block8(int qtype, const uint8_t *b, __m256 *v) {
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    __m256 d = half_broadcast8(b);
+    __m128i q = _mm_loadu_si128((const __m128i *)(b + (qtype == Q4_0 ? 2 : 4)));
+    __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+    __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    __m256 m = qtype == Q4_1 ? half_broadcast8(b + 2) : eight;
+    for (int k = 0; k < 4; k++) {
+        __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[k]));
+        v[k] = qtype == Q4_0 ? _mm256_mul_ps(d, _mm256_sub_ps(u, eight))
+                             : _mm256_add_ps(_mm256_mul_ps(d, u), m);
+    }
+}
 #endif
 #endif

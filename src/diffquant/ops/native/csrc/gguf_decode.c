@@ -101,26 +101,17 @@ static inline void put8(void *out, int64_t at, __m256 v, int out_bf16) {
 static int decode_small_avx2(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0,
                              int64_t r1, void *out, int64_t ld_out, int out_bf16) {
     const int size = qtype == Q8_0 ? Q8_0_BYTES : qtype == Q4_0 ? Q4_0_BYTES : Q4_1_BYTES;
-    const __m128i low4 = _mm_set1_epi8(0x0f);
-    const __m256 eight = _mm256_set1_ps(8.0f);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *b = blocks + r * n_blocks * size;
         for (int64_t g = 0; g < n_blocks; g++, b += size) {
             int64_t at = r * ld_out + g * 32;
-            __m256 d = half_broadcast8(b), v[4];
+            __m256 v[4];
             if (qtype == Q8_0) {
+                __m256 d = half_broadcast8(b);
                 for (int k = 0; k < 4; k++)
                     v[k] = _mm256_mul_ps(d, int8x8_to_float(b + 2 + 8 * k));
             } else {
-                __m128i q = _mm_loadu_si128((const __m128i *)(b + (qtype == Q4_0 ? 2 : 4)));
-                __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-                __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-                __m256 m = qtype == Q4_1 ? half_broadcast8(b + 2) : eight;
-                for (int k = 0; k < 4; k++) {
-                    __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[k]));
-                    v[k] = qtype == Q4_0 ? _mm256_mul_ps(d, _mm256_sub_ps(u, eight))  /* d (u - 8) */
-                                         : _mm256_add_ps(_mm256_mul_ps(d, u), m);    /* d u + m */
-                }
+                q4_block8(qtype, b, v);
             }
             for (int k = 0; k < 4; k++) put8(out, at + 8 * k, v[k], out_bf16);
         }

@@ -392,21 +392,6 @@ static float gemv_row_q4(int qtype, const uint8_t *b, int64_t n_blocks, const fl
 #endif
 
 #ifdef HAVE_GGUF_AVX2
-/* a Q4_0 / Q4_1 block's 32 values as decode_small_avx2 makes them, 8 at a time */
-static inline __attribute__((always_inline)) void q4_block8(int qtype, const uint8_t *b, __m256 *v) {
-    const __m128i low4 = _mm_set1_epi8(0x0f);
-    const __m256 eight = _mm256_set1_ps(8.0f);
-    __m256 d = half_broadcast8(b);
-    __m128i q = _mm_loadu_si128((const __m128i *)(b + (qtype == Q4_0 ? 2 : 4)));
-    __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-    __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    __m256 m = qtype == Q4_1 ? half_broadcast8(b + 2) : eight;
-    for (int k = 0; k < 4; k++) {
-        __m256 u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[k]));
-        v[k] = qtype == Q4_0 ? _mm256_mul_ps(d, _mm256_sub_ps(u, eight))
-                             : _mm256_add_ps(_mm256_mul_ps(d, u), m);
-    }
-}
 
 #define FMA8(A, W, X) A = _mm256_fmadd_ps((W), _mm256_loadu_ps(X), A)
 
