@@ -1,8 +1,8 @@
 """Which schemes the bench measures, their formats' ideal bits per weight, diffusers' equivalents.
 
 Schemes come from the registry: every config class in
-``diffquant.quantizers.AUTO_QUANTIZATION_CONFIG_MAPPING`` and each of its ``cpu_examples()``, so a
-new backend or example appears in the tables without touching the bench. A scheme is named by
+``diffquant.quantizers.AUTO_QUANTIZATION_CONFIG_MAPPING`` and each of its ``cpu_examples()`` (plus
+``BENCH_EXTRAS``), so a new backend or example appears in the tables without touching the bench. A scheme is named by
 ``(config class name, example index)``, which a child process resolves the same way.
 
 Example:
@@ -48,9 +48,19 @@ def config_classes() -> dict[str, type]:
     return out
 
 
+def examples_of(cls) -> list:
+    """``cls.cpu_examples()`` and then the bench's extra schemes for it (BENCH_EXTRAS)."""
+    return cls.cpu_examples() + [cls(**kwargs) for kwargs in BENCH_EXTRAS.get(cls.__name__, ())]
+
+
+# Schemes measured here but not cpu examples: the tests' toy layers are narrower than a K-quant
+# super-block (256), so a K-quant example would fall back to BF16 there.
+BENCH_EXTRAS = {"GGUFQuantizationConfig": [dict(compute_dtype=torch.bfloat16, quant_type="Q4_K")]}
+
+
 def config_of(scheme: Scheme):
     """The diffquant config object of ``scheme`` (a fresh one: configs may be mutated on load)."""
-    return config_classes()[scheme.cls_name].cpu_examples()[scheme.index]
+    return examples_of(config_classes()[scheme.cls_name])[scheme.index]
 
 
 def _label(config) -> str:
@@ -67,7 +77,7 @@ def enumerate_schemes(pattern: str | None = None) -> list[Scheme]:
     schemes = list(BASELINES)
     seen: dict[str, int] = {}
     for name, cls in config_classes().items():
-        for i, config in enumerate(cls.cpu_examples()):
+        for i, config in enumerate(examples_of(cls)):
             label = _label(config)
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:
@@ -137,7 +147,7 @@ def _modelopt_bits(config, in_features: int) -> tuple[float | None, str]:
 
 
 # Formats diffquant reads but cannot write: listed in table 1 with their ideal bits.
-LOAD_ONLY_GGUF = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
+LOAD_ONLY_GGUF = ("Q3_K", "Q2_K")
 
 
 # -- diffusers' equivalent -------------------------------------------------------------------
