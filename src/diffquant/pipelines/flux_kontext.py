@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .flux import (FluxPipeline, FluxPipelineOutput, batch_size_of, call_prelude,
-                   decode_packed_latents, flow_match_timesteps, pack_latents,
-                   prepare_latent_image_ids, prepare_packed_latents)
+from .flux import FluxPipeline, FluxPipelineOutput
+from .flux_steps import (batch_size_of, call_prelude, decode_packed_latents, flow_match_timesteps,
+                         pack_latents, prepare_latent_image_ids, prepare_packed_latents)
 
 logger = logging.getLogger(__name__)
 
