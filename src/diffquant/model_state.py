@@ -16,11 +16,12 @@ from torch import nn
 class ModelState(nn.Module):
     """Quantization state over ModelMixin's ``hf_quantizer``, ``is_quantized`` and
     ``quantization_method`` (class attributes there, set on the instance by a quantized load)."""
+
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes actually held by parameters (and buffers): the quantized size when quantized,
         plus whatever the quantized layers keep beside them (``QuantizedLinear.kept_tensors``:
         prepared forms for the fast path, cast scales), each storage once."""
-        from .quantizers.base import QuantizedLinear  # lazy: the quantizers build on this module
+        from .quantizers.base import QuantizedLinear  # lazy: the quantizers build on the models
         from .reachable import storage_bytes
 
         seen, total = set(), 0

@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-# the pipeline's logger, as before these methods moved here
+# DiffusionPipeline's logger: its warnings keep the name a user filters them by
 logger = logging.getLogger("diffquant.pipeline")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .media import load_frames, save_output
 
+
 class ChildError(Exception):
     """A compare variant failed in its child process; carries the child's exit code."""
 

@@ -18,7 +18,7 @@ import torch
 
 from ..models.autoencoder_kl import randn_like_diffusers
 
-# FluxPipeline's logger, as before these steps moved here
+# FluxPipeline's logger: its warnings keep the name a user filters them by
 logger = logging.getLogger("diffquant.pipelines.flux")
 
 
