@@ -30,6 +30,7 @@ from torch import nn
 
 from .configuration import ConfigMixin
 from .errors import BackendUnavailableError, ConfigError
+from .model_state import ModelState
 from .modeling import ModelMixin, _set_tensor
 
 EXTRA = "diffquant[diffusers]"
@@ -145,7 +146,8 @@ class DiffusersModelMixin(ModelMixin):
     Comes first in the bases of the classes ``diffusers_class`` makes, so diffquant's
     ``from_pretrained``, ``from_single_file``, ``save_pretrained``, ``dequantize``,
     ``get_memory_footprint`` and ``to`` apply; ``dtype``, ``device`` and ``num_parameters``
-    stay diffusers' (its pipelines rely on their exact meaning).
+    stay diffusers' (its pipelines rely on their exact meaning): ``super(ModelState, self)``
+    skips ModelMixin and its base ModelState, both diffquant's, to reach diffusers' class.
     """
 
     _diffusers_class: type | None = None
@@ -200,14 +202,14 @@ class DiffusersModelMixin(ModelMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        return super(ModelMixin, self).dtype
+        return super(ModelState, self).dtype
 
     @property
     def device(self) -> torch.device:
-        return super(ModelMixin, self).device
+        return super(ModelState, self).device
 
     def num_parameters(self, *args, **kwargs) -> int:
-        return super(ModelMixin, self).num_parameters(*args, **kwargs)
+        return super(ModelState, self).num_parameters(*args, **kwargs)
 
 
 __all__ = ["DiffusersModelMixin", "diffusers_class", "parameters_on_meta", "require_diffusers"]

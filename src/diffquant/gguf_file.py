@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FileReader
+from .safetensors_file import FileReader
 from .errors import CheckpointError, QuantizationError
 from .ops.formats.gguf import GGMLType, byte_shape, dequantize
 

@@ -1,4 +1,5 @@
-"""ModelMixin: from_pretrained / save_pretrained / dequantize / footprint for diffquant models.
+"""ModelMixin: from_pretrained / save_pretrained for diffquant models (dequantize and footprint:
+model_state.py).
 
 Loading is skeleton on meta, swap, assign: the model is built on the meta device (no memory),
 a quantizer may swap in quantized layers, then tensors are streamed from the checkpoint one at a
@@ -27,6 +28,7 @@ from .errors import CheckpointError, ConfigError, DiffquantError, QuantizationEr
 from .hub import push_folder, resolve_dir, split_hub_kwargs
 from .limits import bytes_per_parameter, check_tensor_shapes
 from .snapshot import pinned_load
+from .model_state import ModelState
 from .module_names import matches_any
 
 logger = logging.getLogger(__name__)
@@ -104,8 +106,9 @@ def parse_torch_dtype(value, where: str = "from_pretrained"):
     return dtype
 
 
-class ModelMixin(nn.Module):
-    """Base of diffquant's models: loading, saving and quantization state."""
+class ModelMixin(ModelState):
+    """Base of diffquant's models: loading and saving; the quantization state (footprint,
+    dequantize, refused casts) comes from ModelState (model_state.py)."""
 
     config_name = "config.json"
     _keep_in_fp32_modules: list[str] = []
@@ -333,72 +336,6 @@ class ModelMixin(nn.Module):
                 probe = probe.rpartition(".")[0]
             groups.setdefault(outer, []).append(key)
         return list(groups.values())
-
-    # -- quantization state ----------------------------------------------------------------
-    def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        """Bytes actually held by parameters (and buffers): the quantized size when quantized,
-        plus whatever the quantized layers keep beside them (``QuantizedLinear.kept_tensors``:
-        prepared forms for the fast path, cast scales), each storage once."""
-        from .quantizers.base import QuantizedLinear  # lazy: the quantizers build on this module
-        from .reachable import storage_bytes
-
-        seen, total = set(), 0
-        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
-        for t in tensors:
-            key = (t.untyped_storage().data_ptr(), t.device) if not t.is_meta else id(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        kept = [t for m in self.modules() if isinstance(m, QuantizedLinear)
-                for t in m.kept_tensors()]
-        return total + storage_bytes(kept, seen)
-
-    def dequantize(self):
-        """Turn a quantized model back into a plain one in its compute dtype."""
-        if self.hf_quantizer is None:
-            raise ValueError(f"{type(self).__name__} is not quantized; nothing to dequantize")
-        self.hf_quantizer.dequantize(self)
-        config = {k: v for k, v in self.config.items()
-                  if k not in ("quantization_config", "_pre_quantization_dtype")}
-        object.__setattr__(self, "_internal_dict", type(self.config)(config))
-        self.hf_quantizer, self.is_quantized, self.quantization_method = None, False, None
-        return self
-
-    def _refuse_cast(self, what: str):
-        if self.is_quantized:
-            method = getattr(self.quantization_method, "value", self.quantization_method)
-            raise ValueError(f"{what} is not supported on a model quantized with {method}: its "
-                             "weights are stored in the quantized format; load it again with "
-                             "another torch_dtype, or dequantize() first")
-
-    def to(self, *args, **kwargs):
-        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-        if dtype is not None:
-            self._refuse_cast(f".to({dtype})")
-        return super().to(*args, **kwargs)
-
-    def half(self, *args):
-        self._refuse_cast(".half()")
-        return super().half(*args)
-
-    def float(self, *args):
-        self._refuse_cast(".float()")
-        return super().float(*args)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def _nbytes(ckpt, key: str) -> int:

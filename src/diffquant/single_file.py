@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import SafetensorsFile
+from .safetensors_file import SafetensorsFile
 from .errors import CheckpointError, ConfigError
 from .gguf_file import GGUFFile
 from .hub import resolve_dir

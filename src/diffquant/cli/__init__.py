@@ -4,8 +4,8 @@ sensitivity | plan.
 Every command takes ``--quantize backend:scheme[@components]`` (see diffquant.spec) where it
 loads a pipeline. Errors print one line, ``diffquant: error: <cause>; <what to do>``, and exit
 with 2 for bad input and 1 for a runtime failure (``--debug`` shows the traceback).
-The parser and the error handling live here, the commands in ``commands.py`` (batch and
-sensitivity, and the ``--ray`` options, in ``batch.py``).
+The parser and the error handling live here, the commands in ``commands.py`` (compare in
+``compare.py``; batch and sensitivity, and the ``--ray`` options, in ``batch.py``).
 
 Example:
     $ diffquant generate --prompt "a red circle" --quantize torchao:int8wo --out out/a.png
@@ -27,8 +27,9 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError, QuantizationError
 from . import batch as batch_cli
 from . import budget as budget_cli
-from . import commands, convert, lora
-from .commands import EXIT_RUNTIME, EXIT_USAGE, ChildError, UsageError
+from . import commands, compare, convert, lora
+from .commands import EXIT_RUNTIME, EXIT_USAGE, UsageError
+from .compare import ChildError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path", metavar="PATH", help=MODEL_HELP)
     _common(ins, model_flag=False)
 
-    cmp_ = command("compare", commands.cmd_compare, "compare quantization schemes",
+    cmp_ = command("compare", compare.cmd_compare, "compare quantization schemes",
                    "Run the unquantized pipeline and each --quantize variant with the same seed, "
                    "each in its own process; write an image grid (a video's first frames) and "
                    "print time, memory and PSNR (over every frame).")

@@ -30,7 +30,8 @@ from ..ops.cpu import int4 as f4
 from ..ops.cpu import quantize as cq
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, PiecesLinear, require
-from .bitsandbytes_state import check_statistics, quant_state_blob
+from .bitsandbytes_state import (check_packed_weight, check_statistics, quant_state_blob,
+                                 quant_state_fields)
 from .config import (QuantizationConfigMixin, QuantizationMethod, check_field, dtype_to_str,
                      str_to_dtype)
 
@@ -230,12 +231,7 @@ class BnB4BitLinear(_PiecesLinear):
         if name not in self.required_pieces():
             self._bad_piece(name)
         if name == "weight":
-            n_bytes = (self.in_features * self.out_features + 1) // 2
-            if tensor.numel() * tensor.element_size() != n_bytes or tensor.is_floating_point() \
-                    and tensor.dtype != self.quant_storage:
-                raise CheckpointError(f"BnB4BitLinear: packed 4-bit 'weight' should hold {n_bytes} "
-                                      f"bytes of {self.quant_storage}, got {tensor.dtype} "
-                                      f"{list(tensor.shape)}; is this checkpoint really 4-bit?")
+            check_packed_weight(self, tensor)
         if name == self.state_key:
             self._meta = quant_state_blob(tensor, (self.out_features, self.in_features))
         self._put(name, tensor)
@@ -257,9 +253,7 @@ class BnB4BitLinear(_PiecesLinear):
     def quant_state(self):
         """bitsandbytes' QuantState over this layer's buffers (rebuilt after a device move)."""
         if self._qs_cache[0] is not self.weight_absmax:
-            pieces = {k.split(".", 1)[1]: getattr(self, a) for k, a in self.PIECES.items()
-                      if k not in ("weight", "weight.quant_state") and getattr(self, a) is not None}
-            state = _bnb().functional.QuantState.from_dict({**pieces, **self._meta},
+            state = _bnb().functional.QuantState.from_dict(quant_state_fields(self),
                                                            device=self.weight_absmax.device)
             self._qs_cache = (self.weight_absmax, state)
         return self._qs_cache[1]
@@ -285,22 +279,10 @@ class BnB4BitLinear(_PiecesLinear):
                               (self.out_features, self.in_features), bias)
 
     def _lut4_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the 16 code values, absmax per block) in float32, kept for the layer's forwards:
-        the stored tensors themselves where they are float32 already. With double quantization
-        absmax is None: its expansion (one float32 per 64 weights, 12% of an NF4 layer) is
-        made per call, as bitsandbytes' own dequantize_4bit does, so the layer holds only its
-        stored pieces."""
-        state = self.quant_state()
-        return state.code.float().contiguous(), None if state.nested else self._absmax(state)
+        # kept for the layer's forwards by fast_weight (ops/cpu/int4.lut4_tables says what)
+        return f4.lut4_tables(self.quant_state())
 
-    @staticmethod
-    def _absmax(state) -> torch.Tensor:
-        """absmax per block in float32, as bitsandbytes' dequantize_4bit expands it
-        (double-quantized statistics decoded, plus their offset)."""
-        absmax = state.absmax
-        if state.nested:
-            absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return absmax.float().contiguous()
+    _absmax = staticmethod(f4.lut4_absmax)  # absmax per block in float32 (double quant decoded)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}, double_quant={self.double_quant}"

@@ -1,6 +1,7 @@
 """bitsandbytes' stored 4-bit QuantState, checked before it is trusted (bitsandbytes.py's
-BnB4BitLinear uses these): the JSON blob of its non-tensor fields, and the sizes of the
-statistics against the layer's weight (bitsandbytes itself would index past them).
+BnB4BitLinear uses these): the packed weight's size, the JSON blob of its non-tensor fields, and
+the sizes of the statistics against the layer's weight (bitsandbytes itself would index past
+them); and the fields a QuantState is rebuilt from.
 
 Example:
     >>> import torch
@@ -48,3 +49,21 @@ def check_statistics(layer, name: str) -> None:
                                   f"{t.numel()} values, but a [{layer.out_features}, "
                                   f"{layer.in_features}] weight in blocks of "
                                   f"{layer._meta['blocksize']} needs {n}; the file is corrupt")
+
+
+def check_packed_weight(layer, tensor: torch.Tensor) -> None:
+    """A stored packed 4-bit ``weight`` holds two codes a byte, in the config's storage dtype."""
+    n_bytes = (layer.in_features * layer.out_features + 1) // 2
+    if tensor.numel() * tensor.element_size() != n_bytes or tensor.is_floating_point() \
+            and tensor.dtype != layer.quant_storage:
+        raise CheckpointError(f"BnB4BitLinear: packed 4-bit 'weight' should hold {n_bytes} "
+                              f"bytes of {layer.quant_storage}, got {tensor.dtype} "
+                              f"{list(tensor.shape)}; is this checkpoint really 4-bit?")
+
+
+def quant_state_fields(layer) -> dict:
+    """``QuantState.from_dict``'s input: the layer's statistics buffers by their names after
+    ``weight.`` ("absmax", "nested_quant_map" ...) and the blob's non-tensor fields."""
+    pieces = {k.split(".", 1)[1]: getattr(layer, a) for k, a in layer.PIECES.items()
+              if k not in ("weight", "weight.quant_state") and getattr(layer, a) is not None}
+    return {**pieces, **layer._meta}

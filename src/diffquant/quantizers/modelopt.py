@@ -18,12 +18,9 @@ Example:
     ...                                 torch_dtype=torch.bfloat16)
 """
 
-# Over 400 lines: one backend, one file (its config, which reads and writes ModelOpt's own
-# quant_cfg, its layer and its quantizer), as every backend is; the CLI schemes added the last few.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 
 import torch
@@ -36,6 +33,9 @@ from ..ops.cpu import linear as fl
 from ..ops.cpu.dispatch import ROUTES
 from ..ops.formats import modelopt as mm
 from ..ops.formats.modelopt import CPU_SCHEMES, SCHEME_PIECES, scheme_of  # noqa: F401 (re-exported)
+# how modelopt reads its quant_cfg; re-exported, the tests import them from here
+from ..ops.formats.modelopt import canonical as _canonical
+from ..ops.formats.modelopt import resolve_quantizer  # noqa: F401
 from .auto import register_quantizer
 from .base import DiffusersQuantizer, QuantizedLinear, owner_of, require
 from .config import QuantizationConfigMixin, QuantizationMethod, check_field
@@ -44,17 +44,6 @@ logger = logging.getLogger(__name__)
 
 QUANT_TYPE_BITS = {"FP8": [4, 3], "INT8": 8, "INT4": 4, "NF4": 4, "NVFP4": [2, 1]}
 QUANT_TYPE_SCALE_BITS = {"NF4": 8, "NVFP4": [4, 3]}
-
-
-def _canonical(value, key=None):
-    """Tuples -> lists, and block-size keys back to ints ("-1" -> -1), so JSON round-trips."""
-    if isinstance(value, dict):
-        blocks = key in ("block_sizes", "scale_block_sizes")
-        return {(int(k) if blocks and isinstance(k, str) and k.lstrip("-").isdigit() else k):
-                _canonical(v, k) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value
 
 
 def _jsonable(value):
@@ -227,57 +216,6 @@ class NVIDIAModelOptConfig(QuantizationConfigMixin):
         scales = dict(blocks, scale_channel_quantize=-1, scale_block_quantize=4)
         return [cls("FP8"), cls("INT8", channel_quantize=0), cls("INT4", **blocks),
                 cls("NF4", **scales), cls("NVFP4", **scales)]
-
-
-# -- reading modelopt's quant_cfg --------------------------------------------------------------
-def _cfg_entries(quant_cfg) -> list[tuple[str, str | None, bool | None, dict | None]]:
-    """quant_cfg (flat dict or list of entries) -> [(pattern, parent_class, enable, attrs)]."""
-    raw = [{k: v} for k, v in quant_cfg.items()] if isinstance(quant_cfg, dict) else list(quant_cfg)
-    out = []
-    for item in raw:
-        item = dict(item)
-        if "quantizer_name" in item:
-            out.append((item["quantizer_name"], item.get("parent_class"), item.get("enable"),
-                        item.get("cfg")))
-            continue
-        for key, body in item.items():
-            key = "*" if key == "default" else key
-            if key.startswith("nn."):
-                out += [(k, key, v.get("enable"), {a: b for a, b in v.items() if a != "enable"} or None)
-                        for k, v in body.items()]
-            elif isinstance(body, dict):
-                out.append((key, None, body.get("enable"),
-                            {a: b for a, b in body.items() if a != "enable"} or None))
-    return out
-
-
-def resolve_quantizer(quant_cfg, quantizer_name: str, module: nn.Module) -> dict | None:
-    """The attributes modelopt gives quantizer ``quantizer_name`` ("blocks.0.ff.weight_quantizer"),
-    or None when it is disabled.
-
-    A list (modelopt >= 0.4x) is applied as modelopt 0.47 does: in order, an entry's ``cfg``
-    replaces all attributes and enables. A flat dict (what diffusers writes) is applied with the
-    older modelopt semantics: a ``cfg`` only updates the attributes it names, and only ``enable``
-    toggles. That makes the result independent of key order, which matters because config.json is
-    written with sorted keys ("*proj_out.*" then sorts before "*weight_quantizer").
-    """
-    enabled, attrs = True, {"num_bits": 8, "axis": None}  # modelopt's TensorQuantizer defaults
-    flat = isinstance(quant_cfg, dict)
-    for pattern, parent, enable, cfg in _cfg_entries(quant_cfg):
-        if not fnmatch.fnmatch(quantizer_name, pattern):
-            continue
-        if parent is not None and type(module).__name__ != parent.removeprefix("nn."):
-            continue
-        if cfg is not None and not isinstance(cfg, dict):
-            raise QuantizationError(f"modelopt_config quant_cfg[{pattern!r}]: sequential "
-                                    "(list) quantizers are not supported by diffquant")
-        if cfg is not None:
-            attrs = {**attrs, **cfg} if flat else {"num_bits": 8, "axis": None, **cfg}
-        if enable is not None:
-            enabled = bool(enable)
-        elif cfg is not None and not flat:
-            enabled = True
-    return _canonical(attrs) if enabled else None
 
 
 # -- the layer ---------------------------------------------------------------------------------

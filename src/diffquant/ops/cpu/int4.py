@@ -202,3 +202,23 @@ def lut4_runs_here() -> bool:
     """Whether ``linear_lut4`` runs here (the C kernels are built): else the layer keeps
     bitsandbytes' own forward."""
     return LUT4.decode.runs()
+
+
+def lut4_tables(state) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``linear_lut4``'s tables from a bitsandbytes QuantState: (the 16 code values, absmax per
+    block) in float32, the stored tensors themselves where they are float32 already. With double
+    quantization absmax is None: its expansion (one float32 per 64 weights, 12% of an NF4 layer)
+    is made per call (``lut4_absmax``), as bitsandbytes' own dequantize_4bit does, so a layer
+    that keeps these tables holds only its stored pieces."""
+    return state.code.float().contiguous(), None if state.nested else lut4_absmax(state)
+
+
+def lut4_absmax(state) -> torch.Tensor:
+    """absmax per block in float32, as bitsandbytes' dequantize_4bit expands it
+    (double-quantized statistics decoded, plus their offset)."""
+    absmax = state.absmax
+    if state.nested:
+        from bitsandbytes.functional import dequantize_blockwise  # only a nested state needs it
+
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return absmax.float().contiguous()

@@ -1,7 +1,8 @@
 """NVIDIA ModelOpt's compressed weight formats, as plain functions over tensors.
 
-Which format a weight quantizer's attributes select (``scheme_of``, as ``mtq.compress`` picks
-its QTensor class), compressing a weight with modelopt's own TensorQuantizer (``compress``) and
+Which attributes modelopt's ``quant_cfg`` gives a layer's weight quantizer (``resolve_quantizer``,
+as modelopt applies its patterns), which format those select (``scheme_of``, as ``mtq.compress``
+picks its QTensor class), compressing a weight with modelopt's TensorQuantizer (``compress``) and
 dequantizing it in plain torch (``dequantize`` and one function per format).
 
 ModelOpt's ``mtq.compress`` stores a linear layer's weight as packed data plus buffers on its
@@ -29,9 +30,11 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
+from torch import nn
 
 from ...errors import QuantizationError
 
@@ -207,3 +210,65 @@ def dequantize(scheme: str, q: torch.Tensor, buffers, block_sizes: dict | None, 
         return dequantize_nf4(q, buffers._scale, buffers._double_scale, buffers._scale_zeros,
                               block, shape, dtype)
     return dequantize_nvfp4(q, buffers._scale, buffers._double_scale, block, shape, dtype)
+
+
+# -- modelopt's quant_cfg: which attributes each weight quantizer gets ----------------------------
+def canonical(value, key=None):
+    """Tuples -> lists, and block-size keys back to ints ("-1" -> -1), so JSON round-trips."""
+    if isinstance(value, dict):
+        blocks = key in ("block_sizes", "scale_block_sizes")
+        return {(int(k) if blocks and isinstance(k, str) and k.lstrip("-").isdigit() else k):
+                canonical(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
+def cfg_entries(quant_cfg) -> list[tuple[str, str | None, bool | None, dict | None]]:
+    """quant_cfg (flat dict or list of entries) -> [(pattern, parent_class, enable, attrs)]."""
+    raw = [{k: v} for k, v in quant_cfg.items()] if isinstance(quant_cfg, dict) else list(quant_cfg)
+    out = []
+    for item in raw:
+        item = dict(item)
+        if "quantizer_name" in item:
+            out.append((item["quantizer_name"], item.get("parent_class"), item.get("enable"),
+                        item.get("cfg")))
+            continue
+        for key, body in item.items():
+            key = "*" if key == "default" else key
+            if key.startswith("nn."):
+                out += [(k, key, v.get("enable"), {a: b for a, b in v.items() if a != "enable"} or None)
+                        for k, v in body.items()]
+            elif isinstance(body, dict):
+                out.append((key, None, body.get("enable"),
+                            {a: b for a, b in body.items() if a != "enable"} or None))
+    return out
+
+
+def resolve_quantizer(quant_cfg, quantizer_name: str, module: nn.Module) -> dict | None:
+    """The attributes modelopt gives quantizer ``quantizer_name`` ("blocks.0.ff.weight_quantizer"),
+    or None when it is disabled.
+
+    A list (modelopt >= 0.4x) is applied as modelopt 0.47 does: in order, an entry's ``cfg``
+    replaces all attributes and enables. A flat dict (what diffusers writes) is applied with the
+    older modelopt semantics: a ``cfg`` only updates the attributes it names, and only ``enable``
+    toggles. That makes the result independent of key order, which matters because config.json is
+    written with sorted keys ("*proj_out.*" then sorts before "*weight_quantizer").
+    """
+    enabled, attrs = True, {"num_bits": 8, "axis": None}  # modelopt's TensorQuantizer defaults
+    flat = isinstance(quant_cfg, dict)
+    for pattern, parent, enable, cfg in cfg_entries(quant_cfg):
+        if not fnmatch.fnmatch(quantizer_name, pattern):
+            continue
+        if parent is not None and type(module).__name__ != parent.removeprefix("nn."):
+            continue
+        if cfg is not None and not isinstance(cfg, dict):
+            raise QuantizationError(f"modelopt_config quant_cfg[{pattern!r}]: sequential "
+                                    "(list) quantizers are not supported by diffquant")
+        if cfg is not None:
+            attrs = {**attrs, **cfg} if flat else {"num_bits": 8, "axis": None, **cfg}
+        if enable is not None:
+            enabled = bool(enable)
+        elif cfg is not None and not flat:
+            enabled = True
+    return canonical(attrs) if enabled else None

@@ -1,6 +1,6 @@
-"""GGUF blocks through the C kernels (``csrc/gguf_decode.c``, ``csrc/gguf_gemv.c``): the decode
-of Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks into a float32 or bf16 buffer, and the one-row
-product of the same blocks read in place. ``ops/cpu/gguf.py`` uses them.
+"""GGUF blocks through the C kernels (``csrc/gguf_decode.c``, ``csrc/gguf_gemv.c`` and its Q4
+rows in ``csrc/gguf_gemv_q4.c``): the decode of Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks into a
+float32 or bf16 buffer, and the one-row product of the same blocks read in place. ``ops/cpu/gguf.py`` uses them.
 
 Example:
     >>> import torch

@@ -27,7 +27,7 @@ from . import build
 
 # name -> its arguments after the row range, in registry.c's order ("p" a pointer, "i" an int)
 KERNELS = {
-    # GGUF (gguf_decode.c, gguf_gemv.c)
+    # GGUF (gguf_decode.c, gguf_gemv.c, gguf_gemv_q4.c)
     "decode": "qtype:i blocks:p n_blocks:i out:p ld_out:i out_bf16:i",
     "gemv": "qtype:i blocks:p n_blocks:i x:p out:p portable:i bf16:i k:i bias:p",
     # int8 weights (int8_weight.c)

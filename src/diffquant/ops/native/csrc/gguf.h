@@ -1,4 +1,4 @@
-/* GGUF (ggml) blocks for the C kernels of gguf_decode.c and gguf_gemv.c: the type ids, the
+/* GGUF (ggml) blocks for the C kernels of gguf_decode.c and gguf_gemv(_q4).c: the type ids, the
    half-float scales, and each type's block decoded to float32 values, ggml's dequantize_row_*
    op for op (the reference's, ops/formats/gguf.py, in float32: products of a half-float scale
    and a small integer code are exact, so the one rounding of Q4_1/Q4_K, the add of the min, is
@@ -20,6 +20,10 @@
 #define GGUF_SIZES(T, ID, ELEMS, BYTES) T##_ELEMS = ELEMS, T##_BYTES = BYTES,
 enum { GGUF_TYPES(GGUF_ID) };
 enum { GGUF_TYPES(GGUF_SIZES) };
+
+/* gguf_gemv.c's dq_gemv for the Q4 types, written in gguf_gemv_q4.c (dq_gemv's arguments) */
+int dq_gemv_q4(int qtype, const uint8_t *blocks, int64_t n_blocks, int64_t r0, int64_t r1,
+               const float *x, void *out, int portable, int out_bf16, const uint16_t *bias);
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -116,7 +120,7 @@ static inline __m256 half_broadcast8(const uint8_t *p) {
 }
 
 /* a Q4_0 / Q4_1 block's 32 values 8 at a time (gguf_decode.c's AVX2
-   decode and gguf_gemv.c's Q4 rows share it): the float32 ops of block_q4_0 / block_q4_1 */
+   decode and gguf_gemv_q4.c's rows share it): the float32 ops of block_q4_0 / block_q4_1 */
 static inline __attribute__((always_inline)) void q4_block8(int qtype, const uint8_t *b, __m256 *v) {
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m256 eight = _mm256_set1_ps(8.0f);

@@ -191,7 +191,8 @@ static void scale_block(const int32_t sums[32][32], int64_t ch, int nc, int64_t 
 enum { NB = 256, MB = 256, KC = 2048 };
 
 /* Channels [32 c0, min(n, 32 c1)) of y bf16 [M, ldy] = scaled (w [N, K] . xp tokens), xp
-   holding groups * 16 >= M rounded up to 32 tokens. */
+   holding groups * 16 >= M rounded up to 32 tokens. Over 60 lines: one loop nest over the tile
+   registers, which _tile_* intrinsics name by constant, so no part of it can be a function. */
 int dq_amx_int8_linear(const int8_t *w, int64_t k, int64_t n, const int8_t *xp, int64_t groups,
                        int64_t c0, int64_t c1, const float *sx, const float *sw,
                        const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t m) {

@@ -32,7 +32,7 @@ static float *widen(const uint16_t *x, int64_t k, float *buf) {
     return f;
 }
 
-/* -- GGUF (gguf_decode.c, gguf_gemv.c) -------------------------------------------------------- */
+/* -- GGUF (gguf_decode.c, gguf_gemv.c, gguf_gemv_q4.c) ---------------------------------------- */
 KERNEL(decode, "qtype:i blocks:p n_blocks:i out:p ld_out:i out_bf16:i") {
     return dq_decode(I(0), P(1), a[2], r0, r1, P(3), a[4], I(5));
 }
