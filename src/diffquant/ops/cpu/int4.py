@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..formats import quanto as qm
 from ..formats import torchao as iq
 from ..native import bnb4 as native_bnb4
 from ..native import int4 as native_int4
