@@ -6,12 +6,23 @@ absmax / min-max variant: on Gaussian weights the searches cut the RMS error by 
 (Q4_K: 0.072 vs 0.079 of the weights' RMS) and 20% (Q6_K: 0.0177 vs 0.0221), and they are what llama.cpp's own converters (``llama-quantize``
 without an imatrix) write, so a file made here holds the blocks a llama.cpp user expects.
 The searches try a fixed number of candidate scales (21 for Q4_K, 16 for Q5_K, 19 for Q6_K);
-each try runs over all blocks at once, so there is no Python loop over blocks. Sums run in
-float32 in torch's order, not ggml's one-by-one C loop, so a near tie between two candidate
-scales can go the other way: against ggml's own ``quantize_row_q*_K_ref`` (built with
--march=native) on Gaussian rows, 0.3% (Q4_K), 1.4% (Q5_K) and 0.15% (Q6_K) of the bytes differ
-and the RMS error agrees to four digits. The format and the dequantized meaning are exactly
-ggml's (``gguf.quants.dequantize`` decodes them).
+each try runs over all blocks at once, so there is no Python loop over blocks.
+
+The order is ggml's, so the bytes are defined on every CPU: every sum runs one value after the
+other as ggml's C loops do (``_sum``: one torch add per position, across all groups at once,
+never a torch reduction, whose order follows its vectorisation), every product and sum is its
+own rounded float32 operation, divisions are divisions (torch's ``c / t`` is reciprocal(t) * c:
+``_over``), rounding is ggml's ``nearest_int`` bit for bit (ties to even, its own values past
+2^22), the square root goes through float64 (torch's float32 sqrt is not correctly rounded on
+every CPU), maxima take the first strict winner as ggml's ``if (a > max)``, and where a stored
+scale is 0 the search's codes stay, as in ggml. So the bytes are those of ggml's
+``quantize_row_q{4,5,6}_K_ref`` built without FMA contraction (-ffp-contract=off): compared on
+Gaussian rows and special blocks, 0 bytes differ. A build that fuses multiply-adds (gcc's
+default -march=native on an FMA CPU) rounds differently: 0.5% (Q4_K), 3.5% (Q5_K) and 0.01%
+(Q6_K) of its bytes differ, near ties between candidate scales. Before this order was fixed,
+torch's reductions and reciprocals made 0.22% / 1.4% / 0.12% of the bytes differ from ggml's.
+The C kernels of ops/native (csrc/quantize_kquant.c, quantize_q6k.c) run the same operations in
+the same order and give these bytes, faster.
 
 Block layouts (one super-block = 256 values of a row):
 
@@ -145,8 +156,7 @@ def _scaled_mins_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     n = x.shape[0]
     sub = x.reshape(n, 8, 32)
     xt = sub.reshape(n * 8, 32).t().contiguous()                               # (32, n * 8)
-    av = torch.sqrt((_sum(xt * xt) / 32).double()).float()   # torch's float32 sqrt is not
-    # correctly rounded on every CPU (AVX2 builds approximate it); through float64 it is
+    av = torch.sqrt((_sum(xt * xt) / 32).double()).float()   # correctly rounded (see above)
     scales, mins, codes = _make_qkx2_quants(xt, av + xt.abs(), nmax, rmin, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale, max_min = _max_where(scales)[0], _max_where(mins)[0]           # (n,)
