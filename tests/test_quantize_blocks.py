@@ -151,12 +151,15 @@ def kquant_weight(nonfinite=False) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_gguf_kquants_are_the_reference_bit_for_bit(qtype, dtype, nonfinite):
-    """ops/formats/gguf_kquant.py's bytes (ggml's quantize_row_q*_K_ref, its order) from bf16
-    and float32 weights; inf or NaN: the reference's whole weight."""
+    """ops/formats/gguf_kquant.py's bytes (ggml's quantize_row_q*_K_ref, its order) from bf16,
+    float32 and float16 weights (float16's: values past its range are infinities); inf or NaN:
+    the reference's whole weight."""
     w = kquant_weight(nonfinite).to(dtype)
+    if dtype == torch.float16 and not nonfinite:
+        w = w.clamp(-6e4, 6e4)                              # finite: the C kernel's
     with registry.trace() as ran:
         blocks = cq.gguf_quantize(w, qtype)
     assert ran == ["gguf_kquant"]
@@ -176,5 +179,5 @@ def test_gguf_kquant_exact_search_is_the_reference(native_target):
     for qtype in ("Q4_K", "Q5_K"):
         out = torch.empty(w.numel() // 256, 144 if qtype == "Q4_K" else 176, dtype=torch.uint8)
         assert registry.run("gguf_kquant", out.shape[0], lib=lib, qtype=int(gg.ggml_type(qtype)),
-                            w=w, f32=0, out=out, min_rows=8)
+                            w=w, dtype=0, out=out, min_rows=8)
         assert same_bytes(out.reshape(41, -1), gg.quantize(w, qtype))

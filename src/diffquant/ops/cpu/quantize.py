@@ -133,7 +133,7 @@ def _bnb_functional():
 # -- GGUF -------------------------------------------------------------------------------------------
 def gguf_quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     """``formats.gguf.quantize``: Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 of bf16 on a CPU in one C
-    pass; the K-quants Q4_K, Q5_K and Q6_K of bf16 or float32 on a CPU in C too (their scale
+    pass; the K-quants Q4_K, Q5_K and Q6_K of bf16, float32 or float16 on a CPU in C too (their scale
     searches in ggml's order, the reference's bytes)."""
     kind = gg.ggml_type(qtype)
     if w.dim() >= 1 and int(kind) in native_quantize.KQUANT_TYPES and w.shape[-1] % 256 == 0 \

@@ -254,11 +254,17 @@ static void q45_blocks(const float *x, int q5, uint8_t *o) {
 }
 
 /* -- entry ------------------------------------------------------------------------------------ */
-/* super-block b of w (bf16, or float32 where f32) as float32 into x [256]; 1 where it holds an
-   inf or a NaN */
-static int load(const void *w, int f32, int64_t b, float *x) {
+/* super-block b of w (dtype 0: bf16, 1: float32, 2: float16) as float32 into x [256]; 1 where
+   it holds an inf or a NaN */
+static int load(const void *w, int dtype, int64_t b, float *x) {
     uint32_t bad = 0;
-    if (f32) {
+    if (dtype == 2) {
+        const uint16_t *h = (const uint16_t *)w + b * 256;
+        for (int i = 0; i < 256; i++) {
+            bad |= (h[i] & 0x7c00u) == 0x7c00u;
+            x[i] = half_to_float(h[i]);
+        }
+    } else if (dtype == 1) {
         memcpy(x, (const float *)w + b * 256, 256 * sizeof(float));
         for (int i = 0; i < 256; i++) {
             uint32_t u;
@@ -275,9 +281,9 @@ static int load(const void *w, int f32, int64_t b, float *x) {
     return bad != 0;
 }
 
-/* super-blocks [b0, b1) of w (256 values each: bf16, or float32 where f32) -> out (type size
-   bytes each); 1 where one holds an inf or a NaN (the reference's to write) */
-int dq_gguf_kquant(int qtype, const void *w, int f32, int64_t b0, int64_t b1, uint8_t *out) {
+/* super-blocks [b0, b1) of w (256 values each, of load's dtype) -> out (type size bytes each);
+   1 where one holds an inf or a NaN (the reference's to write) */
+int dq_gguf_kquant(int qtype, const void *w, int dtype, int64_t b0, int64_t b1, uint8_t *out) {
     int64_t size = qtype == Q4_K ? 144 : qtype == Q5_K ? 176 : qtype == Q6_K ? 210 : 0;
     if (!size) return -1;
     for (int64_t b = b0; b < b1; b += NB) {
@@ -285,7 +291,7 @@ int dq_gguf_kquant(int qtype, const void *w, int f32, int64_t b0, int64_t b1, ui
         uint8_t spare[NB * 176];
         int n = b1 - b < NB ? (int)(b1 - b) : NB;
         for (int k = 0; k < NB; k++)   /* past the end: the last one again, written to spare */
-            if (load(w, f32, b + (k < n ? k : n - 1), x + 256 * k)) return 1;
+            if (load(w, dtype, b + (k < n ? k : n - 1), x + 256 * k)) return 1;
         if (qtype == Q6_K) {
             for (int k = 0; k < n; k++) dq_q6_k_block(x + 256 * k, out + (b + k) * size);
         } else if (n == NB) {

@@ -136,8 +136,9 @@ KERNEL(bnb_int8_quantize, "w:p k:i q:p scb:p") {
 KERNEL(gguf_quantize, "qtype:i w:p out:p") {
     return dq_gguf_quantize_bf16(I(0), P(1), r0, r1, P(2));
 }
-/* quantize_kquant.c: rows are super-blocks of 256 values, w bf16 or (f32 = 1) float32 */
-KERNEL(gguf_kquant, "qtype:i w:p f32:i out:p") {
+/* quantize_kquant.c: rows are super-blocks of 256 values, w bf16 (dtype 0), float32 (1) or
+   float16 (2) */
+KERNEL(gguf_kquant, "qtype:i w:p dtype:i out:p") {
     return dq_gguf_kquant(I(0), P(1), I(2), r0, r1, P(3));
 }
 
