@@ -1,7 +1,8 @@
 """ops/cpu/quantize.py's bitsandbytes and GGUF passes (csrc/quantize_blocks.c) against the
 reference quantizers, per scheme and per build of the C kernels: bitsandbytes' own
 quantize_4bit (NF4/FP4, double quantization, another storage dtype) and int8_vectorwise_quant,
-and ops/formats/gguf.quantize (gguf-py's numpy, bit for bit: tests/test_gguf*.py). Zero
+and ops/formats/gguf.quantize (gguf-py's numpy, bit for bit: tests/test_gguf*.py; for the
+K-quants ops/formats/gguf_kquant.py, ggml's order, and csrc/quantize_kquant.c). Zero
 blocks, signed zeros, bf16 subnormals, values past fp16's range, ties of magnitude, inf and NaN
 give the reference's bytes; where the reference's codes are the platform's cast of a NaN or an
 infinity, the C pass hands the weight to the reference (and says so by running no kernel)."""
@@ -117,10 +118,9 @@ def test_gguf_blocks_are_the_reference_bit_for_bit(qtype, nonfinite):
 
 def test_gguf_types_without_a_c_pass_are_the_reference():
     w = edge_weight()
-    for qtype in ("F16", "Q4_K"):
-        with registry.trace() as ran:
-            assert same_bytes(cq.gguf_quantize(w, qtype), gg.quantize(w, qtype))
-        assert ran == []
+    with registry.trace() as ran:
+        assert same_bytes(cq.gguf_quantize(w, "F16"), gg.quantize(w, "F16"))
+    assert ran == []
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
@@ -131,3 +131,53 @@ def test_a_minimum_of_zeros_of_both_signs_is_left_to_the_reference(qtype):
     w[0, 3], w[0, 9] = -0.0, 0.0
     assert same_bytes(cq.gguf_quantize(w, qtype), gg.quantize(w, qtype))
     assert native_quantize.gguf(w, int(gg.ggml_type(qtype))) is None
+
+
+# -- the K-quants (csrc/quantize_kquant.c, quantize_q6k.c) -----------------------------------------
+def kquant_weight(nonfinite=False) -> torch.Tensor:
+    """float32 [41, 768]: 123 super-blocks (odd: a thread's last pair is a single one), Gaussian
+    rows plus the super-blocks ggml treats specially."""
+    w = edge_weight(41, 768, nonfinite=nonfinite, seed=1).float()  # rows 2-3: bf16 extremes
+    w[10, :256] = 1.5                                       # constant: min clamps to 0
+    w[11, :256] = -w[11, :256].abs()                        # all negative
+    w[12, 256:512] = w[12, 256:512].abs()                   # all positive
+    w[13, :256] *= 1e-30                                    # tiny scales: fp16 d subnormal / 0
+    w[14, :256] *= 3e36                                     # d past fp16's range: inf
+    w[15, 32:64] = 0.0                                      # a zero sub-block: scale 0, ggml's
+    w[15, 100:116] *= 1e-6                                  # codes of its search kept
+    w[16, :256] = torch.arange(256.0).remainder(7) - 3      # integer ties of nearest_int
+    w[17, 7] = -w[17, :256].abs().max() * 2                 # largest magnitude negative
+    return w
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_gguf_kquants_are_the_reference_bit_for_bit(qtype, dtype, nonfinite):
+    """ops/formats/gguf_kquant.py's bytes (ggml's quantize_row_q*_K_ref, its order) from bf16,
+    float32 and float16 weights (float16's: values past its range are infinities); inf or NaN:
+    the reference's whole weight."""
+    w = kquant_weight(nonfinite).to(dtype)
+    if dtype == torch.float16 and not nonfinite:
+        w = w.clamp(-6e4, 6e4)                              # finite: the C kernel's
+    with registry.trace() as ran:
+        blocks = cq.gguf_quantize(w, qtype)
+    assert ran == ["gguf_kquant"]
+    assert same_bytes(blocks, gg.quantize(w, qtype))
+    assert (native_quantize.gguf_kquant(w, int(gg.ggml_type(qtype))) is None) == nonfinite
+
+
+def test_gguf_kquant_exact_search_is_the_reference(native_target):
+    """Where a grid of make_qkx2_quants leaves nearest_int's exact range the C kernel runs
+    ggml's scalar search for those super-blocks: built to take it everywhere, the same bytes."""
+    from diffquant.ops.native import build
+
+    if native_target != "native":
+        pytest.skip("one build is enough: the scalar search has no vector paths")
+    lib = build.build_for("native", extra=("-DDQ_KQUANT_EXACT",))
+    w = kquant_weight().to(torch.bfloat16)
+    for qtype in ("Q4_K", "Q5_K"):
+        out = torch.empty(w.numel() // 256, 144 if qtype == "Q4_K" else 176, dtype=torch.uint8)
+        assert registry.run("gguf_kquant", out.shape[0], lib=lib, qtype=int(gg.ggml_type(qtype)),
+                            w=w, dtype=0, out=out, min_rows=8)
+        assert same_bytes(out.reshape(41, -1), gg.quantize(w, qtype))

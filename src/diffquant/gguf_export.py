@@ -36,7 +36,8 @@ from torch import nn
 from .errors import ConfigError, QuantizationError
 from .gguf_file import write_gguf
 from .gguf_recipes import plan_types, resolve_recipe
-from .ops.formats.gguf import FLOAT_TYPES, GGMLType, dequantize, quantize
+from .ops.cpu.quantize import gguf_quantize  # formats.gguf.quantize's bytes, in C where it can
+from .ops.formats.gguf import FLOAT_TYPES, GGMLType, dequantize
 from .single_file import _FLUX_RENAMES, _FLUX_SPLITS
 
 GGUF_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION: the block layouts of ggml's current types
@@ -167,7 +168,8 @@ def _shape(source: Source) -> tuple:
 def _encode(source: Source, qtype: GGMLType) -> tuple[torch.Tensor, GGMLType]:
     if source.qtype is not None:  # ggml blocks: copied as they are
         return source.value, source.qtype
-    return quantize(source.value.float() if qtype not in FLOAT_TYPES else source.value, qtype), qtype
+    value = source.value.float() if qtype not in FLOAT_TYPES else source.value
+    return gguf_quantize(value, qtype), qtype
 
 
 def _split_rows(blocks: torch.Tensor, keys: tuple, sources: dict, swap: bool) -> dict:

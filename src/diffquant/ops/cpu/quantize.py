@@ -1,5 +1,6 @@
 """Quantization on load, in less time: the C kernels (``native/quantize.py``: quanto, torchao
-int4, bitsandbytes NF4/FP4 and LLM.int8(), GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; and int8 dynamic's
+int4, bitsandbytes NF4/FP4 and LLM.int8(), GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants
+Q4_K/Q5_K/Q6_K; and int8 dynamic's
 token quantizer for int8 per-channel weights) where they take the weight, bf16 on a CPU, else
 the reference functions (``ops/formats``, bitsandbytes' own). The same codes and scales either way, bit for
 bit (tests/test_native.py and tests/test_quanto_math.py compare them over special values).
@@ -132,9 +133,15 @@ def _bnb_functional():
 # -- GGUF -------------------------------------------------------------------------------------------
 def gguf_quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     """``formats.gguf.quantize``: Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 of bf16 on a CPU in one C
-    pass (the K-quants stay the reference's)."""
+    pass; the K-quants Q4_K, Q5_K and Q6_K of bf16, float32 or float16 on a CPU in C too (their scale
+    searches in ggml's order, the reference's bytes)."""
     kind = gg.ggml_type(qtype)
-    if int(kind) in native_quantize.GGUF_TYPES and native_quantize.bf16_rows_supported(w) \
+    if w.dim() >= 1 and int(kind) in native_quantize.KQUANT_TYPES and w.shape[-1] % 256 == 0 \
+            and native_quantize.kquant_supported(w):
+        blocks = native_quantize.gguf_kquant(w, int(kind))
+        if blocks is not None:
+            return blocks.reshape(gg.byte_shape(tuple(w.shape), kind))
+    elif int(kind) in native_quantize.GGUF_TYPES and native_quantize.bf16_rows_supported(w) \
             and w.numel() % 32 == 0 and w.dim() >= 1 and w.shape[-1] % 32 == 0:
         blocks = native_quantize.gguf(w, int(kind))
         if blocks is not None:

@@ -93,3 +93,29 @@ def gguf(w: torch.Tensor, qtype: int) -> torch.Tensor | None:
     out = torch.empty(blocks, GGUF_TYPES[qtype], dtype=torch.uint8)
     return out if registry.run("gguf_quantize", blocks, qtype=qtype, w=w, out=out,
                                min_rows=256) else None
+
+
+# the K-quants quantize_kquant.c writes -> their super-block bytes: Q4_K, Q5_K, Q6_K
+KQUANT_TYPES = {12: 144, 13: 176, 14: 210}
+
+
+_KQUANT_DTYPES = {torch.bfloat16: 0, torch.float32: 1, torch.float16: 2}  # quantize_kquant.c's
+
+
+def kquant_supported(w: torch.Tensor) -> bool:
+    """Whether quantize_kquant.c takes ``w``: contiguous bf16, float32 or float16 on the CPU,
+    no autograd, a multiple of 256 values, the kernels built."""
+    return w.dtype in _KQUANT_DTYPES and w.device.type == "cpu" \
+        and w.is_contiguous() and not w.requires_grad and w.numel() % 256 == 0 \
+        and build.available()
+
+
+def gguf_kquant(w: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """bf16, float32 or float16 w (numel a multiple of 256) -> uint8 super-blocks [numel / 256, type
+    size] of K-quant ``qtype`` (a KQUANT_TYPES key): ggml's quantize_row_q*_K_ref, the bytes of
+    ops/formats/gguf_kquant.py; None where a super-block holds an inf or a NaN (the reference
+    writes those)."""
+    blocks = w.numel() // 256
+    out = torch.empty(blocks, KQUANT_TYPES[qtype], dtype=torch.uint8)
+    return out if registry.run("gguf_kquant", blocks, qtype=qtype, w=w,
+                               dtype=_KQUANT_DTYPES[w.dtype], out=out, min_rows=8) else None

@@ -56,6 +56,8 @@ KERNELS = {
     "bnb4_quantize": "w:p bounds:p order:p blocksize:i packed:p absmax:p",
     "bnb_int8_quantize": "w:p k:i q:p scb:p",
     "gguf_quantize": "qtype:i w:p out:p",
+    # the GGUF K-quants on load (quantize_kquant.c)
+    "gguf_kquant": "qtype:i w:p dtype:i out:p",
 }
 MIN_ROWS_PER_THREAD = 64  # below this a thread costs more than it saves
 

@@ -49,6 +49,7 @@ int dq_bnb4_quantize_bf16(const uint16_t *w, const float *bounds, const uint8_t 
 int dq_bnb_int8_bf16(const uint16_t *w, int64_t k, int64_t r0, int64_t r1, int8_t *q,
                      float *scb);
 int dq_gguf_quantize_bf16(int qtype, const uint16_t *w, int64_t b0, int64_t b1, uint8_t *out);
+int dq_gguf_kquant(int qtype, const void *w, int dtype, int64_t b0, int64_t b1, uint8_t *out);
 int32_t dq_int8_dot_row(const int16_t *xw, const int8_t *qr, int64_t k);
 int dq_int8_dynamic_row_bf16(const uint16_t *x, int64_t k, const int8_t *q, const float *sw,
                              const uint16_t *bias, int64_t r0, int64_t r1, uint16_t *y);

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "half.h"
 #include "kernels.h"
 
 /* |w| of n bf16 values as bits: ordered as the values, a NaN above inf's 0x7f80 */
@@ -68,23 +69,6 @@ int dq_bnb4_quantize_bf16(const uint16_t *w, const float *bounds, const uint8_t 
         }
     }
     return 0;
-}
-
-/* -- float -> fp16 as torch's .to(float16): nearest even, subnormals kept, overflow to inf --- */
-static uint16_t half_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
-    float a = fabsf(f);
-    if (a != a) return sign | 0x7e00;
-    if (a < 0x1p-14f)                        /* fp16 subnormal (or 1024: its min normal) */
-        return sign | (uint16_t)(int)rintf(a * 0x1p24f);
-    uint32_t v;
-    memcpy(&v, &a, 4);
-    v = (v + 0xfffu + ((v >> 13) & 1)) & ~0x1fffu;     /* 10 mantissa bits, nearest even */
-    int32_t e = (int32_t)(v >> 23) - 127 + 15;
-    if (e >= 31) return sign | 0x7c00;
-    return sign | (uint16_t)((e << 10) | ((v >> 13) & 0x3ff));
 }
 
 /* a bf16 value f rounded to fp16's precision and widened back (torch's .to(float16).float()),

@@ -136,6 +136,11 @@ KERNEL(bnb_int8_quantize, "w:p k:i q:p scb:p") {
 KERNEL(gguf_quantize, "qtype:i w:p out:p") {
     return dq_gguf_quantize_bf16(I(0), P(1), r0, r1, P(2));
 }
+/* quantize_kquant.c: rows are super-blocks of 256 values, w bf16 (dtype 0), float32 (1) or
+   float16 (2) */
+KERNEL(gguf_kquant, "qtype:i w:p dtype:i out:p") {
+    return dq_gguf_kquant(I(0), P(1), I(2), r0, r1, P(3));
+}
 
 #define ENTRY(NAME) {#NAME, NAME##_args, NAME}
 static const struct {
@@ -147,7 +152,7 @@ static const struct {
     ENTRY(lut4_decode), ENTRY(quantize), ENTRY(int8_output), ENTRY(int8_dot),
     ENTRY(int8_dynamic_row), ENTRY(quantize_vnni), ENTRY(amx_linear), ENTRY(quanto_int8),
     ENTRY(quanto_affine), ENTRY(int4_groupwise), ENTRY(bnb4_quantize), ENTRY(bnb_int8_quantize),
-    ENTRY(gguf_quantize),
+    ENTRY(gguf_quantize), ENTRY(gguf_kquant),
 };
 #define N_KERNELS (int)(sizeof KERNELS / sizeof KERNELS[0])
 
