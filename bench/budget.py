@@ -145,20 +145,24 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     src = ensure_pipeline(args.scale)
     rows = []
+    for budget in args.budgets:  # each budget's plan and run, then the reference (the slowest)
+        dst = CACHE / f"budget-{args.scale}-{args.dtype}-{args.size}-{budget}"
+        try:
+            if not (dst / "budget_plan.json").is_file():
+                print(_heavy([sys.executable, "-m", "diffquant", "quantize", str(src), str(dst),
+                              "--plan", budget, "--dtype", args.dtype, "--height",
+                              str(args.size), "--overwrite", "-q"]), flush=True)
+            plan = json.loads((dst / "budget_plan.json").read_text())
+            rows.append((budget, plan, _run(dst, budget, args, f"budget-{args.scale}-{budget}")))
+        except SystemExit as err:  # a budget that fails is reported; the others still run
+            print(err, file=sys.stderr, flush=True)
+            rows.append((budget, None, {"error": str(err).splitlines()[-1][:200]}))
+        print(f"{budget}: {rows[-1][2]}", flush=True)
     # the reference's transformer memory-mapped: in bf16 it outgrows the RAM at full scale
     ref = _run(src, args.reference_budget, args, f"budget-{args.scale}-reference", mapped=True)
-    rows.append((f"unquantized ({args.dtype}), transformer memory-mapped", None, ref,
-                 float("inf")))
-    for budget in args.budgets:
-        dst = CACHE / f"budget-{args.scale}-{args.dtype}-{args.size}-{budget}"
-        if not (dst / "budget_plan.json").is_file():
-            print(_heavy([sys.executable, "-m", "diffquant", "quantize", str(src), str(dst),
-                          "--plan", budget, "--dtype", args.dtype, "--height", str(args.size),
-                          "--overwrite", "-q"]), flush=True)
-        plan = json.loads((dst / "budget_plan.json").read_text())
-        got = _run(dst, budget, args, f"budget-{args.scale}-{budget}")
-        rows.append((budget, plan, got, psnr(np.load(got["image"]), np.load(ref["image"]))))
-    print(table(rows, args))
+    rows.insert(0, (f"unquantized ({args.dtype}), transformer memory-mapped", None, ref))
+    print(table([(b, p, got, psnr(np.load(got["image"]), np.load(ref["image"]))
+                  if "image" in got else float("nan")) for b, p, got in rows], args))
 
 
 def _schemes(plan) -> str:
@@ -174,6 +178,9 @@ def table(rows, args) -> str:
              "predicted peak GB | measured peak GB | encode s | denoise s | decode s | PSNR dB |",
              "|---|---|---|---|---|---|---|---|"]
     for budget, plan, got, quality in rows:
+        if "error" in got:
+            lines.append(f"| {budget} | failed: {got['error']} | | | | | | |")
+            continue
         ph = got["phases"]
         pred = f"{plan['peak'] / 1e9:.2f}" if plan else "-"
         peak = f"{got['peak'] / 1e9:.2f}" + ("" if plan else " (with mapped file pages)")
