@@ -334,8 +334,13 @@ def plan_pipeline(src, max_memory, *, dtype=torch.bfloat16, height: int = 512, w
     encoders = [n for n in comps if n.startswith("text_encoder")]
     fit(encoders, "encode", acts["encode"])
     denoisers = [n for n in comps if n.startswith(("transformer", "unet"))]
-    fit(denoisers, "denoise", max(acts["denoise"], max((comps[n].largest for n in denoisers),
-                                                       default=0)))
+    largest = max((comps[n].largest for n in denoisers), default=0)
+    # planned with the quantized layers' decode buffer; a denoiser left all float has none
+    fit(denoisers, "denoise", max(acts["denoise_quantized"], largest))
+    if "denoise" in phases and all(c.scheme in ("float", "as saved") for c in choices
+                                   if c.component in denoisers):
+        phases["denoise"] += max(acts["denoise"], largest) \
+            - max(acts["denoise_quantized"], largest)
     tile, decode = _decode_fit(root, run, itemsize, budget - base - vae)
     phases["decode"] = vae + decode
     if "vae" in comps:
@@ -354,13 +359,17 @@ def _activations(root: Path, comps: dict, run: dict, itemsize: int) -> dict:
     encode = sum(memory.encode_activations(root / n, run["max_sequence_length"] if n.endswith("_2")
                                            else 77, run["batch"], itemsize)
                  for n in comps if n.startswith("text_encoder"))
-    denoise = 0
-    if "transformer" in comps:
-        vae_scale = 8
-        tokens = (run["height"] // (vae_scale * 2)) * (run["width"] // (vae_scale * 2))
-        denoise = memory.denoise_activations(root / "transformer", tokens,
-                                             run["max_sequence_length"], run["batch"], itemsize)
-    return {"encode": encode + memory.RUN_OVERHEAD, "denoise": denoise + memory.RUN_OVERHEAD}
+    denoise = {}
+    for quantized in (None, True):
+        denoise[quantized] = 0
+        if "transformer" in comps:
+            vae_scale = 8
+            tokens = (run["height"] // (vae_scale * 2)) * (run["width"] // (vae_scale * 2))
+            denoise[quantized] = memory.denoise_activations(
+                root / "transformer", tokens, run["max_sequence_length"], run["batch"],
+                itemsize, quantized)
+    return {"encode": encode + memory.RUN_OVERHEAD, "denoise": denoise[None] + memory.RUN_OVERHEAD,
+            "denoise_quantized": denoise[True] + memory.RUN_OVERHEAD}
 
 
 def _decode_fit(root: Path, run: dict, itemsize: int, room: int) -> tuple[int | None, int]:
