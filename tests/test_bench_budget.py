@@ -91,5 +91,23 @@ def test_a_scale_transformer_of_another_shape_is_not_reused(tmp_path, monkeypatc
     assert not out.exists() and not out.with_name("transformer.tmp").exists()
 
 
+def test_the_table_labels_the_mapped_reference_and_a_failed_budget():
+    from types import SimpleNamespace
+
+    from bench.budget import table
+
+    phases = {p: {"seconds": 1.0, "peak": 1} for p in ("encode", "denoise", "decode")}
+    ref = {"phases": phases, "peak": 21e9, "anonymous_peak": 10e9}
+    plan = {"peak": 7.5e9, "choices": [{"component": "transformer", "scheme": "torchao:int4wo",
+                                        "group": "all"}]}
+    rows = [("unquantized", None, ref, float("inf")),
+            ("8GB", plan, {"phases": phases, "peak": 7.6e9, "anonymous_peak": 7.6e9}, 30.0),
+            ("4GB", None, {"error": "no plan fits"}, float("nan"))]
+    lines = table(rows, SimpleNamespace(scale="full", size=512, steps=2)).splitlines()
+    assert "21.00 with the mapped file's pages, 10.00 without" in lines[2]
+    assert "| 8GB | transformer torchao:int4wo | 7.50 | 7.60 |" in lines[3]
+    assert lines[4] == "| 4GB | failed: no plan fits | | | | | | |"
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])

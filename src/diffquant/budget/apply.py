@@ -75,8 +75,9 @@ def write_plan(src, dst, plan: Plan, torch_dtype=None) -> None:
     index = json.loads((src / INDEX_NAME).read_text())
     heavy = [n for n, e in index.items() if phase_of(n) is not None and isinstance(e, list)
              and e[0] is not None]
+    skip = {n: None for n in heavy}
     pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch_dtype,
-                                             quantization_config=qconfig, **{n: None for n in heavy})
+                                             quantization_config=qconfig, **skip)
     (dst / PLAN_FILE).unlink(missing_ok=True)
     for name in heavy:  # an earlier write's: the save below would carry them over
         shutil.rmtree(dst / name, ignore_errors=True)

@@ -359,15 +359,12 @@ def _activations(root: Path, comps: dict, run: dict, itemsize: int) -> dict:
     encode = sum(memory.encode_activations(root / n, run["max_sequence_length"] if n.endswith("_2")
                                            else 77, run["batch"], itemsize)
                  for n in comps if n.startswith("text_encoder"))
-    denoise = {}
-    for quantized in (None, True):
-        denoise[quantized] = 0
-        if "transformer" in comps:
-            vae_scale = 8
-            tokens = (run["height"] // (vae_scale * 2)) * (run["width"] // (vae_scale * 2))
-            denoise[quantized] = memory.denoise_activations(
-                root / "transformer", tokens, run["max_sequence_length"], run["batch"],
-                itemsize, quantized)
+    denoise = {True: 0, None: 0}
+    if "transformer" in comps:
+        tokens = (run["height"] // 16) * (run["width"] // 16)  # VAE x8, then 2x2 patches
+        denoise = {q: memory.denoise_activations(root / "transformer", tokens,
+                                                 run["max_sequence_length"], run["batch"],
+                                                 itemsize, q) for q in denoise}
     return {"encode": encode + memory.RUN_OVERHEAD, "denoise": denoise[None] + memory.RUN_OVERHEAD,
             "denoise_quantized": denoise[True] + memory.RUN_OVERHEAD}
 
