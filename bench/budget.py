@@ -204,8 +204,10 @@ def table(rows, args) -> str:
             continue
         ph = got["phases"]
         pred = f"{plan['peak'] / 1e9:.2f}" if plan else "-"
-        peak = f"{got['peak'] / 1e9:.2f}" + ("" if plan else " with the mapped file's pages, "
-                                            f"{got['anonymous_peak'] / 1e9:.2f} without")
+        anon = got.get("anonymous_peak")  # runs saved before it was measured lack it
+        peak = f"{got['peak'] / 1e9:.2f}" + ("" if plan or anon is None else
+                                            f" with the mapped file's pages, {anon / 1e9:.2f} "
+                                            "without")
         lines.append(f"| {budget} | {_schemes(plan)} | {pred} | {peak} | "
                      f"{ph['encode']['seconds']:.1f} | {ph['denoise']['seconds']:.1f} | "
                      f"{ph['decode']['seconds']:.1f} | {quality:.1f} |")
