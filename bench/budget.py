@@ -41,22 +41,88 @@ def _heavy(cmd: list[str]) -> str:
     return out.stdout
 
 
-def child(model: str, budget: str, size: int, steps: int, image: str, dtype: str) -> dict:
-    """One measured generation (run in a fresh process)."""
+_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def mmap_model(cls, folder: Path, dtype=None):
+    """``cls`` from ``folder``'s config.json with every tensor a view of its safetensors file
+    mapped copy-on-write (MAP_PRIVATE): file-backed pages the kernel drops under pressure and
+    reads again, so a model larger than the RAM (FLUX.1-dev's 23.8 GB transformer in bf16, on
+    a 23 GiB machine without swap) still runs; it is counted in the resident memory while
+    mapped in. ``dtype``: cast to it where the file holds another (that copies)."""
+    import mmap
+
+    import torch
+
+    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+              if not k.startswith("_")}
+    with torch.device("meta"):
+        model = cls(**config)
+    state = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            stored = getattr(torch, _DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            count = (end - start) // stored.itemsize
+            flat = torch.frombuffer(buf, dtype=stored, count=count, offset=8 + n + start) \
+                if count else torch.empty(0, dtype=stored)
+            state[key] = flat.reshape(info["shape"])
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None and any(t.dtype != dtype for t in state.values() if t.is_floating_point()):
+        model = model.to(dtype)
+    return model.eval()
+
+
+def child(model: str, budget: str, size: int, steps: int, image: str, dtype: str,
+          mapped: bool = False) -> dict:
+    """One measured generation (run in a fresh process); ``mapped``: the transformer
+    memory-mapped (mmap_model), for the unquantized reference."""
     import numpy as np
     import torch
 
-    from diffquant import FluxPipeline
+    from diffquant import FluxPipeline, FluxTransformer2DModel
     from diffquant.budget.measure import measure_call
 
     torch.set_num_threads(2)
     pipe = FluxPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), max_memory=budget)
+    if mapped:
+        residency, load = pipe._residency, pipe._residency.loader
+        residency.loader = lambda name: load(name) if name != "transformer" else \
+            mmap_model(FluxTransformer2DModel, Path(model) / name, getattr(torch, dtype))
+        residency.sizes["transformer"] = 0  # pages of a file: not held against the budget
     pipe.set_progress_bar_config(disable=True)
+    anon = _sample_anonymous()
     stats = measure_call(pipe, PROMPT, height=size, width=size, num_inference_steps=steps,
                          max_sequence_length=512, output_type="np",
                          generator=torch.Generator().manual_seed(0))
     np.save(image, stats.pop("output").images)
-    return stats | {"tiled": bool(pipe.vae.use_tiling)}
+    return stats | {"tiled": bool(pipe.vae.use_tiling), "anonymous_peak": anon()}
+
+
+def _sample_anonymous():
+    """Sample this process's anonymous resident memory (RssAnon: the heap, not mapped file
+    pages) every 0.2 s in a thread; returns a function giving the largest seen (bytes)."""
+    import threading
+    import time
+
+    seen = [0]
+
+    def sample():
+        while True:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    seen[0] = max(seen[0], int(line.split()[1]) * 1024)
+            time.sleep(0.2)
+
+    if Path("/proc/self/status").is_file():
+        threading.Thread(target=sample, daemon=True).start()
+    return lambda: seen[0]
 
 
 def psnr(a, b) -> float:
@@ -66,11 +132,14 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def _run(model: Path, budget: str, args, name: str) -> dict:
-    image = CACHE / f"{name}.npy"
+def _run(model: Path, budget: str, args, name: str, mapped: bool = False) -> dict:
+    image, saved = CACHE / f"{name}.npy", CACHE / f"{name}.json"
+    if args.reuse and saved.is_file() and image.is_file():
+        return json.loads(saved.read_text()) | {"image": image}
     out = _heavy([sys.executable, "-m", "bench.budget", "--child", str(model), budget,
-                  str(args.size), str(args.steps), str(image), args.dtype])
-    return json.loads(out.strip().splitlines()[-1]) | {"image": image}
+                  str(args.size), str(args.steps), str(image), args.dtype, str(int(mapped))])
+    saved.write_text(out.strip().splitlines()[-1] + "\n")
+    return json.loads(saved.read_text()) | {"image": image}
 
 
 def main() -> None:
@@ -83,29 +152,38 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="unquantized weights and compute (bf16 convolutions are slow on CPUs "
                     "without AVX512-BF16)")
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", action="store_true", help="take a run's measurements and image "
+                    "from the cache where an earlier bench saved them (default: run again)")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        model, budget, size, steps, image, dtype = args.child
-        print(json.dumps(child(model, budget, int(size), int(steps), image, dtype)))
+        model, budget, size, steps, image, dtype, mapped = args.child
+        print(json.dumps(child(model, budget, int(size), int(steps), image, dtype,
+                               mapped == "1")))
         return
     import numpy as np
 
     CACHE.mkdir(parents=True, exist_ok=True)
     src = ensure_pipeline(args.scale)
     rows = []
-    ref = _run(src, args.reference_budget, args, f"budget-{args.scale}-reference")
-    rows.append((f"unquantized ({args.dtype})", None, ref, float("inf")))
-    for budget in args.budgets:
+    for budget in args.budgets:  # each budget's plan and run, then the reference (the slowest)
         dst = CACHE / f"budget-{args.scale}-{args.dtype}-{args.size}-{budget}"
-        if not (dst / "budget_plan.json").is_file():
-            print(_heavy([sys.executable, "-m", "diffquant", "quantize", str(src), str(dst),
-                          "--plan", budget, "--dtype", args.dtype, "--height", str(args.size),
-                          "--overwrite", "-q"]), flush=True)
-        plan = json.loads((dst / "budget_plan.json").read_text())
-        got = _run(dst, budget, args, f"budget-{args.scale}-{budget}")
-        rows.append((budget, plan, got, psnr(np.load(got["image"]), np.load(ref["image"]))))
-    print(table(rows, args))
+        try:
+            if not (dst / "budget_plan.json").is_file():
+                print(_heavy([sys.executable, "-m", "diffquant", "quantize", str(src), str(dst),
+                              "--plan", budget, "--dtype", args.dtype, "--height",
+                              str(args.size), "--overwrite", "-q"]), flush=True)
+            plan = json.loads((dst / "budget_plan.json").read_text())
+            rows.append((budget, plan, _run(dst, budget, args, f"budget-{args.scale}-{budget}")))
+        except SystemExit as err:  # a budget that fails is reported; the others still run
+            print(err, file=sys.stderr, flush=True)
+            rows.append((budget, None, {"error": str(err).splitlines()[-1][:200]}))
+        print(f"{budget}: {rows[-1][2]}", flush=True)
+    # the reference's transformer memory-mapped: in bf16 it outgrows the RAM at full scale
+    ref = _run(src, args.reference_budget, args, f"budget-{args.scale}-reference", mapped=True)
+    rows.insert(0, (f"unquantized ({args.dtype}), transformer memory-mapped", None, ref))
+    print(table([(b, p, got, psnr(np.load(got["image"]), np.load(ref["image"]))
+                  if "image" in got else float("nan")) for b, p, got in rows], args))
 
 
 def _schemes(plan) -> str:
@@ -121,9 +199,16 @@ def table(rows, args) -> str:
              "predicted peak GB | measured peak GB | encode s | denoise s | decode s | PSNR dB |",
              "|---|---|---|---|---|---|---|---|"]
     for budget, plan, got, quality in rows:
+        if "error" in got:
+            lines.append(f"| {budget} | failed: {got['error']} | | | | | | |")
+            continue
         ph = got["phases"]
         pred = f"{plan['peak'] / 1e9:.2f}" if plan else "-"
-        lines.append(f"| {budget} | {_schemes(plan)} | {pred} | {got['peak'] / 1e9:.2f} | "
+        anon = got.get("anonymous_peak")  # runs saved before it was measured lack it
+        peak = f"{got['peak'] / 1e9:.2f}" + ("" if plan or anon is None else
+                                            f" with the mapped file's pages, {anon / 1e9:.2f} "
+                                            "without")
+        lines.append(f"| {budget} | {_schemes(plan)} | {pred} | {peak} | "
                      f"{ph['encode']['seconds']:.1f} | {ph['denoise']['seconds']:.1f} | "
                      f"{ph['decode']['seconds']:.1f} | {quality:.1f} |")
     return "\n".join(lines)

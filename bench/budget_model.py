@@ -97,6 +97,54 @@ def _zeros_as_negative(plan):
     return [(n, s, 10**12 if f == -1 else f) for n, s, f in plan]
 
 
+def reuse_scale_transformer(folder: Path, log=print, source: Path | None = None) -> bool:
+    """Build the full scale's transformer from bench.scale's FLUX.1-dev-shaped checkpoint
+    (bench.model, ``dev`` size) instead of writing a second 23.8 GB copy: its weights file is
+    hard-linked as shard 1 and the tensors it lacks (the guidance embedder: bench.model writes
+    ``guidance_embeds=False``, FLUX.1-dev has it) are drawn into a small shard 2, with diffusers'
+    index naming each key's shard. False (nothing written) where that checkpoint is absent,
+    on another file system, or differs from FLUX_DEV in any other tensor or setting."""
+    from bench.model import SIZES, WEIGHTS, checkpoint_dir
+    from diffquant import FluxTransformer2DModel
+    from diffquant.budget.memory import tensor_table_of
+
+    source = Path(source) if source else checkpoint_dir(SIZES["dev"], CACHE)
+    if not (source / WEIGHTS).is_file() or not (source / "config.json").is_file():
+        return False
+    theirs = {k: v for k, v in json.loads((source / "config.json").read_text()).items()
+              if not k.startswith("_")}
+    if {**theirs, "guidance_embeds": True} != {**FLUX_DEV, "guidance_embeds": True}:
+        return False
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV)
+    plan = _zeros_as_negative(_tensor_plan(model))
+    have = tensor_table_of(source / WEIGHTS)
+    if set(have) - {n for n, _, _ in plan} \
+            or any(n in have and have[n] != ("BF16", tuple(s)) for n, s, _ in plan):
+        return False
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    first, second = ("diffusion_pytorch_model-0000%d-of-00002.safetensors" % i for i in (1, 2))
+    try:
+        os.link(source / WEIGHTS, tmp / first)
+    except OSError:  # another file system: write the pipeline's own copy
+        shutil.rmtree(tmp)
+        return False
+    log(f"transformer: {source / WEIGHTS} hard-linked; drawing the tensors it lacks")
+    rest = [p for p in plan if p[0] not in have]
+    write_streaming_safetensors(tmp / second, rest, seed=1)
+    weight_map = {n: first for n in have} | {n: second for n, _, _ in rest}
+    total = sum(math.prod(s) * 2 for _, s, _ in plan)
+    (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(
+        {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1", **FLUX_DEV},
+        indent=2) + "\n")
+    os.replace(tmp, folder)
+    return True
+
+
 def ensure_pipeline(scale: str, log=print) -> Path:
     """The cached pipeline folder of ``scale``, written on first use, component by component."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -117,6 +165,8 @@ def ensure_pipeline(scale: str, log=print) -> Path:
                                 "diffusion_pytorch_model.safetensors"),
         "vae": lambda: (AutoencoderKL, FLUX_VAE, "diffusion_pytorch_model.safetensors"),
     }
+    if scale == "full" and not (root / "transformer").is_dir():
+        reuse_scale_transformer(root / "transformer", log)
     for name, job in jobs.items():
         if (root / name).is_dir():
             continue

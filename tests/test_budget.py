@@ -87,6 +87,10 @@ def test_written_plan_holds_each_layer_in_its_type(src, tmp_path):
     from diffquant.budget.apply import write_plan
 
     write_plan(src, tmp_path / "out", plan, torch.float32)
+    for name in ("text_encoder", "text_encoder_2"):  # float as stored: linked, not rewritten
+        assert plan.schemes()[name] == ["float", {}]
+        for f in (src / name).glob("*.safetensors"):
+            assert (tmp_path / "out" / name / f.name).stat().st_ino == f.stat().st_ino
     model = FluxPipeline.from_pretrained(tmp_path / "out").transformer
     kinds = {n: m.qtype.name for n, m in model.named_modules() if getattr(m, "qtype", None)}
     assert kinds == {n: ups.get(n, "Q8_0") for n in kinds}
@@ -164,3 +168,33 @@ def test_parse_memory_refuses_nonsense():
     assert memory.parse_memory("16GB") == 16 * 10**9
     with pytest.raises(ConfigError, match=r"max_memory='lots': expected a positive int"):
         memory.parse_memory("lots")
+
+
+def test_below_q4_k_the_transformer_goes_int4_whole_and_is_written_as_sized(src, tmp_path):
+    """A budget between the transformer's Q4_K and int4 sizes (bf16: int4's scale and zero
+    per 128 weights are 2 bytes, so 4.25 bits a weight against 4.5): torchao int4wo for every
+    layer (no mix: a mix is GGUF's), sized as the written folder holds it."""
+    from diffquant.budget.apply import write_plan
+    from diffquant.budget.planner import layer_bytes
+
+    kw = dict(dtype=torch.bfloat16, height=256, width=256, max_sequence_length=64,
+              baseline=350_000_000)
+    big = plan_pipeline(src, "10GB", **kw)
+    shapes = [s for k, (_, s) in memory.tensor_table(src / "transformer").items()
+              if k.endswith(".weight") and len(s) == 2]
+    size = {q: sum(layer_bytes(s, q, 2) for s in shapes) for q in ("float", "gguf:q4_k",
+                                                                   "torchao:int4wo")}
+    assert size["torchao:int4wo"] < size["gguf:q4_k"]
+    args = (src / "transformer", 256, 64, 1, 2)  # 256x256: 256 image tokens
+    scratch = memory.denoise_activations(*args, quantized=True) \
+        - memory.denoise_activations(*args, quantized=False)  # quantized layers' decode buffer
+    between = big.baseline + big.phases["denoise"] - size["float"] + scratch \
+        + (size["gguf:q4_k"] + size["torchao:int4wo"]) // 2
+    plan = plan_pipeline(src, int(between / 0.95), **kw)
+    choices = [c for c in plan.choices if c.component == "transformer"]
+    assert [c.scheme for c in choices] == ["torchao:int4wo"] and choices[0].error > 0
+    write_plan(src, tmp_path / "out", plan, torch.bfloat16)
+    held = memory.loaded_bytes(tmp_path / "out" / "transformer", torch.bfloat16)[0]
+    assert abs(held - choices[0].nbytes) <= 0.01 * held, (held, choices[0].nbytes)
+    pipe = FluxPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.bfloat16)
+    assert pipe.transformer.config.quantization_config.quant_type == "int4wo"

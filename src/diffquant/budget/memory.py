@@ -146,17 +146,20 @@ def encode_activations(folder: Path, tokens: int, batch: int, itemsize: int) -> 
 
 
 def denoise_activations(folder: Path, image_tokens: int, text_tokens: int, batch: int,
-                        itemsize: int) -> int:
+                        itemsize: int, quantized: bool | None = None) -> int:
     """A Flux transformer step's live tensors: ~32 [S, D] tensors at once (a single block's
     [S, 5D] concatenation, its 4D-wide MLP, q/k/v, the residual streams; S = image + text
     tokens; calibrated on bench.budget's small scale), plus the decoded weight of
     the largest quantized layer that the CPU paths keep in one reused buffer (bf16 and the
-    float32 copy the product takes)."""
+    float32 copy the product takes). ``quantized``: whether the layers will be (None: as the
+    folder's config says; a planner sizing a float source for a quantized run says True)."""
     cfg = _cfg(folder)
     d = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
     s = image_tokens + text_tokens
     live = batch * s * 32 * d * itemsize
-    scratch = 5 * d * d * 6 if cfg.get("quantization_config") else 0
+    if quantized is None:
+        quantized = bool(cfg.get("quantization_config"))
+    scratch = 5 * d * d * 6 if quantized else 0
     return live + scratch
 
 

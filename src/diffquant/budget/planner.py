@@ -36,6 +36,10 @@ from . import memory
 from .memory import gb
 
 GGUF_LADDER = ["Q8_0", "Q6_K", "Q5_K", "Q4_K"]
+# Below Q4_K (4.5 bits a weight), whole: torchao int4 weight-only, 4.25 bits with a bf16 scale
+# and zero per 128 columns (GGUF's smaller K-quants, Q3_K and Q2_K, have no quantizer here).
+# FLUX.1-dev's transformer in Q4_K is 6.7 GB, over what an 8 GB budget leaves; in int4, 6.3 GB.
+INT4_GROUP = 128
 MARGIN = 0.05  # of the budget left unplanned: the estimates' error, the allocator's slack
 ROWS_SAMPLED = 32  # rows of each weight quantized to measure its error
 
@@ -112,6 +116,9 @@ def layer_bytes(shape: tuple, scheme: str, itemsize: int) -> int:
     if scheme == "float":
         return n * k * itemsize
     backend, name = scheme.split(":")
+    if name == "int4wo":   # two weights a byte, a scale and a zero per group (float if K is not)
+        return n * k * itemsize if k % INT4_GROUP else n * k // 2 + 2 * n * (k // INT4_GROUP) \
+            * itemsize
     if backend == "torchao":   # int8 weight-only: a byte per weight, a scale per row
         return n * k + n * itemsize
     from ..ops.formats.gguf import BLOCK_LAYOUT, ggml_type
@@ -126,7 +133,13 @@ def weight_error(weight: torch.Tensor, scheme: str) -> float | None:
     if scheme == "float":
         return 0.0
     backend, name = scheme.split(":")
-    if backend == "torchao":
+    if name == "int4wo":
+        from ..ops.formats.torchao import int4_dequantize, int4_quantize_groupwise
+
+        if w.shape[1] % INT4_GROUP:
+            return 0.0  # stays float
+        q = int4_dequantize(*int4_quantize_groupwise(weight, INT4_GROUP), torch.float32)
+    elif backend == "torchao":
         scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
         q = (w / scale).round().clamp(-128, 127) * scale
     else:
@@ -201,7 +214,7 @@ def _ladder(name: str, entry, config: dict) -> list[str]:
     if config.get("quantization_config"):
         return ["as saved"]
     if name == "transformer" and entry[0] == "diffusers":
-        return ["float"] + [f"gguf:{t.lower()}" for t in GGUF_LADDER]
+        return ["float"] + [f"gguf:{t.lower()}" for t in GGUF_LADDER] + ["torchao:int4wo"]
     if name == "text_encoder_2" and entry[0] == "transformers":
         return ["float", "torchao:int8wo"]
     return ["float"]
@@ -321,8 +334,13 @@ def plan_pipeline(src, max_memory, *, dtype=torch.bfloat16, height: int = 512, w
     encoders = [n for n in comps if n.startswith("text_encoder")]
     fit(encoders, "encode", acts["encode"])
     denoisers = [n for n in comps if n.startswith(("transformer", "unet"))]
-    fit(denoisers, "denoise", max(acts["denoise"], max((comps[n].largest for n in denoisers),
-                                                       default=0)))
+    largest = max((comps[n].largest for n in denoisers), default=0)
+    # planned with the quantized layers' decode buffer; a denoiser left all float has none
+    fit(denoisers, "denoise", max(acts["denoise_quantized"], largest))
+    if "denoise" in phases and all(c.scheme in ("float", "as saved") for c in choices
+                                   if c.component in denoisers):
+        phases["denoise"] += max(acts["denoise"], largest) \
+            - max(acts["denoise_quantized"], largest)
     tile, decode = _decode_fit(root, run, itemsize, budget - base - vae)
     phases["decode"] = vae + decode
     if "vae" in comps:
@@ -341,13 +359,14 @@ def _activations(root: Path, comps: dict, run: dict, itemsize: int) -> dict:
     encode = sum(memory.encode_activations(root / n, run["max_sequence_length"] if n.endswith("_2")
                                            else 77, run["batch"], itemsize)
                  for n in comps if n.startswith("text_encoder"))
-    denoise = 0
+    denoise = {True: 0, None: 0}
     if "transformer" in comps:
-        vae_scale = 8
-        tokens = (run["height"] // (vae_scale * 2)) * (run["width"] // (vae_scale * 2))
-        denoise = memory.denoise_activations(root / "transformer", tokens,
-                                             run["max_sequence_length"], run["batch"], itemsize)
-    return {"encode": encode + memory.RUN_OVERHEAD, "denoise": denoise + memory.RUN_OVERHEAD}
+        tokens = (run["height"] // 16) * (run["width"] // 16)  # VAE x8, then 2x2 patches
+        denoise = {q: memory.denoise_activations(root / "transformer", tokens,
+                                                 run["max_sequence_length"], run["batch"],
+                                                 itemsize, q) for q in denoise}
+    return {"encode": encode + memory.RUN_OVERHEAD, "denoise": denoise[None] + memory.RUN_OVERHEAD,
+            "denoise_quantized": denoise[True] + memory.RUN_OVERHEAD}
 
 
 def _decode_fit(root: Path, run: dict, itemsize: int, room: int) -> tuple[int | None, int]:
