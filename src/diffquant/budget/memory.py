@@ -187,3 +187,20 @@ def decode_activations(folder: Path, height: int, width: int, batch: int, itemsi
     tiles_out = batch * height * width * 3 * itemsize * 2   # the tiles and the joined image
     return int(min(tile, height) * min(tile, width) * DECODE_PER_PIXEL_CHANNEL * scale) \
         + tiles_out + fixed
+
+
+def run_baseline(index: dict) -> int:
+    """This process's resident bytes once it has imported what a run of the pipeline imports
+    (diffquant's backends, the pipeline, the components' transformers classes): the memory a
+    run holds before its first component loads."""
+    import importlib
+
+    from .. import quantizers  # noqa: F401 - every backend's library
+    from ..pipeline_components import PIPELINE_CLASSES, import_class
+
+    if index.get("_class_name") in PIPELINE_CLASSES:
+        import_class(index["_class_name"], PIPELINE_CLASSES)
+    for entry in index.values():
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers":
+            getattr(importlib.import_module("transformers"), entry[1], None)
+    return resident_bytes()

@@ -301,7 +301,7 @@ def plan_pipeline(src, max_memory, *, dtype=torch.bfloat16, height: int = 512, w
     root = Path(src)
     index = json.loads((root / "model_index.json").read_text())
     itemsize = torch.empty((), dtype=dtype).element_size()
-    base = run_baseline(index) if baseline is None else baseline
+    base = memory.run_baseline(index) if baseline is None else baseline
     budget_in = budget
     budget = int(budget * (1 - MARGIN))
     comps = {n: _component(root, n, e, dtype, sensitivity) for n, e in index.items()
@@ -384,19 +384,3 @@ def _decode_fit(root: Path, run: dict, itemsize: int, room: int) -> tuple[int | 
         if act <= room or tile == TILES[-1]:
             return tile, act + memory.RUN_OVERHEAD
 
-
-def run_baseline(index: dict) -> int:
-    """This process's resident bytes once it has imported what a run of the pipeline imports
-    (diffquant's backends, the pipeline, the components' transformers classes): the memory a
-    run holds before its first component loads."""
-    import importlib
-
-    from .. import quantizers  # noqa: F401 - every backend's library
-    from ..pipeline_components import PIPELINE_CLASSES, import_class
-
-    if index.get("_class_name") in PIPELINE_CLASSES:
-        import_class(index["_class_name"], PIPELINE_CLASSES)
-    for entry in index.values():
-        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers":
-            getattr(importlib.import_module("transformers"), entry[1], None)
-    return memory.resident_bytes()
