@@ -90,23 +90,8 @@ static inline __m512 q8_pair(const uint8_t *b, const float *x) {
                            _mm512_mul_ps(int8x16_to_float(b + 2), _mm512_loadu_ps(x)));
 }
 
-/* accumulators as named registers: an indexed array of them lives on the stack (2x slower) */
 static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t g = 0;
-    for (; g + 3 < n_blocks; g += 4, b += 136, x += 128) {  /* four blocks: lanes 16 * (g % 4) */
-        _mm_prefetch((const char *)(b + AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD + 128), _MM_HINT_T0);
-        a0 = _mm512_fmadd_ps(q8_pair(b, x), half_broadcast(b), a0);
-        a1 = _mm512_fmadd_ps(q8_pair(b + 34, x + 32), half_broadcast(b + 34), a1);
-        a2 = _mm512_fmadd_ps(q8_pair(b + 68, x + 64), half_broadcast(b + 68), a2);
-        a3 = _mm512_fmadd_ps(q8_pair(b + 102, x + 96), half_broadcast(b + 102), a3);
-    }
-    if (g < n_blocks) a0 = _mm512_fmadd_ps(q8_pair(b, x), half_broadcast(b), a0);
-    if (g + 1 < n_blocks) a1 = _mm512_fmadd_ps(q8_pair(b + 34, x + 32), half_broadcast(b + 34), a1);
-    if (g + 2 < n_blocks) a2 = _mm512_fmadd_ps(q8_pair(b + 68, x + 64), half_broadcast(b + 68), a2);
-    return sum_registers(a0, a1, a2, a3);
+    return gemv_row_blocks32(q8_pair, 34, b, n_blocks, x);
 }
 
 /* 16 codes (bytes, minus 32) of a sub-block of scale s, times x[0:16], into A */

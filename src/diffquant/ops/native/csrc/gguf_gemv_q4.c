@@ -75,20 +75,7 @@ static inline __m512 q4_0_pair(const uint8_t *b, const float *x) {
 }
 
 static float gemv_row_q4_0(const uint8_t *b, int64_t n_blocks, const float *x) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t g = 0;
-    for (; g + 3 < n_blocks; g += 4, b += 72, x += 128) {  /* four blocks: lanes 16 * (g % 4) */
-        _mm_prefetch((const char *)(b + AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD + 64), _MM_HINT_T0);
-        a0 = _mm512_fmadd_ps(q4_0_pair(b, x), half_broadcast(b), a0);
-        a1 = _mm512_fmadd_ps(q4_0_pair(b + 18, x + 32), half_broadcast(b + 18), a1);
-        a2 = _mm512_fmadd_ps(q4_0_pair(b + 36, x + 64), half_broadcast(b + 36), a2);
-        a3 = _mm512_fmadd_ps(q4_0_pair(b + 54, x + 96), half_broadcast(b + 54), a3);
-    }
-    if (g < n_blocks) a0 = _mm512_fmadd_ps(q4_0_pair(b, x), half_broadcast(b), a0);
-    if (g + 1 < n_blocks) a1 = _mm512_fmadd_ps(q4_0_pair(b + 18, x + 32), half_broadcast(b + 18), a1);
-    if (g + 2 < n_blocks) a2 = _mm512_fmadd_ps(q4_0_pair(b + 36, x + 64), half_broadcast(b + 36), a2);
-    return sum_registers(a0, a1, a2, a3);
+    return gemv_row_blocks32(q4_0_pair, 18, b, n_blocks, x);
 }
 
 /* lanes 0-15, 16-31 (even blocks), 32-47, 48-63 (odd blocks): the portable order */
