@@ -144,6 +144,37 @@ static inline __m256 half_broadcast8(const uint8_t *p) {
     return _mm256_set1_ps(_cvtsh_ss(h));
 }
 
+/* gemv_row_blocks32's AVX2 form: block g's 32 products in accumulators 2 (g % 4) and
+   2 (g % 4) + 1; ``pair`` gives a block's codes times x[0:32], unscaled, as two halves */
+typedef void (*block_pair8_fn)(const uint8_t *b, const float *x, __m256 *lo, __m256 *hi);
+#define BLOCK8(PAIR, B, X, A, C)                                                          \
+    do {                                                                                  \
+        __m256 lo_, hi_, d_ = half_broadcast8(B);                                         \
+        PAIR((B), (X), &lo_, &hi_);                                                       \
+        A = _mm256_fmadd_ps(lo_, d_, A);                                                  \
+        C = _mm256_fmadd_ps(hi_, d_, C);                                                  \
+    } while (0)
+static inline __attribute__((always_inline)) float gemv_row_blocks32_8(
+        block_pair8_fn pair, int bytes, const uint8_t *b, int64_t n_blocks, const float *x) {
+    __m256 a[8];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    int64_t g = 0;
+    for (; g + 3 < n_blocks; g += 4, b += 4 * bytes, x += 128) {
+        for (int line = 0; line < 4 * bytes; line += 64)
+            _mm_prefetch((const char *)(b + AHEAD + line), _MM_HINT_T0);
+        BLOCK8(pair, b, x, a0, a1);
+        BLOCK8(pair, b + bytes, x + 32, a2, a3);
+        BLOCK8(pair, b + 2 * bytes, x + 64, a4, a5);
+        BLOCK8(pair, b + 3 * bytes, x + 96, a6, a7);
+    }
+    if (g < n_blocks) BLOCK8(pair, b, x, a0, a1);
+    if (g + 1 < n_blocks) BLOCK8(pair, b + bytes, x + 32, a2, a3);
+    if (g + 2 < n_blocks) BLOCK8(pair, b + 2 * bytes, x + 64, a4, a5);
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
+    return sum_registers8(a);
+}
+#undef BLOCK8
+
 /* a Q4_0 / Q4_1 block's 32 values 8 at a time (gguf_decode.c's AVX2
    decode and gguf_gemv_q4.c's rows share it): the float32 ops of block_q4_0 / block_q4_1 */
 static inline __attribute__((always_inline)) void q4_block8(int qtype, const uint8_t *b, __m256 *v) {

@@ -149,33 +149,8 @@ static inline void q8_pair8(const uint8_t *b, const float *x, __m256 *lo, __m256
                           _mm256_mul_ps(int8x8_to_float(c + 8), _mm256_loadu_ps(x + 8)));
 }
 
-#define Q8_BLOCK(B, X, A, C)                                                              \
-    do {                                                                                  \
-        __m256 lo, hi, d = half_broadcast8(B);                                            \
-        q8_pair8((B), (X), &lo, &hi);                                                     \
-        A = _mm256_fmadd_ps(lo, d, A);                                                    \
-        C = _mm256_fmadd_ps(hi, d, C);                                                    \
-    } while (0)
-
-/* accumulators as named registers (an indexed array of them lives on the stack) */
 static float gemv_row_q8_0(const uint8_t *b, int64_t n_blocks, const float *x) {
-    __m256 a[8];
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    int64_t g = 0;
-    for (; g + 3 < n_blocks; g += 4, b += 136, x += 128) {  /* four blocks: lanes 16 * (g % 4) */
-        _mm_prefetch((const char *)(b + AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD + 128), _MM_HINT_T0);
-        Q8_BLOCK(b, x, a0, a1);
-        Q8_BLOCK(b + 34, x + 32, a2, a3);
-        Q8_BLOCK(b + 68, x + 64, a4, a5);
-        Q8_BLOCK(b + 102, x + 96, a6, a7);
-    }
-    if (g < n_blocks) Q8_BLOCK(b, x, a0, a1);
-    if (g + 1 < n_blocks) Q8_BLOCK(b + 34, x + 32, a2, a3);
-    if (g + 2 < n_blocks) Q8_BLOCK(b + 68, x + 64, a4, a5);
-    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
-    return sum_registers8(a);
+    return gemv_row_blocks32_8(q8_pair8, 34, b, n_blocks, x);
 }
 
 /* block b's codes minus 32, block_q6_k's order: 4 x 32 bytes per half */

@@ -198,32 +198,8 @@ static inline void q4_0_pair8(const uint8_t *b, const float *x, __m256 *lo, __m2
 #undef C8
 }
 
-#define Q4_0_BLOCK(B, X, A, C)                                                            \
-    do {                                                                                  \
-        __m256 lo, hi, d = half_broadcast8(B);                                            \
-        q4_0_pair8((B), (X), &lo, &hi);                                                   \
-        A = _mm256_fmadd_ps(lo, d, A);                                                    \
-        C = _mm256_fmadd_ps(hi, d, C);                                                    \
-    } while (0)
-
-/* Q8_0's loop over Q4_0 blocks: lanes 16 * (g % 4) + i */
 static float gemv_row_q4_0(const uint8_t *b, int64_t n_blocks, const float *x) {
-    __m256 a[8];
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    int64_t g = 0;
-    for (; g + 3 < n_blocks; g += 4, b += 72, x += 128) {
-        _mm_prefetch((const char *)(b + AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD + 64), _MM_HINT_T0);
-        Q4_0_BLOCK(b, x, a0, a1);
-        Q4_0_BLOCK(b + 18, x + 32, a2, a3);
-        Q4_0_BLOCK(b + 36, x + 64, a4, a5);
-        Q4_0_BLOCK(b + 54, x + 96, a6, a7);
-    }
-    if (g < n_blocks) Q4_0_BLOCK(b, x, a0, a1);
-    if (g + 1 < n_blocks) Q4_0_BLOCK(b + 18, x + 32, a2, a3);
-    if (g + 2 < n_blocks) Q4_0_BLOCK(b + 36, x + 64, a4, a5);
-    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
-    return sum_registers8(a);
+    return gemv_row_blocks32_8(q4_0_pair8, 18, b, n_blocks, x);
 }
 Q4_ROW_AVX2(gemv_row_q4_1, Q4_1)
 Q4_ROW_AVX2(gemv_row_q4_k, Q4_K)
