@@ -304,9 +304,7 @@ def plan_pipeline(src, max_memory, *, dtype=torch.bfloat16, height: int = 512, w
     base = memory.run_baseline(index) if baseline is None else baseline
     budget_in = budget
     budget = int(budget * (1 - MARGIN))
-    comps = {n: _component(root, n, e, dtype, sensitivity) for n, e in index.items()
-             if not n.startswith("_") and isinstance(e, list) and e[0] is not None
-             and (root / n / "config.json").is_file() and list((root / n).glob("*.safetensors"))}
+    comps = _components(root, index, dtype, sensitivity)
     vae = comps["vae"].total("float", itemsize) if "vae" in comps else 0
     run = dict(height=height, width=width, max_sequence_length=max_sequence_length, batch=batch)
     acts = _activations(root, comps, run, itemsize)
@@ -346,13 +344,24 @@ def plan_pipeline(src, max_memory, *, dtype=torch.bfloat16, height: int = 512, w
     if "vae" in comps:
         choices.append(Choice("vae", "float", vae, None))
     if shortfall or base + phases["decode"] > budget:
-        need = max(shortfall + [base + phases["decode"]])
-        raise ConfigError(
-            f"max_memory={gb(budget_in)}: no plan fits {src}: with every component at its smallest "
-            f"scheme a phase still needs {gb(need)} (this process {gb(base)}, the VAE {gb(vae)}, "
-            f"activations for {batch} x {height}x{width}); the smallest budget that would work "
-            f"is {gb(math.ceil(need / (1 - MARGIN) / 1e7) * 1e7)}")
+        _refuse(src, budget_in, max(shortfall + [base + phases["decode"]]), base, vae, run)
     return Plan(budget_in, base, str(dtype).split(".")[-1], choices, phases, tile, run)
+
+
+def _components(root: Path, index: dict, dtype, sensitivity) -> dict:
+    """The planned components: those of model_index.json with a config and safetensors weights."""
+    return {n: _component(root, n, e, dtype, sensitivity) for n, e in index.items()
+            if not n.startswith("_") and isinstance(e, list) and e[0] is not None
+            and (root / n / "config.json").is_file() and list((root / n).glob("*.safetensors"))}
+
+
+def _refuse(src, budget_in: int, need: int, base: int, vae: int, run: dict):
+    """No plan fits: say what a phase still needs and the smallest budget that would work."""
+    raise ConfigError(
+        f"max_memory={gb(budget_in)}: no plan fits {src}: with every component at its smallest "
+        f"scheme a phase still needs {gb(need)} (this process {gb(base)}, the VAE {gb(vae)}, "
+        f"activations for {run['batch']} x {run['height']}x{run['width']}); the smallest budget "
+        f"that would work is {gb(math.ceil(need / (1 - MARGIN) / 1e7) * 1e7)}")
 
 
 def _activations(root: Path, comps: dict, run: dict, itemsize: int) -> dict:
